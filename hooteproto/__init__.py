@@ -1,0 +1,31 @@
+"""hooteproto: the wire protocol of the hootenanny stack (types, codecs, HOOT01 frames,
+and an async DEALER client). Imports nothing from ``luanette``."""
+
+from hooteproto.codec import (
+    Codec,
+    DecodeError,
+    Encoding,
+    decode_broadcast,
+    decode_envelope,
+    decode_payload,
+    encode_broadcast,
+    encode_envelope,
+    encode_payload,
+)
+from hooteproto.types import *  # noqa: F403
+from hooteproto.types import Broadcast, Envelope, Payload
+
+__all__ = [
+    "Broadcast",
+    "Codec",
+    "DecodeError",
+    "Encoding",
+    "Envelope",
+    "Payload",
+    "decode_broadcast",
+    "decode_envelope",
+    "decode_payload",
+    "encode_broadcast",
+    "encode_envelope",
+    "encode_payload",
+]

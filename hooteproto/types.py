@@ -1,0 +1,385 @@
+"""The hooteproto message types, defined once as msgspec Structs.
+
+These restate the Rust definitions of seed 001 ("Message Types"). Field order matters:
+the compact MsgPack encoding writes structs as arrays in declaration order, exactly as
+``rmp_serde::to_vec`` does. ``Option<T>`` fields default to ``None`` so that named
+MsgPack and JSON peers may omit them, as serde allows.
+
+Tagged unions use ``"type"`` as the tag and snake_case variant names
+(``#[serde(tag = "type", rename_all = "snake_case")]``).
+"""
+
+from __future__ import annotations
+
+import enum
+import uuid
+from typing import Annotated, Any, Union
+
+import msgspec
+
+U64 = Annotated[int, msgspec.Meta(ge=0)]
+U8 = Annotated[int, msgspec.Meta(ge=0, le=255)]
+
+
+class Model(msgspec.Struct):
+    """Base of every hooteproto struct. Classes with an optional field before a required
+    one are ``kw_only`` (which keeps declaration order, unlike dataclasses)."""
+
+
+class Variant(Model, tag_field="type"):
+    """Base of every tagged-union member; subclasses set ``tag=``."""
+
+
+# --- enums ---------------------------------------------------------------------------
+
+
+class WorkerType(enum.Enum):
+    LUANETTE = "luanette"
+    CHAOSGARDEN = "chaosgarden"
+
+
+class PollMode(enum.Enum):
+    ANY = "any"
+    ALL = "all"
+
+
+class TimelineEventType(enum.Enum):
+    SECTION_CHANGE = "section_change"
+    BEAT_MARKER = "beat_marker"
+    CUE_POINT = "cue_point"
+    GENERATE_TRANSITION = "generate_transition"
+
+
+class JobStatus(enum.Enum):
+    PENDING = "pending"
+    RUNNING = "running"
+    COMPLETE = "complete"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+# --- plain structs -------------------------------------------------------------------
+
+
+class WorkerRegistration(Model):
+    """A worker announcing itself (``Payload::Register`` carries these fields inline)."""
+
+    worker_id: uuid.UUID
+    worker_type: WorkerType
+    worker_name: str
+    capabilities: list[str]
+    hostname: str
+    version: str
+
+
+class ToolInfo(Model):
+    """One request type a worker serves, with a JSON Schema of its parameters."""
+
+    name: str
+    description: str
+    input_schema: Any
+
+
+class JobInfo(Model, kw_only=True):
+    """A job as ``JobStatus``/``JobList``/``JobPoll`` report it. Times are Unix seconds."""
+
+    job_id: str
+    status: JobStatus
+    source: str
+    result: Any = None
+    error: Any = None
+    created_at: U64
+    started_at: U64 | None = None
+    completed_at: U64 | None = None
+
+
+class JobStoreStats(Model):
+    """Counts of jobs by state."""
+
+    total: U64 = 0
+    pending: U64 = 0
+    running: U64 = 0
+    completed: U64 = 0
+    failed: U64 = 0
+    cancelled: U64 = 0
+
+
+class ReadyPayload(Model):
+    """Body of a HOOT01 ``Ready`` frame."""
+
+    protocol: str
+    tools: list[str]
+    accepts_binary: bool
+
+
+# --- Payload variants ----------------------------------------------------------------
+# Worker management
+
+
+class Register(WorkerRegistration, Variant, tag="register"):
+    """``Register(WorkerRegistration)``: a newtype variant, its fields follow the tag."""
+
+
+class Ping(Variant, tag="ping"):
+    pass
+
+
+class Pong(Variant, tag="pong"):
+    worker_id: uuid.UUID
+    uptime_secs: U64
+
+
+class Shutdown(Variant, tag="shutdown"):
+    reason: str
+
+
+# Lua tools
+
+
+class LuaEval(Variant, tag="lua_eval"):
+    """Run a Lua chunk once and return its result."""
+
+    code: str
+    params: Any = None
+
+
+class LuaDescribe(Variant, tag="lua_describe"):
+    script_hash: str
+
+
+class ScriptStore(Variant, tag="script_store"):
+    content: str
+    tags: list[str] | None = None
+    creator: str | None = None
+
+
+class ScriptSearch(Variant, tag="script_search"):
+    tag: str | None = None
+    creator: str | None = None
+    vibe: str | None = None
+
+
+# Job system
+
+
+class JobExecute(Variant, tag="job_execute"):
+    script_hash: str
+    params: Any
+    tags: list[str] | None = None
+
+
+class JobStatusRequest(Variant, tag="job_status"):
+    job_id: str
+
+
+class JobPoll(Variant, tag="job_poll"):
+    job_ids: list[str]
+    timeout_ms: U64
+    mode: PollMode
+
+
+class JobCancel(Variant, tag="job_cancel"):
+    job_id: str
+
+
+class JobList(Variant, tag="job_list"):
+    status: str | None = None
+
+
+# Resources, prompts, completions
+
+
+class ReadResource(Variant, tag="read_resource"):
+    uri: str
+
+
+class ListResources(Variant, tag="list_resources"):
+    pass
+
+
+class GetPrompt(Variant, tag="get_prompt"):
+    name: str
+    arguments: dict[str, str]
+
+
+class ListPrompts(Variant, tag="list_prompts"):
+    pass
+
+
+class Complete(Variant, tag="complete"):
+    context: str
+    partial: str
+
+
+# Chaosgarden events
+
+
+class TimelineEvent(Variant, tag="timeline_event"):
+    event_type: TimelineEventType
+    position_beats: float
+    tempo: float
+    metadata: Any
+
+
+# CAS tools
+
+
+class CasStore(Variant, tag="cas_store"):
+    """``data`` is ``Vec<u8>``: serde writes it as a sequence of integers, not bin."""
+
+    data: list[U8]
+    mime_type: str | None = None
+
+
+class CasInspect(Variant, tag="cas_inspect"):
+    hash: str
+
+
+class CasGet(Variant, tag="cas_get"):
+    hash: str
+
+
+# Artifact tools
+
+
+class ArtifactGet(Variant, tag="artifact_get"):
+    id: str
+
+
+class ArtifactList(Variant, tag="artifact_list"):
+    tag: str | None = None
+    creator: str | None = None
+
+
+class ArtifactCreate(Variant, tag="artifact_create", kw_only=True):
+    cas_hash: str
+    tags: list[str]
+    creator: str | None = None
+    metadata: Any
+
+
+# Graph tools
+
+
+class GraphQuery(Variant, tag="graph_query"):
+    query: str
+    variables: Any
+
+
+class GraphBind(Variant, tag="graph_bind"):
+    identity: str
+    hints: list[str]
+
+
+# Transport tools
+
+
+class TransportPlay(Variant, tag="transport_play"):
+    pass
+
+
+class TransportStop(Variant, tag="transport_stop"):
+    pass
+
+
+class TransportSeek(Variant, tag="transport_seek"):
+    position_beats: float
+
+
+class TransportStatus(Variant, tag="transport_status"):
+    pass
+
+
+# Timeline tools
+
+
+class TimelineQuery(Variant, tag="timeline_query"):
+    from_beats: float | None = None
+    to_beats: float | None = None
+
+
+class TimelineAddMarker(Variant, tag="timeline_add_marker"):
+    position_beats: float
+    marker_type: str
+    metadata: Any
+
+
+# Tool discovery
+
+
+class ListTools(Variant, tag="list_tools"):
+    pass
+
+
+class ToolList(Variant, tag="tool_list"):
+    tools: list[ToolInfo]
+
+
+# Responses
+
+
+class Success(Variant, tag="success"):
+    result: Any
+
+
+class Error(Variant, tag="error"):
+    code: str
+    message: str
+    details: Any = None
+
+
+Payload = Union[
+    Register, Ping, Pong, Shutdown,
+    LuaEval, LuaDescribe, ScriptStore, ScriptSearch,
+    JobExecute, JobStatusRequest, JobPoll, JobCancel, JobList,
+    ReadResource, ListResources, GetPrompt, ListPrompts, Complete,
+    TimelineEvent,
+    CasStore, CasInspect, CasGet,
+    ArtifactGet, ArtifactList, ArtifactCreate,
+    GraphQuery, GraphBind,
+    TransportPlay, TransportStop, TransportSeek, TransportStatus,
+    TimelineQuery, TimelineAddMarker,
+    ListTools, ToolList,
+    Success, Error,
+]  # fmt: skip
+"""Every message a peer may send; the tag is ``"type"``."""
+
+
+class Envelope(Model, kw_only=True):
+    """The legacy single-frame message: a Payload with a request id and traceparent."""
+
+    id: uuid.UUID
+    traceparent: str | None = None
+    payload: Payload
+
+
+# --- Broadcasts (PUB socket) ---------------------------------------------------------
+
+
+class ConfigUpdate(Variant, tag="config_update"):
+    key: str
+    value: Any
+
+
+class ShutdownNotice(Variant, tag="shutdown"):
+    """``Broadcast::Shutdown``: the daemon is going away."""
+
+    reason: str
+
+
+class ScriptInvalidate(Variant, tag="script_invalidate"):
+    hash: str
+
+
+Broadcast = Union[ConfigUpdate, ShutdownNotice, ScriptInvalidate]
+"""Messages published on the PUB socket, one JSON frame each with ``"type"`` first."""
+
+
+def tag_of(cls: type[Variant]) -> str:
+    """The wire tag (``"type"`` value) of a tagged-union member class."""
+    return cls.__struct_config__.tag  # type: ignore[return-value]
+
+
+def variants(union: Any) -> tuple[type[Variant], ...]:
+    """The member classes of a tagged union such as :data:`Payload`."""
+    return union.__args__

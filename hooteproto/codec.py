@@ -9,7 +9,10 @@ The types in :mod:`hooteproto.types` are written once, for the named forms. For 
 compact form every struct class gets a *compact twin*: a subclass with
 ``array_like=True`` whose struct-typed fields point at twins too. Decoding compact bytes
 yields twins, which are instances of the canonical classes, so callers never see the
-difference; encoding converts canonical instances to twins first.
+difference; encoding converts canonical instances to twins first. A struct class that
+sets ``__compact_map__ = True`` gets a twin that stays a map (its fields still point at
+twins): that is how serde writes an externally tagged enum, ``{"variant": body}``, in
+every encoding.
 
 Every decoding failure raises :class:`DecodeError` and nothing else.
 """
@@ -60,18 +63,35 @@ def _is_struct(tp: Any) -> bool:
     return isinstance(tp, type) and issubclass(tp, msgspec.Struct)
 
 
+def _is_twin(cls: type[msgspec.Struct]) -> bool:
+    """Whether instances of ``cls`` are already in compact form."""
+    return cls.__struct_config__.array_like or cls in _CANONICAL
+
+
 @functools.cache
 def compact_twin(cls: type[msgspec.Struct]) -> type[msgspec.Struct]:
-    """The ``array_like`` twin of a struct class (cached; a twin is its own twin)."""
-    if cls.__struct_config__.array_like:
+    """The compact twin of a struct class (cached; a twin is its own twin): ``array_like``,
+    or a map for a class with ``__compact_map__ = True``."""
+    if _is_twin(cls):
         return cls
-    # No defaults: like serde's derived visit_seq, a compact array must hold every field.
-    fields = [(f.name, _twin_type(f.type)) for f in msgspec.structs.fields(cls)]
+    as_map = getattr(cls, "__compact_map__", False)
+    fields = [_twin_field(f, keep_default=as_map) for f in msgspec.structs.fields(cls)]
     twin = msgspec.defstruct(
-        cls.__name__, fields, bases=(cls,), module=cls.__module__, array_like=True
+        cls.__name__, fields, bases=(cls,), module=cls.__module__, array_like=not as_map
     )
     _CANONICAL[twin] = cls
     return twin
+
+
+def _twin_field(f: msgspec.structs.FieldInfo, *, keep_default: bool) -> tuple:
+    # No defaults in arrays: like serde's derived visit_seq, a compact array must hold
+    # every field. A map twin keeps them, so omit_defaults still omits.
+    tp = _twin_type(f.type)
+    if not keep_default or f.required:
+        return (f.name, tp)
+    if f.default_factory is not msgspec.NODEFAULT:
+        return (f.name, tp, msgspec.field(default_factory=f.default_factory))
+    return (f.name, tp, f.default)
 
 
 def _twin_type(tp: Any) -> Any:
@@ -121,7 +141,7 @@ def _converter(tp: Any, convert: Callable[[Any], Any]) -> Callable[[Any], Any] |
 
 @functools.cache
 def _plan(cls: type[msgspec.Struct], target: type[msgspec.Struct]) -> tuple:
-    convert = to_canonical if cls.__struct_config__.array_like else to_compact
+    convert = to_canonical if _is_twin(cls) else to_compact
     hints = typing.get_type_hints(target, include_extras=True)
     return tuple((name, _converter(hints[name], convert)) for name in cls.__struct_fields__)
 
@@ -137,7 +157,7 @@ def _rebuild(obj: msgspec.Struct, target: type[msgspec.Struct]) -> msgspec.Struc
 def to_compact(obj: msgspec.Struct) -> msgspec.Struct:
     """Convert a struct (and the structs inside it) to compact twins for encoding."""
     cls = type(obj)
-    if cls.__struct_config__.array_like:
+    if _is_twin(cls):
         return obj
     return _rebuild(obj, compact_twin(cls))
 

@@ -1,0 +1,106 @@
+"""``luanette``: the daemon's command line (``luanette serve``)."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import anyio
+import structlog
+import zmq
+
+from luanette import logs
+from luanette.config import DEFAULT_BIND, Config
+from luanette.server import Server
+
+
+def parse_size(text: str) -> int:
+    """``256M``, ``1G``, ``65536`` -> bytes."""
+    units = {"k": 2**10, "m": 2**20, "g": 2**30}
+    text = text.strip().lower().removesuffix("b").removesuffix("i")
+    try:
+        if text and text[-1] in units:
+            return int(float(text[:-1]) * units[text[-1]])
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 256M or 1G)") from None
+
+
+def positive(kind: type) -> Callable[[str], Any]:
+    def check(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be greater than 0: {text!r}")
+        return value
+
+    return check
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``luanette`` argument parser (tests check docker-compose command lines with it)."""
+    parser = argparse.ArgumentParser(prog="luanette", description="Sandboxed Lua job daemon over ZeroMQ.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="run the daemon in the foreground")
+    d = Config()
+    serve.add_argument("--bind", default=DEFAULT_BIND, help=f"ROUTER endpoint (default {DEFAULT_BIND})")
+    serve.add_argument("--name", dest="worker_name", default=d.worker_name, help="worker name in logs and Pong")
+    serve.add_argument("--script-timeout", type=positive(float), default=d.script_timeout, metavar="SECONDS",
+                       help=f"wall-clock limit per script (default {d.script_timeout:g})")
+    serve.add_argument("--script-memory", type=parse_size, default=d.script_memory, metavar="SIZE",
+                       help="memory limit per Lua runtime, e.g. 256M (default 256M)")
+    serve.add_argument("--max-evals", type=positive(int), default=d.max_evals,
+                       help=f"LuaEval requests running at once (default {d.max_evals})")
+    serve.add_argument("--eval-queue", type=positive(int), default=d.eval_queue,
+                       help=f"LuaEval requests that may wait before 'busy' (default {d.eval_queue})")
+    serve.add_argument("--drain-timeout", type=positive(float), default=d.drain_timeout, metavar="SECONDS",
+                       help=f"on shutdown, time for in-flight work (default {d.drain_timeout:g})")
+    serve.add_argument("--send-timeout", type=positive(float), default=d.send_timeout, metavar="SECONDS",
+                       help=f"how long a reply waits for a slow peer (default {d.send_timeout:g})")
+    serve.add_argument("--send-hwm", type=positive(int), default=d.send_hwm,
+                       help=f"replies queued per peer before sends wait (default {d.send_hwm})")
+    serve.add_argument("--log-json", action="store_true", help="log JSON lines instead of console text")
+    return parser
+
+
+def config_from(args: argparse.Namespace) -> Config:
+    """The Config that parsed ``serve`` arguments describe."""
+    fields = set(Config.__struct_fields__)
+    return Config(**{k: v for k, v in vars(args).items() if k in fields})
+
+
+async def serve(config: Config) -> None:
+    """Run the server until Shutdown, SIGINT or SIGTERM, then drain and return."""
+    server = Server(config)
+    server.bind()  # outside the task group, so a busy address is a plain ZMQError
+    async with anyio.create_task_group() as tg:
+
+        async def watch_signals() -> None:
+            with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                async for sig in signals:
+                    server.request_shutdown(f"signal {signal.Signals(sig).name}")
+
+        tg.start_soon(watch_signals)
+        await server.serve()
+        tg.cancel_scope.cancel()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    config = config_from(args)
+    logs.configure(json=config.log_json)
+    try:
+        anyio.run(serve, config)
+    except (OSError, zmq.ZMQError) as e:  # e.g. the address is in use
+        structlog.get_logger("luanette").error("server.failed", error=str(e), bind=config.bind)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

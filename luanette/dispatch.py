@@ -1,0 +1,163 @@
+"""Route each request Payload to its handler and turn the outcome into a reply Payload.
+
+Handlers never raise to the server: every failure becomes an ``Error`` payload with a
+stable code (see docs/protocol.md).
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import anyio
+import msgspec
+import structlog
+
+from hooteproto import types as t
+from luanette import runtime
+from luanette.config import Config
+from luanette.stdlib.log import LogNamespace
+
+log = structlog.get_logger("luanette.dispatch")
+
+
+class RequestContext:
+    """What a handler knows about the request besides its payload. Hashed by identity,
+    so the server can keep a set of the ones in flight."""
+
+    __slots__ = ("request_id", "traceparent", "kind", "cancel", "_log")
+
+    def __init__(self, request_id: uuid.UUID, kind: str, traceparent: str | None = None) -> None:
+        self.request_id = request_id
+        self.kind = kind
+        self.traceparent = traceparent
+        self.cancel = runtime.CancelToken()
+        self._log: Any = None
+
+    @property
+    def log(self) -> Any:
+        """A logger bound to this request (bound on first use: most requests never log)."""
+        if self._log is None:
+            self._log = log.bind(request_id=str(self.request_id), type=self.kind)
+        return self._log
+
+
+Handler = Callable[[Any, RequestContext], Awaitable[t.Payload]]
+
+
+def error(code: str, message: str, details: Any = None) -> t.Error:
+    """An Error reply. ``code`` is one of the stable codes in docs/protocol.md."""
+    return t.Error(code=code, message=message, details=details)
+
+
+def input_schema(cls: type[t.Variant]) -> dict[str, Any]:
+    """JSON Schema of a request's parameters: its fields without the ``type`` tag."""
+    schema = msgspec.json.schema(cls)
+    defs = schema.pop("$defs", {})
+    name = schema["$ref"].rsplit("/", 1)[1]
+    body = dict(defs.pop(name))
+    body.pop("title", None)
+    props = {k: v for k, v in body.get("properties", {}).items() if k != "type"}
+    body["properties"] = props
+    body["required"] = [r for r in body.get("required", []) if r != "type"]
+    if not body["required"]:
+        del body["required"]
+    if defs:
+        body["$defs"] = defs
+    return body
+
+
+class Dispatcher:
+    """Holds the handlers and the state they share (worker id, registrations, limits)."""
+
+    def __init__(self, config: Config, *, on_shutdown: Callable[[str], None]) -> None:
+        self.config = config
+        self.worker_id = uuid.uuid4()
+        self.started = time.monotonic()
+        self.registrations: dict[uuid.UUID, t.WorkerRegistration] = {}
+        self._on_shutdown = on_shutdown
+        self._eval_limiter = anyio.CapacityLimiter(config.max_evals)
+        self._limits = runtime.Limits(
+            timeout_s=config.script_timeout, memory_bytes=config.script_memory
+        )
+        self._handlers: dict[type, Handler] = {
+            t.Ping: self.ping,
+            t.Register: self.register,
+            t.Shutdown: self.shutdown,
+            t.ListTools: self.list_tools,
+            t.LuaEval: self.lua_eval,
+        }
+
+    async def dispatch(self, payload: t.Payload, ctx: RequestContext) -> t.Payload:
+        """Answer one request. Never raises (except cancellation)."""
+        handler = self._handlers.get(type(payload))
+        if handler is None:
+            tag = t.tag_of(type(payload))
+            return error("unsupported", f"luanette does not serve '{tag}' requests", {"type": tag})
+        try:
+            return await handler(payload, ctx)
+        except Exception:
+            ctx.log.exception("handler.failed")
+            return error("internal", "internal error while handling the request; see the daemon log")
+
+    def tools(self) -> list[t.ToolInfo]:
+        """A ToolInfo for each request type this dispatcher serves."""
+        return [
+            t.ToolInfo(
+                name=t.tag_of(cls),
+                description=(cls.__doc__ or t.tag_of(cls)).strip().splitlines()[0],
+                input_schema=input_schema(cls),
+            )
+            for cls in self._handlers
+        ]
+
+    # --- handlers --------------------------------------------------------------------
+
+    async def ping(self, _: t.Ping, ctx: RequestContext) -> t.Payload:
+        return t.Pong(worker_id=self.worker_id, uptime_secs=int(time.monotonic() - self.started))
+
+    async def register(self, p: t.Register, ctx: RequestContext) -> t.Payload:
+        registration = t.WorkerRegistration(
+            **{f: getattr(p, f) for f in t.WorkerRegistration.__struct_fields__}
+        )
+        self.registrations[p.worker_id] = registration
+        ctx.log.info("worker.registered", worker=p.worker_name, kind=p.worker_type.value)
+        return t.Success(result={"registered": True, "worker_id": str(p.worker_id)})
+
+    async def shutdown(self, p: t.Shutdown, ctx: RequestContext) -> t.Payload:
+        self._on_shutdown(p.reason or "shutdown requested")
+        return t.Success(result={"shutting_down": True, "reason": p.reason})
+
+    async def list_tools(self, _: t.ListTools, ctx: RequestContext) -> t.Payload:
+        return t.ToolList(tools=self.tools())
+
+    async def lua_eval(self, p: t.LuaEval, ctx: RequestContext) -> t.Payload:
+        if self._eval_limiter.statistics().tasks_waiting >= self.config.eval_queue:
+            return error(
+                "busy",
+                f"{self.config.max_evals} scripts are running and {self.config.eval_queue} "
+                "are waiting; try again shortly",
+            )
+        async with self._eval_limiter:
+            try:
+                outcome = await runtime.run_script(
+                    p.code,
+                    p.params,
+                    limits=self._limits,
+                    cancel=ctx.cancel,
+                    namespaces=[LogNamespace()],
+                    chunk_name="eval",
+                    log=ctx.log,
+                )
+            except runtime.ScriptError as e:
+                return lua_error(e.detail)
+        return t.Success(result={"result": outcome.result, "duration_ms": outcome.duration_ms})
+
+
+def lua_error(detail: runtime.ErrorDetail) -> t.Error:
+    """The Error reply for a failed script: one readable line, the structure in details."""
+    where = f" (line {detail.line})" if detail.line is not None else ""
+    hint = f"; {detail.hints[0]}" if detail.hints else ""
+    return error("lua_error", f"{detail.kind}: {detail.message}{where}{hint}", msgspec.to_builtins(detail))

@@ -1,0 +1,261 @@
+"""The ROUTER socket loop: read messages, run each request as its own task, reply.
+
+The loop never awaits a request before reading the next one (the Rust version did, so a
+30 s script froze every caller). Sends never block the loop: each reply is tried without
+waiting and retried with backoff for up to ``send_timeout``; a reply that cannot be
+delivered is logged and counted, never silently lost (``ROUTER_MANDATORY`` is set, so
+libzmq reports an unroutable peer instead of dropping the message).
+"""
+
+from __future__ import annotations
+
+import errno
+import time
+import uuid
+from typing import Any
+
+import anyio
+import msgspec
+import structlog
+import zmq
+import zmq.asyncio
+
+from hooteproto import frames
+from hooteproto import types as t
+from hooteproto.codec import DecodeError, Encoding, detect, envelope_codec, payload_codec, peek_envelope_id
+from hooteproto.frames import Command, ContentType, Hoot01
+from luanette.config import Config
+from luanette.dispatch import Dispatcher, RequestContext, error
+
+log = structlog.get_logger("luanette.server")
+
+NIL_ID = uuid.UUID(int=0)
+RECV_BATCH = 64
+
+
+class ServerStats(msgspec.Struct):
+    """Counters an operator reads to see what the loop has done."""
+
+    received: int = 0
+    replies_sent: int = 0
+    replies_unroutable: int = 0
+    """The peer was gone when its reply was ready."""
+    replies_dropped: int = 0
+    """The peer did not read for ``send_timeout``."""
+    malformed: int = 0
+    internal_errors: int = 0
+    in_flight: int = 0
+
+
+class _Reply(msgspec.Struct):
+    """Where and how to answer one request."""
+
+    route: list[bytes]
+    request_id: uuid.UUID
+    encoding: Encoding
+    hoot01: bool
+
+
+class Server:
+    """Luanette's ROUTER front end. Call :meth:`serve` inside an anyio event loop."""
+
+    def __init__(self, config: Config, *, context: zmq.asyncio.Context | None = None) -> None:
+        self.config = config
+        self.stats = ServerStats()
+        self.dispatcher = Dispatcher(config, on_shutdown=self.request_shutdown)
+        self.endpoint: str | None = None
+        self._context = context or zmq.asyncio.Context.instance()
+        self._socket: zmq.asyncio.Socket | None = None
+        self._in_flight: set[RequestContext] = set()
+        self._idle = anyio.Event()
+        self._idle.set()
+        self._draining: anyio.Event | None = None
+        self.shutdown_reason: str | None = None
+
+    # --- lifecycle -------------------------------------------------------------------
+
+    def bind(self) -> str:
+        """Create and bind the ROUTER socket; returns the bound endpoint. Raises
+        ``zmq.ZMQError`` when the address is in use or malformed."""
+        sock = self._context.socket(zmq.ROUTER)
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        sock.setsockopt(zmq.LINGER, int(self.config.send_timeout * 1000))
+        sock.setsockopt(zmq.SNDHWM, self.config.send_hwm)
+        try:
+            sock.bind(self.config.bind)
+        except zmq.ZMQError:
+            sock.close(0)
+            raise
+        self._socket = sock
+        self.endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        log.info("server.listening", endpoint=self.endpoint, worker_id=str(self.dispatcher.worker_id))
+        return self.endpoint
+
+    async def serve(self, *, task_status: anyio.abc.TaskStatus[str] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Bind (unless :meth:`bind` was called), answer requests until shut down, drain,
+        and return."""
+        self._draining = anyio.Event()
+        if self._socket is None:
+            self.bind()
+        sock = self._socket
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._receive_loop, tg)
+                task_status.started(self.endpoint)
+                await self._draining.wait()
+                await self._drain()
+                tg.cancel_scope.cancel()
+        finally:
+            sock.close()
+            log.info("server.stopped", reason=self.shutdown_reason, **msgspec.to_builtins(self.stats))
+
+    def request_shutdown(self, reason: str) -> None:
+        """Stop taking new work and drain; safe to call more than once."""
+        if self.shutdown_reason is None:
+            self.shutdown_reason = reason
+            log.info("server.draining", reason=reason, in_flight=len(self._in_flight))
+        if self._draining is not None:
+            self._draining.set()
+
+    async def _drain(self) -> None:
+        with anyio.move_on_after(self.config.drain_timeout):
+            await self._idle.wait()
+        if self._in_flight:
+            log.warning("server.cancelling", remaining=len(self._in_flight))
+            for ctx in list(self._in_flight):
+                ctx.cancel.cancel("the daemon is shutting down")
+            # Cancelled scripts stop within a hook interval; give their replies time to go.
+            with anyio.move_on_after(2.0):
+                await self._idle.wait()
+
+    @property
+    def draining(self) -> bool:
+        return self.shutdown_reason is not None
+
+    # --- receiving -------------------------------------------------------------------
+
+    async def _receive_loop(self, tg: anyio.abc.TaskGroup) -> None:
+        assert self._socket is not None
+        sock = self._socket
+        while True:
+            self._on_message(tg, await sock.recv_multipart())
+            # Drain what is already queued without a future per message: under load this
+            # is most of the loop's cost.
+            for _ in range(RECV_BATCH):
+                try:
+                    raw = await sock.recv_multipart(flags=zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                self._on_message(tg, raw)
+
+    def _on_message(self, tg: anyio.abc.TaskGroup, raw: list[bytes]) -> None:
+        self.stats.received += 1
+        route, message = frames.split_route(raw)
+        try:
+            if message and message[0] == frames.PROTOCOL:
+                self._on_hoot01(tg, route, message)
+            else:
+                self._on_envelope(tg, route, message[0] if message else b"")
+        except Exception:
+            # A bug in handling one message must not stop the loop for everyone.
+            self.stats.internal_errors += 1
+            log.exception("loop.message_failed", frames=len(raw))
+
+    def _on_hoot01(self, tg: anyio.abc.TaskGroup, route: list[bytes], message: list[bytes]) -> None:
+        try:
+            msg = frames.parse(message)
+        except DecodeError as e:
+            rid = frames.request_id_of(message) or NIL_ID
+            self._malformed(tg, _Reply(route, rid, Encoding.COMPACT, True), e, "bad_frame")
+            return
+        reply = _Reply(route, msg.request_id, Encoding.COMPACT, True)
+        if msg.command is Command.HEARTBEAT:
+            beat = Hoot01(command=Command.HEARTBEAT, request_id=msg.request_id, service=self.config.worker_name)
+            tg.start_soon(self._send, route + beat.to_frames())
+        elif msg.command is Command.REQUEST:
+            try:
+                reply.encoding = msg.body_encoding()
+                payload = payload_codec.decode(msg.body, reply.encoding)
+            except DecodeError as e:
+                self._malformed(tg, reply, e, "bad_request")
+                return
+            self._start(tg, reply, payload, msg.traceparent)
+        else:
+            # Ready/Disconnect announce a peer; a Reply is not ours to answer (answering
+            # it with an Error could start an endless exchange between two daemons).
+            log.info("hoot01.peer_command", command=msg.command.name.lower(), service=msg.service)
+
+    def _on_envelope(self, tg: anyio.abc.TaskGroup, route: list[bytes], body: bytes) -> None:
+        try:
+            envelope = envelope_codec.decode(body)
+        except DecodeError as e:
+            rid, encoding = peek_envelope_id(body)
+            self._malformed(tg, _Reply(route, rid or NIL_ID, encoding or Encoding.COMPACT, False), e, "bad_request")
+            return
+        self._start(tg, _Reply(route, envelope.id, detect(body), False), envelope.payload, envelope.traceparent)
+
+    def _malformed(self, tg: anyio.abc.TaskGroup, reply: _Reply, e: DecodeError, code: str) -> None:
+        self.stats.malformed += 1
+        log.warning("request.malformed", code=code, reason=str(e), path=e.path, request_id=str(reply.request_id))
+        details = {"reason": str(e)} | ({"path": e.path} if e.path else {})
+        tg.start_soon(self._reply, reply, error(code, f"malformed message: {e}", details))
+
+    # --- handling --------------------------------------------------------------------
+
+    def _start(self, tg: anyio.abc.TaskGroup, reply: _Reply, payload: t.Payload, traceparent: str | None) -> None:
+        if self.draining and not isinstance(payload, t.Ping):
+            tg.start_soon(self._reply, reply, error("shutting_down", "the daemon is shutting down; no new work is taken"))
+            return
+        ctx = RequestContext(reply.request_id, t.tag_of(type(payload)), traceparent)
+        self._in_flight.add(ctx)
+        self._idle = anyio.Event() if len(self._in_flight) == 1 else self._idle
+        self.stats.in_flight = len(self._in_flight)
+        tg.start_soon(self._handle, reply, payload, ctx)
+
+    async def _handle(self, reply: _Reply, payload: t.Payload, ctx: RequestContext) -> None:
+        try:
+            answer = await self.dispatcher.dispatch(payload, ctx)
+        finally:
+            self._in_flight.discard(ctx)
+            self.stats.in_flight = len(self._in_flight)
+            if not self._in_flight:
+                self._idle.set()
+        await self._reply(reply, answer)
+
+    # --- replying --------------------------------------------------------------------
+
+    async def _reply(self, reply: _Reply, payload: t.Payload) -> None:
+        if reply.hoot01:
+            message = Hoot01(
+                command=Command.REPLY,
+                content_type=frames.content_type_for(reply.encoding),
+                request_id=reply.request_id,
+                body=payload_codec.encode(payload, reply.encoding),
+            ).to_frames()
+        else:
+            envelope = t.Envelope(id=reply.request_id, payload=payload)
+            message = [envelope_codec.encode(envelope, reply.encoding)]
+        await self._send(reply.route + message)
+
+    async def _send(self, message: list[Any]) -> bool:
+        assert self._socket is not None
+        deadline = time.monotonic() + self.config.send_timeout
+        delay = 0.001
+        while True:
+            try:
+                await self._socket.send_multipart(message, flags=zmq.DONTWAIT)
+                self.stats.replies_sent += 1
+                return True
+            except zmq.Again:
+                if time.monotonic() >= deadline:
+                    self.stats.replies_dropped += 1
+                    log.warning("reply.dropped", reason="peer is not reading", peer=message[0].hex())
+                    return False
+                await anyio.sleep(delay)
+                delay = min(delay * 2, 0.05)
+            except zmq.ZMQError as e:
+                if e.errno != errno.EHOSTUNREACH:
+                    raise
+                self.stats.replies_unroutable += 1
+                log.warning("reply.unroutable", reason="peer went away", peer=message[0].hex())
+                return False

@@ -1,0 +1,163 @@
+"""Shared fixtures: a real daemon on a random loopback port, in-process or as a process."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import zmq
+import zmq.asyncio
+
+from hooteproto.client import Client
+from luanette.config import Config
+from luanette.server import Server
+
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    """A TCP port that was free a moment ago on 127.0.0.1."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def config_for_tests(**overrides) -> Config:
+    """Config for tests: random port, short limits so failures show quickly."""
+    base = dict(bind="tcp://127.0.0.1:*", script_timeout=5.0, drain_timeout=2.0, send_timeout=1.0)
+    return Config(**(base | overrides))
+
+
+class RunningServer:
+    """An in-process server running in its own asyncio task."""
+
+    def __init__(self, config: Config) -> None:
+        self.server = Server(config)
+        self.task: asyncio.Task | None = None
+
+    @property
+    def endpoint(self) -> str:
+        assert self.server.endpoint is not None
+        return self.server.endpoint
+
+    async def start(self) -> "RunningServer":
+        self.task = asyncio.create_task(self.server.serve())
+        for _ in range(500):
+            if self.server.endpoint is not None:
+                return self
+            if self.task.done():
+                self.task.result()
+            await asyncio.sleep(0.01)
+        raise RuntimeError("server did not bind")
+
+    async def stop(self) -> None:
+        self.server.request_shutdown("test finished")
+        assert self.task is not None
+        await asyncio.wait_for(self.task, 15)
+
+
+@pytest.fixture
+async def make_server():
+    """Factory: ``await make_server(**config_overrides)`` -> RunningServer."""
+    started: list[RunningServer] = []
+
+    async def make(**overrides) -> RunningServer:
+        running = await RunningServer(config_for_tests(**overrides)).start()
+        started.append(running)
+        return running
+
+    yield make
+    for running in started:
+        if not running.task.done():
+            await running.stop()
+
+
+@pytest.fixture
+async def server(make_server) -> RunningServer:
+    return await make_server()
+
+
+@pytest.fixture
+async def client(server):
+    async with Client(server.endpoint) as c:
+        yield c
+
+
+@pytest.fixture
+def zctx():
+    ctx = zmq.asyncio.Context()
+    yield ctx
+    ctx.destroy(linger=0)
+
+
+class DaemonProcess:
+    """``luanette serve`` started through its console script."""
+
+    def __init__(self, *args: str) -> None:
+        self.port = free_port()
+        self.endpoint = f"tcp://127.0.0.1:{self.port}"
+        self.proc = subprocess.Popen(
+            [str(BIN / "luanette"), "serve", "--bind", self.endpoint, *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=os.environ | {"PYTHONUNBUFFERED": "1"},
+        )
+        self._wait_listening()
+
+    def _wait_listening(self) -> None:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"daemon exited: {self.proc.stderr.read().decode()}")
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", self.port)) == 0:
+                    return
+            time.sleep(0.05)
+        raise RuntimeError("daemon did not start listening")
+
+    def signal(self, sig: int) -> None:
+        self.proc.send_signal(sig)
+
+    def wait(self, timeout: float = 20) -> int:
+        return self.proc.wait(timeout)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+@pytest.fixture
+def daemon_process():
+    """Factory: ``daemon_process(*extra_args)`` -> DaemonProcess (stopped at teardown)."""
+    procs: list[DaemonProcess] = []
+
+    def make(*args: str) -> DaemonProcess:
+        p = DaemonProcess(*args)
+        procs.append(p)
+        return p
+
+    yield make
+    for p in procs:
+        p.stop()
+
+
+def cli(endpoint: str, *args: str, timeout: float = 30) -> subprocess.CompletedProcess:
+    """Run ``luanette-cli --endpoint ENDPOINT ARGS...`` and capture its output."""
+    return subprocess.run(
+        [str(BIN / "luanette-cli"), "--endpoint", endpoint, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )

@@ -1,0 +1,125 @@
+"""luanette-cli and luanette as processes, through their console scripts."""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+import uuid
+
+import pytest
+
+from hooteproto import types as t
+from hooteproto.client import Client
+from tests.conftest import cli, free_port
+
+pytestmark = pytest.mark.timeout(90)
+
+
+@pytest.fixture(scope="module")
+def daemon():
+    from tests.conftest import DaemonProcess
+
+    d = DaemonProcess("--script-timeout", "2")
+    yield d
+    d.stop()
+
+
+def test_ping_readable_and_json(daemon):
+    readable = cli(daemon.endpoint, "ping")
+    assert readable.returncode == 0, readable.stderr
+    assert readable.stdout.startswith("pong from ")
+    machine = cli(daemon.endpoint, "--json", "ping")
+    reply = json.loads(machine.stdout)
+    assert reply["type"] == "pong" and uuid.UUID(reply["worker_id"])
+
+
+@pytest.mark.parametrize("encoding", ["compact", "named", "json"])
+def test_eval_in_each_encoding(daemon, encoding):
+    r = cli(daemon.endpoint, "--encoding", encoding, "--json", "eval", "return {a = params.n + 1, b = {}}",
+            "--params", '{"n": 41}')
+    assert r.returncode == 0, r.stderr
+    reply = json.loads(r.stdout)
+    assert reply["type"] == "success"
+    assert reply["result"]["result"] == {"a": 42, "b": {}}
+    assert reply["result"]["duration_ms"] >= 0
+
+
+def test_eval_file_and_stdin(daemon, tmp_path):
+    script = tmp_path / "s.lua"
+    script.write_text("function main(p) return p.word .. '!' end")
+    r = cli(daemon.endpoint, "eval", "-f", str(script), "--params", '{"word": "hey"}')
+    assert r.returncode == 0 and r.stdout.strip() == "hey!"
+
+
+def test_lua_error_exits_1_with_one_line(daemon):
+    r = cli(daemon.endpoint, "eval", "local x = nil\nreturn x.field")
+    assert r.returncode == 1
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1
+    assert "lua_error" in lines[0] and "line 2" in lines[0] and "index a nil value" in lines[0]
+
+
+def test_error_reply_in_json_mode_is_printed_whole(daemon):
+    r = cli(daemon.endpoint, "--json", "eval", "while true do end")
+    assert r.returncode == 1
+    reply = json.loads(r.stdout)
+    assert reply["code"] == "lua_error" and reply["details"]["kind"] == "timeout"
+
+
+def test_tools_and_send(daemon):
+    tools = cli(daemon.endpoint, "tools")
+    assert tools.returncode == 0 and "lua_eval" in tools.stdout
+    sent = cli(daemon.endpoint, "--json", "send", '{"type": "cas_get", "hash": "ab"}')
+    assert sent.returncode == 1 and json.loads(sent.stdout)["code"] == "unsupported"
+
+
+def test_bad_usage_exits_2(daemon):
+    assert cli(daemon.endpoint, "eval", "return 1", "--params", "{oops").returncode == 2
+    r = cli(daemon.endpoint, "send", '{"type": "nope"}')
+    assert r.returncode == 2 and "not a payload" in r.stderr
+
+
+def test_no_daemon_times_out_with_exit_3():
+    started = time.monotonic()
+    r = cli(f"tcp://127.0.0.1:{free_port()}", "--timeout", "0.5", "ping")
+    assert r.returncode == 3
+    assert "no reply" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert time.monotonic() - started < 10
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+async def test_signal_drains_and_exits_0(daemon_process, sig):
+    d = daemon_process("--drain-timeout", "5")
+    async with Client(d.endpoint) as c:
+        import asyncio
+
+        work = asyncio.create_task(
+            c.request(t.LuaEval(code="local s = os.clock() + 0.6 while os.clock() < s do end return 'finished'"))
+        )
+        await asyncio.sleep(0.2)
+        d.signal(sig)
+        reply = await work
+    assert isinstance(reply, t.Success) and reply.result["result"] == "finished"
+    assert d.wait() == 0
+    assert b"server.draining" in d.proc.stderr.read()
+
+
+async def test_shutdown_request_stops_the_process(daemon_process):
+    d = daemon_process()
+    async with Client(d.endpoint) as c:
+        reply = await c.request(t.Shutdown(reason="bye"))
+    assert isinstance(reply, t.Success)
+    assert d.wait() == 0
+
+
+def test_daemon_refuses_a_bad_flag_and_a_busy_port(daemon):
+    import subprocess
+
+    from tests.conftest import BIN
+
+    bad = subprocess.run([str(BIN / "luanette"), "serve", "--script-timeout", "-1"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "greater than 0" in bad.stderr
+    busy = subprocess.run([str(BIN / "luanette"), "serve", "--bind", daemon.endpoint], capture_output=True, text=True,
+                          timeout=20)
+    assert busy.returncode == 1 and "server.failed" in busy.stderr

@@ -740,21 +740,23 @@ class _Killer:
             self.reason = "finished"
 
 
-class _Function(msgspec.Struct, frozen=True):
+class _Function:
     """A Python callable bound into one run."""
 
-    qualname: str
-    call: Callable[..., Any]
-    is_async: bool
-    signature: inspect.Signature | None
+    def __init__(self, qualname: str, call: Callable[..., Any]) -> None:
+        self.qualname = qualname
+        self.call = call
+        self.is_async = inspect.iscoroutinefunction(call)
 
+    @functools.cached_property
+    def signature(self) -> inspect.Signature | None:
+        # Computed on first call: most runs call few of their functions, and
+        # inspect.signature costs more than the rest of binding a function.
+        try:
+            return inspect.signature(self.call)
+        except (TypeError, ValueError):  # some builtins have none
+            return None
 
-def _function(qualname: str, call: Callable[..., Any]) -> _Function:
-    try:
-        signature: inspect.Signature | None = inspect.signature(call)
-    except (TypeError, ValueError):  # some builtins have none
-        signature = None
-    return _Function(qualname, call, inspect.iscoroutinefunction(call), signature)
 
 
 class _Bridge:
@@ -762,14 +764,14 @@ class _Bridge:
 
     def __init__(self, run: RunContext, namespaces: Sequence[Namespace]) -> None:
         self._run = run
-        self.functions = [_function("print", lambda line: run.script_log("info", _text(line)))]
+        self.functions = [_Function("print", lambda line: run.script_log("info", _text(line)))]
         taken: set[str] = set()
         for namespace in namespaces:
             _check_namespace_name(namespace.name, taken)
             for name, call in namespace.functions(run).items():
                 if not name.isidentifier():
                     raise ValueError(f"{namespace.name}: {name!r} is not a Lua identifier")
-                self.functions.append(_function(f"{namespace.name}.{name}", call))
+                self.functions.append(_Function(f"{namespace.name}.{name}", call))
 
     def spec(self) -> bytes:
         """[[index, namespace, name, is_async], ...] for the sandbox setup."""

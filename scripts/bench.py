@@ -126,7 +126,7 @@ def measure(name: str, endpoint: str, payload: t.Payload, total: int, in_flight:
 
 def start_daemon(endpoint: str) -> subprocess.Popen:
     exe = shutil.which("luanette", path=str(Path(sys.executable).parent)) or "luanette"
-    proc = subprocess.Popen([exe, "serve", "--bind", endpoint, "--max-evals", "64"],
+    proc = subprocess.Popen([exe, "serve", "--bind", endpoint, "--max-evals", os.environ.get("BENCH_MAX_EVALS", "16")],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     port = int(endpoint.rsplit(":", 1)[1])
     for _ in range(400):

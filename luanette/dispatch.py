@@ -6,12 +6,13 @@ stable code (see docs/protocol.md).
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
-import anyio
 import msgspec
 import structlog
 
@@ -78,7 +79,8 @@ class Dispatcher:
         self.started = time.monotonic()
         self.registrations: dict[uuid.UUID, t.WorkerRegistration] = {}
         self._on_shutdown = on_shutdown
-        self._eval_limiter = anyio.CapacityLimiter(config.max_evals)
+        self._eval_slots = asyncio.Semaphore(config.max_evals)
+        self._evals_waiting = 0
         self._limits = runtime.Limits(
             timeout_s=config.script_timeout, memory_bytes=config.script_memory
         )
@@ -134,14 +136,8 @@ class Dispatcher:
         return t.ToolList(tools=self.tools())
 
     async def lua_eval(self, p: t.LuaEval, ctx: RequestContext) -> t.Payload:
-        if self._eval_limiter.statistics().tasks_waiting >= self.config.eval_queue:
-            return error(
-                "busy",
-                f"{self.config.max_evals} scripts are running and {self.config.eval_queue} "
-                "are waiting; try again shortly",
-            )
-        async with self._eval_limiter:
-            try:
+        try:
+            async with self._eval_slot():
                 outcome = await runtime.run_script(
                     p.code,
                     p.params,
@@ -151,9 +147,33 @@ class Dispatcher:
                     chunk_name="eval",
                     log=ctx.log,
                 )
-            except runtime.ScriptError as e:
-                return lua_error(e.detail)
+        except Busy as e:
+            return error("busy", str(e))
+        except runtime.ScriptError as e:
+            return lua_error(e.detail)
         return t.Success(result={"result": outcome.result, "duration_ms": outcome.duration_ms})
+
+    @contextlib.asynccontextmanager
+    async def _eval_slot(self) -> AsyncIterator[None]:
+        """Hold one of ``max_evals`` slots; wait in a queue of ``eval_queue`` at most."""
+        if self._eval_slots.locked() and self._evals_waiting >= self.config.eval_queue:
+            raise Busy(
+                f"{self.config.max_evals} scripts are running and {self.config.eval_queue} "
+                "are waiting; try again shortly"
+            )
+        self._evals_waiting += 1
+        try:
+            await self._eval_slots.acquire()
+        finally:
+            self._evals_waiting -= 1
+        try:
+            yield
+        finally:
+            self._eval_slots.release()
+
+
+class Busy(Exception):
+    """A limit is reached; the client should retry later."""
 
 
 def lua_error(detail: runtime.ErrorDetail) -> t.Error:

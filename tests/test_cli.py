@@ -123,3 +123,19 @@ def test_daemon_refuses_a_bad_flag_and_a_busy_port(daemon):
     busy = subprocess.run([str(BIN / "luanette"), "serve", "--bind", daemon.endpoint], capture_output=True, text=True,
                           timeout=20)
     assert busy.returncode == 1 and "server.failed" in busy.stderr
+
+
+async def test_a_script_stuck_in_c_does_not_hold_the_process(daemon_process):
+    """A pattern match that backtracks for minutes runs inside one C call, where no hook
+    fires: the caller still gets a timeout, and shutdown does not wait for the thread."""
+    d = daemon_process("--script-timeout", "0.5")
+    stuck = "return string.find(string.rep('a', 28), string.rep('a?', 28) .. string.rep('a', 28) .. 'b')"
+    async with Client(d.endpoint) as c:
+        started = time.monotonic()
+        reply = await c.request(t.LuaEval(code=stuck), timeout=10)
+        assert isinstance(reply, t.Error) and reply.details["kind"] == "timeout"
+        assert time.monotonic() - started < 4
+        assert isinstance(await c.request(t.Ping()), t.Pong)  # the daemon still serves
+    d.signal(signal.SIGTERM)
+    assert d.wait(timeout=10) == 0
+    assert b"server.exit_with_stuck_scripts" in d.proc.stderr.read()

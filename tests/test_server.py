@@ -157,6 +157,21 @@ async def test_lua_eval_timeout_is_reported(make_server):
     assert time.monotonic() - started < 2.0
 
 
+async def test_past_the_eval_queue_clients_get_busy(make_server):
+    running = await make_server(max_evals=1, eval_queue=1)
+    slow = t.LuaEval(code="local s = os.clock() + 0.4 while os.clock() < s do end return 'ok'")
+    async with Client(running.endpoint) as c:
+        first = asyncio.create_task(c.request(slow))
+        await asyncio.sleep(0.1)  # running
+        second = asyncio.create_task(c.request(slow))
+        await asyncio.sleep(0.05)  # queued
+        third = await c.request(slow)
+        assert isinstance(third, t.Error) and third.code == "busy"
+        assert "1 scripts are running" in third.message
+        assert (await first).result["result"] == "ok"
+        assert (await second).result["result"] == "ok"  # the queued one still ran
+
+
 # --- malformed input -----------------------------------------------------------------
 
 

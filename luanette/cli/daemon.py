@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 from collections.abc import Callable
@@ -12,7 +13,7 @@ import anyio
 import structlog
 import zmq
 
-from luanette import logs
+from luanette import logs, runtime
 from luanette.config import DEFAULT_BIND, Config
 from luanette.server import Server
 
@@ -94,11 +95,19 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     config = config_from(args)
     logs.configure(json=config.log_json)
+    log = structlog.get_logger("luanette")
     try:
         anyio.run(serve, config)
     except (OSError, zmq.ZMQError) as e:  # e.g. the address is in use
-        structlog.get_logger("luanette").error("server.failed", error=str(e), bind=config.bind)
+        log.error("server.failed", error=str(e), bind=config.bind)
         return 1
+    stuck = runtime.stats.abandoned_running
+    if stuck:
+        # A script stuck inside one C call (a pathological pattern match) cannot be
+        # interrupted, and interpreter exit would wait for its thread forever.
+        log.warning("server.exit_with_stuck_scripts", threads=stuck)
+        sys.stderr.flush()
+        os._exit(0)
     return 0
 
 

@@ -338,3 +338,16 @@ async def test_drain_deadline_cancels_a_stuck_script(make_server):
     assert isinstance(reply, t.Error) and reply.details["kind"] == "cancelled"
     await asyncio.wait_for(running.task, 5)
     assert time.monotonic() - started < 3
+
+
+async def test_script_logs_carry_the_request_id(server, zctx):
+    from structlog.testing import capture_logs
+
+    request = hoot(t.LuaEval(code="log.warn('tempo drift', {bpm = 121}) print('a', 1) return true"))
+    with capture_logs() as logs:
+        reply = frames.parse(await raw_exchange(zctx, server.endpoint, request.to_frames()))
+    assert isinstance(payload_codec.decode(reply.body), t.Success)
+    lines = [e for e in logs if e["event"] == "lua.log"]
+    assert [(e["log_level"], e["message"]) for e in lines] == [("warning", "tempo drift"), ("info", "a\t1")]
+    assert all(e["request_id"] == str(request.request_id) for e in lines)
+    assert lines[0]["fields"] == {"bpm": 121}

@@ -371,7 +371,35 @@ class ScriptInvalidate(Variant, tag="script_invalidate"):
     hash: str
 
 
-Broadcast = Union[ConfigUpdate, ShutdownNotice, ScriptInvalidate]
+# Luanette's additions (not in seed 001; documented in docs/protocol.md).
+
+
+class JobStateChanged(Variant, tag="job_state_changed"):
+    """A job moved to ``state`` (a JobStatus value); ``result`` is set when it completed
+    and the error detail when it failed."""
+
+    job_id: str
+    state: str
+    result: Any = None
+
+
+class Progress(Variant, tag="progress"):
+    """A running job reported progress (``percent`` 0..100)."""
+
+    job_id: str
+    percent: float
+    message: str | None = None
+
+
+class LogLine(Variant, tag="log"):
+    """A log line worth showing to watchers (e.g. a script's ``log.warn``)."""
+
+    level: str
+    message: str
+    source: str
+
+
+Broadcast = Union[ConfigUpdate, ShutdownNotice, ScriptInvalidate, JobStateChanged, Progress, LogLine]
 """Messages published on the PUB socket, one JSON frame each with ``"type"`` first."""
 
 

@@ -1,0 +1,59 @@
+"""The PUB socket: one JSON frame per Broadcast, ``"type"`` first (what the gateway's
+subscriber reads).
+
+PUB never blocks: a subscriber that cannot keep up loses messages at its high-water
+mark, which is the contract of a broadcast (state is always queryable with JobStatus);
+what was sent and dropped is counted.
+"""
+
+from __future__ import annotations
+
+import msgspec
+import structlog
+import zmq
+import zmq.asyncio
+
+from hooteproto.codec import encode_broadcast
+from hooteproto.types import Broadcast
+
+log = structlog.get_logger("luanette.broadcast")
+
+DEFAULT_PUB = "tcp://127.0.0.1:5572"
+
+
+class PublisherStats(msgspec.Struct):
+    published: int = 0
+    dropped: int = 0
+
+
+class Publisher:
+    """Publishes Broadcast messages; ``endpoint=None`` publishes nowhere."""
+
+    def __init__(self, endpoint: str | None, *, context: zmq.asyncio.Context | None = None) -> None:
+        self.stats = PublisherStats()
+        self.endpoint: str | None = None
+        self._socket: zmq.Socket | None = None
+        if endpoint:
+            # A plain (sync) socket in the daemon's context: PUB sends never wait, so
+            # there is nothing to await.
+            ctx = zmq.Context.shadow((context or zmq.asyncio.Context.instance()).underlying)
+            sock = ctx.socket(zmq.PUB)
+            sock.setsockopt(zmq.LINGER, 500)
+            sock.bind(endpoint)
+            self._socket = sock
+            self.endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+
+    def publish(self, message: Broadcast) -> None:
+        """Send one broadcast now; never blocks, never raises for a slow subscriber."""
+        if self._socket is None:
+            return
+        try:
+            self._socket.send(encode_broadcast(message), zmq.DONTWAIT)
+            self.stats.published += 1
+        except zmq.Again:
+            self.stats.dropped += 1
+
+    def close(self) -> None:
+        if self._socket is not None:
+            self._socket.close()
+            self._socket = None

@@ -1,0 +1,689 @@
+"""Persistent job records, results and the script index, in one SQLite file.
+
+The file is ``<state_dir>/luanette.sqlite3``. It holds two tables: ``jobs`` (every job,
+its params, result or structured error, and timestamps) and ``scripts`` (the index that
+backs ``ScriptSearch``: name and description from ``describe()``, tags, creator). Script
+sources themselves live in the CAS; this file only indexes them by hash.
+
+Durability: WAL journal with ``synchronous=NORMAL``. A committed transaction survives the
+process being killed at any moment (SIGKILL, OOM killer); only an OS crash or power
+loss may lose the last few commits, which is the trade the design accepts for fast job
+updates. Every change is one transaction, so a reader never sees half a job.
+
+Threads: one connection, opened with ``check_same_thread=False`` and guarded by a lock,
+so the event-loop thread and worker threads may all call in. Each call is short (a
+single indexed statement or a small transaction), so callers on the event loop may call
+directly; the only O(n) call is ``search`` with a vibe.
+
+Times are float Unix seconds in the database; ``JobInfo`` shows them as whole seconds,
+as the wire protocol specifies.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import sqlite3
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any
+
+import msgspec
+
+from hooteproto.types import JobInfo, JobStatus, JobStoreStats
+
+DB_FILENAME = "luanette.sqlite3"
+
+HASH_PATTERN = "^[0-9a-f]{32}$"
+"""A CAS hash: BLAKE3, first 16 bytes, 32 lowercase hex characters (see DESIGN.md)."""
+
+LUA_TAG = "type:lua"
+"""Tag every indexed script carries, so a tag search can tell scripts from other CAS items."""
+
+ACTIVE = (JobStatus.PENDING, JobStatus.RUNNING)
+FINISHED = (JobStatus.COMPLETE, JobStatus.FAILED, JobStatus.CANCELLED)
+
+BUSY_TIMEOUT_S = 5.0
+"""How long a write waits for another process holding the file (two daemons sharing a
+state dir by mistake, or an admin's sqlite3 shell) before it fails."""
+
+
+# --- types ---------------------------------------------------------------------------
+
+Hash = Annotated[str, msgspec.Meta(pattern=HASH_PATTERN)]
+Seconds = Annotated[float, msgspec.Meta(ge=0)]
+Tag = Annotated[str, msgspec.Meta(min_length=1)]
+
+
+class ScriptRecord(msgspec.Struct, kw_only=True):
+    """One entry of the script index. ``name``, ``description`` and ``params_schema``
+    come from the script's ``describe()`` and are None when it has none."""
+
+    hash: Hash
+    name: str | None = None
+    description: str | None = None
+    tags: list[Tag] = []
+    creator: str | None = None
+    params_schema: Any = None
+    created_at: Seconds
+
+
+class JobRecord(msgspec.Struct, kw_only=True):
+    """A job row as stored: everything ``JobInfo`` shows plus params, tags and exact
+    float times. The dispatcher uses it where ``JobInfo`` is too coarse."""
+
+    job_id: str
+    script_hash: str
+    params: Any
+    tags: list[str]
+    status: JobStatus
+    result: Any = None
+    error: Any = None
+    created_at: float
+    started_at: float | None = None
+    completed_at: float | None = None
+
+    def to_info(self) -> JobInfo:
+        """The wire view: ``source`` is the script hash and times are whole seconds."""
+        return JobInfo(
+            job_id=self.job_id,
+            status=self.status,
+            source=self.script_hash,
+            result=self.result,
+            error=self.error,
+            created_at=_whole(self.created_at),
+            started_at=_whole(self.started_at),
+            completed_at=_whole(self.completed_at),
+        )
+
+
+class UnknownJob(LookupError):
+    """Raised when a state change names a job id the store has never seen. Kept apart
+    from a ``False`` return (job exists but is past that state) so that cancelling an
+    unknown id can never be reported as success."""
+
+    def __init__(self, job_id: str) -> None:
+        super().__init__(f"no job with id {job_id!r}")
+        self.job_id = job_id
+
+
+# --- schema and migrations -----------------------------------------------------------
+
+_STATUS_SQL = ", ".join(f"'{s.value}'" for s in JobStatus)
+_ACTIVE_SQL = ", ".join(f"'{s.value}'" for s in ACTIVE)
+_FINISHED_SQL = ", ".join(f"'{s.value}'" for s in FINISHED)
+
+_SCHEMA_V1 = (
+    f"""
+    CREATE TABLE jobs (
+        job_id       TEXT PRIMARY KEY NOT NULL,
+        script_hash  TEXT NOT NULL,
+        params       TEXT NOT NULL,  -- JSON
+        tags         TEXT NOT NULL,  -- JSON list of strings
+        status       TEXT NOT NULL CHECK (status IN ({_STATUS_SQL})),
+        result       TEXT,           -- JSON; NULL until the job completes
+        error        TEXT,           -- JSON error dict {{kind, message, ...}} or NULL
+        created_at   REAL NOT NULL,
+        started_at   REAL,
+        completed_at REAL,
+        -- a finished job always has a completion time, an active one never does;
+        -- prune and ordering rely on it
+        CHECK ((status IN ({_ACTIVE_SQL})) = (completed_at IS NULL))
+    )
+    """,
+    # (status, created_at) serves both "WHERE status = ?" and JobList's newest-first order
+    "CREATE INDEX jobs_status ON jobs (status, created_at)",
+    "CREATE INDEX jobs_completed ON jobs (completed_at)",
+    "CREATE INDEX jobs_created ON jobs (created_at)",
+    """
+    CREATE TABLE scripts (
+        hash          TEXT PRIMARY KEY NOT NULL,
+        name          TEXT,
+        description   TEXT,
+        tags          TEXT NOT NULL,  -- JSON list of strings, always with 'type:lua'
+        creator       TEXT,
+        params_schema TEXT,           -- JSON from describe(), NULL when absent
+        created_at    REAL NOT NULL
+    )
+    """,
+    "CREATE INDEX scripts_creator ON scripts (creator)",
+)
+
+MIGRATIONS: tuple[Sequence[str], ...] = (_SCHEMA_V1,)
+"""``MIGRATIONS[n]`` takes a database from ``user_version`` n to n + 1. Append, never
+edit: a file written by an older build replays only the steps it has not seen."""
+
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+def migrate(conn: sqlite3.Connection) -> int:
+    """Bring the schema of ``conn`` (autocommit mode) up to :data:`SCHEMA_VERSION`.
+
+    Each step runs in its own ``BEGIN IMMEDIATE`` transaction together with the
+    ``user_version`` bump, so a crash mid-migration leaves the previous version intact,
+    and a second process opening the same file waits rather than migrating twice.
+    Returns the version the file is at. Raises ``RuntimeError`` for a file written by a
+    newer build, which this one would misread.
+    """
+    while True:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            # read inside the write lock: another process may have migrated meanwhile
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                raise RuntimeError(
+                    f"the state database has schema version {version}, newer than this "
+                    f"luanette understands ({SCHEMA_VERSION}); upgrade luanette"
+                )
+            if version == SCHEMA_VERSION:
+                conn.execute("COMMIT")
+                return version
+            for statement in MIGRATIONS[version]:
+                conn.execute(statement)
+            # PRAGMA takes no parameters; version is an int we computed
+            conn.execute(f"PRAGMA user_version = {version + 1}")
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+
+
+# --- validation and JSON helpers -----------------------------------------------------
+
+_ENCODER = msgspec.json.Encoder()
+_WORD = re.compile(r"\w+")
+
+
+def parse_status(value: JobStatus | str) -> JobStatus:
+    """A ``JobStatus`` from an enum member or its wire string (``JobList.status``).
+
+    Raises ``ValueError`` naming the accepted values for anything else."""
+    if isinstance(value, JobStatus):
+        return value
+    try:
+        return JobStatus(value)
+    except ValueError:
+        accepted = ", ".join(s.value for s in JobStatus)
+        raise ValueError(f"unknown job status {value!r} (expected one of: {accepted})") from None
+
+
+def _to_json(what: str, value: Any) -> str:
+    """Encode a value for a JSON column. msgspec keeps ints as ints and floats as floats
+    (``1.0`` stays ``1.0``); NaN and infinities become null, as on the wire."""
+    try:
+        return _ENCODER.encode(value).decode()
+    except (TypeError, ValueError, OverflowError, msgspec.EncodeError) as exc:
+        raise ValueError(f"{what} is not JSON-encodable: {exc}") from None
+
+
+def _from_json(text: str | None) -> Any:
+    return None if text is None else msgspec.json.decode(text)
+
+
+def _check_time(what: str, value: Any) -> float:
+    # bool is an int subclass; True as a timestamp is a bug, not 1970-01-01T00:00:01
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{what} must be Unix seconds (a number), got {type(value).__name__}")
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"{what} must be finite, non-negative Unix seconds, got {value!r}")
+    return float(value)
+
+
+def _check_count(what: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{what} must be a non-negative integer, got {value!r}")
+    return value
+
+
+def _check_text(what: str, value: Any) -> str:
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"{what} must be a non-empty string, got {value!r}")
+    return value
+
+
+def _check_hash(what: str, value: Any) -> str:
+    if not isinstance(value, str) or not re.fullmatch(HASH_PATTERN, value):
+        raise ValueError(f"{what} must be a CAS hash (32 lowercase hex characters), got {value!r}")
+    return value
+
+
+def _check_tags(value: Any) -> list[str]:
+    if value is None:
+        return []
+    if not isinstance(value, (list, tuple)) or not all(isinstance(t, str) and t for t in value):
+        raise ValueError(f"tags must be a list of non-empty strings, got {value!r}")
+    return _unique(value)
+
+
+def _check_error(value: Any) -> dict[str, Any]:
+    """An error must be a dict with string ``kind`` and ``message`` (a runtime
+    ``ErrorDetail`` struct is accepted and stored as its dict)."""
+    if isinstance(value, msgspec.Struct):
+        value = msgspec.to_builtins(value)
+    if not isinstance(value, dict):
+        raise ValueError(f"error must be a dict with 'kind' and 'message', got {value!r}")
+    for key in ("kind", "message"):
+        if not isinstance(value.get(key), str):
+            raise ValueError(f"error[{key!r}] must be a string, got {value.get(key)!r}")
+    return value
+
+
+def _unique(items: Sequence[str]) -> list[str]:
+    """Items without repeats, first occurrence order kept."""
+    return list(dict.fromkeys(items))
+
+
+def _whole(seconds: float | None) -> int | None:
+    return None if seconds is None else math.floor(seconds)
+
+
+def _words(text: str) -> set[str]:
+    """Case-insensitive words; ``mood:dark`` yields ``mood`` and ``dark``."""
+    return set(_WORD.findall(text.casefold()))
+
+
+_JOB_COLUMNS = (
+    "job_id, script_hash, params, tags, status, result, error, created_at, started_at, completed_at"
+)
+_SCRIPT_COLUMNS = "hash, name, description, tags, creator, params_schema, created_at"
+
+
+def _job_from_row(row: tuple) -> JobRecord:
+    job_id, script_hash, params, tags, status, result, error, created, started, completed = row
+    return JobRecord(
+        job_id=job_id,
+        script_hash=script_hash,
+        params=_from_json(params),
+        tags=_from_json(tags),
+        status=JobStatus(status),
+        result=_from_json(result),
+        error=_from_json(error),
+        created_at=created,
+        started_at=started,
+        completed_at=completed,
+    )
+
+
+def _script_from_row(row: tuple) -> ScriptRecord:
+    hash_, name, description, tags, creator, params_schema, created = row
+    return ScriptRecord(
+        hash=hash_,
+        name=name,
+        description=description,
+        tags=_from_json(tags),
+        creator=creator,
+        params_schema=_from_json(params_schema),
+        created_at=created,
+    )
+
+
+def _check_script(record: Any) -> ScriptRecord:
+    """A validated copy of ``record`` with ``type:lua`` among its tags."""
+    if not isinstance(record, ScriptRecord):
+        raise ValueError(f"expected a ScriptRecord, got {type(record).__name__}")
+    try:
+        # convert re-runs the field constraints (hash pattern, tag strings), which
+        # constructing a Struct in Python does not
+        checked = msgspec.convert(msgspec.structs.asdict(record), ScriptRecord)
+    except msgspec.ValidationError as exc:
+        raise ValueError(f"invalid script record: {exc}") from None
+    checked.created_at = _check_time("created_at", checked.created_at)
+    if checked.params_schema is not None:
+        _to_json("params_schema", checked.params_schema)
+    checked.tags = _unique([*checked.tags, LUA_TAG])
+    return checked
+
+
+def _merge_scripts(old: ScriptRecord, new: ScriptRecord) -> ScriptRecord:
+    """The index entry after storing the same content again: the first creator and
+    creation time stay, tags accumulate, fresh describe() output replaces old."""
+    return ScriptRecord(
+        hash=old.hash,
+        name=new.name if new.name is not None else old.name,
+        description=new.description if new.description is not None else old.description,
+        tags=_unique([*old.tags, *new.tags]),
+        creator=old.creator if old.creator is not None else new.creator,
+        params_schema=new.params_schema if new.params_schema is not None else old.params_schema,
+        created_at=old.created_at,
+    )
+
+
+# --- the store -----------------------------------------------------------------------
+
+
+class Store:
+    """Job records and the script index in one SQLite file; safe to share across threads."""
+
+    def __init__(self, path: Path) -> None:
+        """Open (creating if needed) the database file at ``path`` and migrate it."""
+        self.path = Path(path)
+        self._lock = threading.RLock()
+        # isolation_level=None: we issue BEGIN/COMMIT ourselves, so a transaction spans
+        # exactly what _write() wraps and DDL is transactional too
+        conn = sqlite3.connect(
+            self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False
+        )
+        try:
+            conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute("PRAGMA synchronous = NORMAL")
+            migrate(conn)
+        except BaseException:
+            conn.close()
+            raise
+        self._conn: sqlite3.Connection | None = conn
+
+    @classmethod
+    def open(cls, state_dir: Path | str) -> Store:
+        """Open ``<state_dir>/luanette.sqlite3``, creating the directory (mode 0700, as it
+        holds job params and results) when it does not exist."""
+        state_dir = Path(state_dir)
+        state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        return cls(state_dir / DB_FILENAME)
+
+    def close(self) -> None:
+        """Close the database; later calls raise. Closing twice is harmless."""
+        with self._lock:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # -- plumbing
+
+    def _db(self) -> sqlite3.Connection:
+        if self._conn is None:
+            raise RuntimeError("the job store is closed")
+        return self._conn
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction under the lock. IMMEDIATE takes the write lock up front,
+        so two processes never deadlock upgrading read locks; any exception rolls back."""
+        with self._lock:
+            conn = self._db()
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+
+    def _read(self, sql: str, args: Sequence[Any] = ()) -> list[tuple]:
+        with self._lock:
+            return self._db().execute(sql, args).fetchall()
+
+    def _load_job(self, conn: sqlite3.Connection, job_id: str) -> JobRecord | None:
+        sql = f"SELECT {_JOB_COLUMNS} FROM jobs WHERE job_id = ?"
+        row = conn.execute(sql, (job_id,)).fetchone()
+        return None if row is None else _job_from_row(row)
+
+    @staticmethod
+    def _require_job(conn: sqlite3.Connection, job_id: str) -> None:
+        if conn.execute("SELECT 1 FROM jobs WHERE job_id = ?", (job_id,)).fetchone() is None:
+            raise UnknownJob(job_id)
+
+    # -- jobs
+
+    def create_job(
+        self,
+        job_id: str,
+        script_hash: str,
+        params: Any,
+        tags: Sequence[str] | None,
+        created_at: float,
+    ) -> JobInfo:
+        """Record a new pending job. Raises ``ValueError`` (and writes nothing) for an id
+        that already exists, a malformed hash, non-JSON params or bad tags."""
+        _check_text("job_id", job_id)
+        _check_hash("script_hash", script_hash)
+        created = _check_time("created_at", created_at)
+        row = (
+            job_id,
+            script_hash,
+            _to_json("params", params),
+            _to_json("tags", _check_tags(tags)),
+            JobStatus.PENDING.value,
+            created,
+        )
+        try:
+            with self._write() as conn:
+                conn.execute(
+                    "INSERT INTO jobs (job_id, script_hash, params, tags, status, created_at)"
+                    " VALUES (?, ?, ?, ?, ?, ?)",
+                    row,
+                )
+        except sqlite3.IntegrityError:
+            raise ValueError(f"a job with id {job_id!r} already exists") from None
+        return JobInfo(
+            job_id=job_id,
+            status=JobStatus.PENDING,
+            source=script_hash,
+            created_at=math.floor(created),
+        )
+
+    def mark_running(self, job_id: str, at: float) -> bool:
+        """Move a pending job to running. Returns False when it is not pending (e.g.
+        cancelled before a worker picked it up: the worker must then not run it).
+        Raises ``UnknownJob`` for an id never created."""
+        started = _check_time("at", at)
+        with self._write() as conn:
+            changed = conn.execute(
+                "UPDATE jobs SET status = ?, started_at = ? WHERE job_id = ? AND status = ?",
+                (JobStatus.RUNNING.value, started, job_id, JobStatus.PENDING.value),
+            ).rowcount
+            if not changed:
+                self._require_job(conn, job_id)
+        return bool(changed)
+
+    def finish(
+        self,
+        job_id: str,
+        status: JobStatus | str,
+        *,
+        at: float,
+        result: Any = None,
+        error: Any = None,
+    ) -> bool:
+        """Finish a pending or running job as complete (with ``result``), failed (with
+        ``error``) or cancelled (``error`` optional).
+
+        The first finish wins: a job already complete, failed or cancelled is left as it
+        is and False is returned. The check and the update are one statement, so a
+        cancel racing the job's own completion cannot be overwritten by it (the Rust
+        version's bug). Raises ``UnknownJob`` for an unknown id and ``ValueError`` for a
+        status that is not final or a result/error that does not fit it.
+        """
+        status = parse_status(status)
+        if status not in FINISHED:
+            raise ValueError(
+                f"finish() needs a final status (complete, failed, cancelled), got {status.value!r}"
+            )
+        completed = _check_time("at", at)
+        if status is JobStatus.COMPLETE:
+            if error is not None:
+                raise ValueError("a complete job has a result, not an error")
+            result_json, error_json = _to_json("result", result), None
+        else:
+            if result is not None:
+                raise ValueError(f"a {status.value} job has an error, not a result")
+            if status is JobStatus.FAILED and error is None:
+                raise ValueError("a failed job needs an error")
+            result_json = None
+            error_json = None if error is None else _to_json("error", _check_error(error))
+        with self._write() as conn:
+            changed = conn.execute(
+                f"UPDATE jobs SET status = ?, result = ?, error = ?, completed_at = ?"
+                f" WHERE job_id = ? AND status IN ({_ACTIVE_SQL})",
+                (status.value, result_json, error_json, completed, job_id),
+            ).rowcount
+            if not changed:
+                self._require_job(conn, job_id)
+        return bool(changed)
+
+    def get(self, job_id: str) -> JobInfo | None:
+        """The job as ``JobStatus`` reports it, or None when the id is unknown."""
+        record = self.get_record(job_id)
+        return None if record is None else record.to_info()
+
+    def get_record(self, job_id: str) -> JobRecord | None:
+        """The full stored job (params, tags, float times), or None when unknown."""
+        with self._lock:
+            return self._load_job(self._db(), job_id)
+
+    def list(self, status: JobStatus | str | None = None, limit: int = 100) -> list[JobInfo]:
+        """Jobs newest first (by creation), optionally only those in ``status``
+        (an enum or its wire string; unknown strings raise ``ValueError``)."""
+        limit = _check_count("limit", limit)
+        sql = f"SELECT {_JOB_COLUMNS} FROM jobs"
+        args: Sequence[Any] = (limit,)
+        if status is not None:
+            sql += " WHERE status = ?"
+            args = (parse_status(status).value, limit)
+        sql += " ORDER BY created_at DESC, rowid DESC LIMIT ?"
+        return [_job_from_row(row).to_info() for row in self._read(sql, args)]
+
+    def stats(self) -> JobStoreStats:
+        """How many jobs are in each state."""
+        counts = dict(self._read("SELECT status, count(*) FROM jobs GROUP BY status"))
+        return JobStoreStats(
+            total=sum(counts.values()),
+            pending=counts.get(JobStatus.PENDING.value, 0),
+            running=counts.get(JobStatus.RUNNING.value, 0),
+            completed=counts.get(JobStatus.COMPLETE.value, 0),
+            failed=counts.get(JobStatus.FAILED.value, 0),
+            cancelled=counts.get(JobStatus.CANCELLED.value, 0),
+        )
+
+    def recover_interrupted(self, at: float) -> list[str]:
+        """Mark every pending or running job failed with error kind ``interrupted``.
+
+        Called once at startup, before any job runs: no job of a previous process can
+        still make progress, so leaving them active would make pollers wait forever.
+        Returns the ids changed, oldest first."""
+        completed = _check_time("at", at)
+        with self._write() as conn:
+            rows = conn.execute(
+                f"SELECT job_id, status FROM jobs WHERE status IN ({_ACTIVE_SQL})"
+                " ORDER BY created_at, rowid"
+            ).fetchall()
+            for job_id, state in rows:
+                message = f"the daemon stopped while this job was {state}"
+                error = {"kind": "interrupted", "message": message}
+                conn.execute(
+                    "UPDATE jobs SET status = ?, error = ?, completed_at = ? WHERE job_id = ?",
+                    (JobStatus.FAILED.value, _to_json("error", error), completed, job_id),
+                )
+        return [job_id for job_id, _ in rows]
+
+    def prune(self, max_age_s: float | None, max_count: int | None, now: float) -> int:
+        """Delete finished jobs completed more than ``max_age_s`` before ``now``, then
+        all but the ``max_count`` most recently completed finished jobs. Either limit
+        may be None to skip it. Pending and running jobs are never deleted. Returns how
+        many rows went."""
+        now = _check_time("now", now)
+        if max_age_s is not None:
+            max_age_s = _check_time("max_age_s", max_age_s)
+        if max_count is not None:
+            max_count = _check_count("max_count", max_count)
+        deleted = 0
+        with self._write() as conn:
+            if max_age_s is not None:
+                deleted += conn.execute(
+                    f"DELETE FROM jobs WHERE status IN ({_FINISHED_SQL}) AND completed_at < ?",
+                    (now - max_age_s,),
+                ).rowcount
+            if max_count is not None:
+                deleted += conn.execute(
+                    f"DELETE FROM jobs WHERE rowid IN (SELECT rowid FROM jobs"
+                    f" WHERE status IN ({_FINISHED_SQL})"
+                    f" ORDER BY completed_at DESC, rowid DESC LIMIT -1 OFFSET ?)",
+                    (max_count,),
+                ).rowcount
+        return deleted
+
+    # -- script index
+
+    def index_script(self, record: ScriptRecord) -> ScriptRecord:
+        """Add a script to the index, or merge into its existing entry, and return what
+        is now stored.
+
+        Storing the same content again (same hash) merges the tags (old ones first),
+        keeps the first creator and the first ``created_at``, and takes ``describe()``
+        fields from the new record where it has them. ``type:lua`` is always added.
+        Raises ``ValueError`` for a malformed record, writing nothing."""
+        new = _check_script(record)
+        with self._write() as conn:
+            sql = f"SELECT {_SCRIPT_COLUMNS} FROM scripts WHERE hash = ?"
+            row = conn.execute(sql, (new.hash,)).fetchone()
+            merged = new if row is None else _merge_scripts(_script_from_row(row), new)
+            schema = merged.params_schema
+            conn.execute(
+                f"INSERT OR REPLACE INTO scripts ({_SCRIPT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (
+                    merged.hash,
+                    merged.name,
+                    merged.description,
+                    _to_json("tags", merged.tags),
+                    merged.creator,
+                    None if schema is None else _to_json("params_schema", schema),
+                    merged.created_at,
+                ),
+            )
+        return merged
+
+    def get_script(self, hash: str) -> ScriptRecord | None:
+        """The index entry for a script hash, or None."""
+        rows = self._read(f"SELECT {_SCRIPT_COLUMNS} FROM scripts WHERE hash = ?", (hash,))
+        return _script_from_row(rows[0]) if rows else None
+
+    def search(
+        self,
+        tag: str | None = None,
+        creator: str | None = None,
+        vibe: str | None = None,
+        limit: int = 100,
+    ) -> list[ScriptRecord]:
+        """Scripts matching every given filter: ``tag`` exactly one of the script's tags,
+        ``creator`` exactly, and ``vibe`` sharing at least one word (case-insensitive)
+        with the script's name, description and tags.
+
+        With a vibe, results rank by how many distinct vibe words match, then newest
+        first; without one, newest first. A vibe with no words in it (blank or only
+        punctuation) filters nothing."""
+        limit = _check_count("limit", limit)
+        where: list[str] = []
+        args: list[Any] = []
+        if tag is not None:
+            # tags is a JSON array; json_each compares whole elements, so 'lua' does not
+            # match 'type:lua'
+            where.append("EXISTS (SELECT 1 FROM json_each(scripts.tags) WHERE value = ?)")
+            args.append(_check_text("tag", tag))
+        if creator is not None:
+            where.append("creator = ?")
+            args.append(creator)
+        sql = f"SELECT {_SCRIPT_COLUMNS} FROM scripts"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY created_at DESC, hash"
+        wanted = _words(vibe) if vibe is not None else set()
+        if not wanted:
+            return [_script_from_row(r) for r in self._read(sql + " LIMIT ?", [*args, limit])]
+        # ranking by matched-word count is done here: the index is small (one row per
+        # stored script) and SQLite has no cheap "count of shared words" without FTS
+        ranked: list[tuple[int, int, ScriptRecord]] = []
+        for position, row in enumerate(self._read(sql, args)):
+            script = _script_from_row(row)
+            have = _words(" ".join([script.name or "", script.description or "", *script.tags]))
+            score = len(wanted & have)
+            if score:
+                ranked.append((-score, position, script))
+        ranked.sort(key=lambda item: item[:2])
+        return [script for _, _, script in ranked[:limit]]

@@ -27,21 +27,29 @@ class PublisherStats(msgspec.Struct):
 
 
 class Publisher:
-    """Publishes Broadcast messages; ``endpoint=None`` publishes nowhere."""
+    """Publishes Broadcast messages; until :meth:`bind` it publishes nowhere."""
 
-    def __init__(self, endpoint: str | None, *, context: zmq.asyncio.Context | None = None) -> None:
+    def __init__(self, *, context: zmq.asyncio.Context | None = None) -> None:
         self.stats = PublisherStats()
         self.endpoint: str | None = None
+        self._context = context
         self._socket: zmq.Socket | None = None
-        if endpoint:
-            # A plain (sync) socket in the daemon's context: PUB sends never wait, so
-            # there is nothing to await.
-            ctx = zmq.Context.shadow((context or zmq.asyncio.Context.instance()).underlying)
-            sock = ctx.socket(zmq.PUB)
-            sock.setsockopt(zmq.LINGER, 500)
+
+    def bind(self, endpoint: str) -> str:
+        """Bind the PUB socket; returns the bound endpoint. Raises ``zmq.ZMQError``."""
+        # A plain (sync) socket in the daemon's context: PUB sends never wait, so there
+        # is nothing to await.
+        ctx = zmq.Context.shadow((self._context or zmq.asyncio.Context.instance()).underlying)
+        sock = ctx.socket(zmq.PUB)
+        sock.setsockopt(zmq.LINGER, 500)
+        try:
             sock.bind(endpoint)
-            self._socket = sock
-            self.endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        except zmq.ZMQError:
+            sock.close(0)
+            raise
+        self._socket = sock
+        self.endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        return self.endpoint
 
     def publish(self, message: Broadcast) -> None:
         """Send one broadcast now; never blocks, never raises for a slow subscriber."""

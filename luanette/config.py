@@ -5,6 +5,7 @@ from __future__ import annotations
 import msgspec
 
 DEFAULT_BIND = "tcp://127.0.0.1:5570"
+DEFAULT_PUB = "tcp://127.0.0.1:5572"
 
 
 class Config(msgspec.Struct, kw_only=True, frozen=True):
@@ -28,4 +29,18 @@ class Config(msgspec.Struct, kw_only=True, frozen=True):
     (and logged and counted)."""
     send_hwm: int = 1000
     """Messages queued per peer before a reply has to wait (libzmq SNDHWM)."""
+    pub: str | None = DEFAULT_PUB
+    """PUB endpoint for broadcasts; ``None`` publishes nothing."""
+    cas_root: str | None = None
+    """CAS root; else ``$HOOTENANNY_CAS_PATH``; else ``~/.hootenanny/cas``."""
+    state_dir: str | None = None
+    """Where the job and script database lives; else the user state directory."""
+    max_jobs: int = 8
+    """Jobs running at once."""
+    job_queue: int = 1000
+    """Jobs that may wait to run; past that JobExecute answers ``busy``."""
+    job_retention_s: float = 7 * 24 * 3600.0
+    """Finished jobs older than this are pruned at start-up."""
+    job_retention_count: int = 10_000
+    """At most this many finished jobs are kept."""
     log_json: bool = False

@@ -17,8 +17,12 @@ import msgspec
 import structlog
 
 from hooteproto import types as t
-from luanette import runtime
+from luanette import cas, runtime
+from luanette.broadcast import Publisher
 from luanette.config import Config
+from luanette.jobs import JobError, Jobs
+from luanette.scripts import ScriptProblem, Scripts
+from luanette.store import ScriptRecord
 from luanette.stdlib.log import LogNamespace
 
 log = structlog.get_logger("luanette.dispatch")
@@ -73,23 +77,43 @@ def input_schema(cls: type[t.Variant]) -> dict[str, Any]:
 class Dispatcher:
     """Holds the handlers and the state they share (worker id, registrations, limits)."""
 
-    def __init__(self, config: Config, *, on_shutdown: Callable[[str], None]) -> None:
+    def __init__(
+        self,
+        config: Config,
+        *,
+        limits: runtime.Limits,
+        jobs: Jobs,
+        scripts: Scripts,
+        publisher: Publisher,
+        on_shutdown: Callable[[str], None],
+    ) -> None:
         self.config = config
+        self.jobs = jobs
+        self.scripts = scripts
+        self._publisher = publisher
         self.worker_id = uuid.uuid4()
         self.started = time.monotonic()
         self.registrations: dict[uuid.UUID, t.WorkerRegistration] = {}
         self._on_shutdown = on_shutdown
         self._eval_slots = asyncio.Semaphore(config.max_evals)
         self._evals_waiting = 0
-        self._limits = runtime.Limits(
-            timeout_s=config.script_timeout, memory_bytes=config.script_memory
-        )
+        self._limits = limits
         self._handlers: dict[type, Handler] = {
             t.Ping: self.ping,
             t.Register: self.register,
             t.Shutdown: self.shutdown,
             t.ListTools: self.list_tools,
             t.LuaEval: self.lua_eval,
+            t.ScriptStore: self.script_store,
+            t.ScriptSearch: self.script_search,
+            t.LuaDescribe: self.lua_describe,
+            t.JobExecute: self.job_execute,
+            t.JobStatusRequest: self.job_status,
+            t.JobList: self.job_list,
+            t.JobPoll: self.job_poll,
+            t.JobCancel: self.job_cancel,
+            t.ReadResource: self.read_resource,
+            t.ListResources: self.list_resources,
         }
 
     async def dispatch(self, payload: t.Payload, ctx: RequestContext) -> t.Payload:
@@ -100,6 +124,12 @@ class Dispatcher:
             return error("unsupported", f"luanette does not serve '{tag}' requests", {"type": tag})
         try:
             return await handler(payload, ctx)
+        except JobError as e:
+            return error(e.code, str(e))
+        except cas.InvalidHash as e:
+            return error("invalid_params", f"not a script hash: {e}")
+        except cas.NotFound as e:
+            return error("not_found", str(e))
         except Exception:
             ctx.log.exception("handler.failed")
             return error("internal", "internal error while handling the request; see the daemon log")
@@ -153,6 +183,60 @@ class Dispatcher:
             return lua_error(e.detail)
         return t.Success(result={"result": outcome.result, "duration_ms": outcome.duration_ms})
 
+    async def script_store(self, p: t.ScriptStore, ctx: RequestContext) -> t.Payload:
+        try:
+            record, described = await self.scripts.save(p.content, p.tags, p.creator)
+        except ScriptProblem as e:
+            return lua_error(e.detail)
+        self._publisher.publish(t.ScriptInvalidate(hash=record.hash))
+        result: dict[str, Any] = {
+            "hash": record.hash,
+            "artifact_id": f"script:{record.hash}",
+            "name": record.name,
+            "described": described.found,
+        }
+        if described.problem is not None:
+            result["describe_error"] = msgspec.to_builtins(described.problem)
+        return t.Success(result=result)
+
+    async def script_search(self, p: t.ScriptSearch, ctx: RequestContext) -> t.Payload:
+        found = self.scripts.store.search(tag=p.tag, creator=p.creator, vibe=p.vibe)
+        return t.Success(result=[_script_view(r) for r in found])
+
+    async def lua_describe(self, p: t.LuaDescribe, ctx: RequestContext) -> t.Payload:
+        described = await self.scripts.describe(cas.parse_hash(p.script_hash))
+        if described.problem is not None:
+            return lua_error(described.problem)
+        if not described.found:
+            return error("not_found", f"script {p.script_hash} defines no describe()", {"reason": "no_describe"})
+        return t.Success(result=described.value)
+
+    async def job_execute(self, p: t.JobExecute, ctx: RequestContext) -> t.Payload:
+        info = await self.jobs.submit(cas.parse_hash(p.script_hash), p.params, p.tags)
+        return t.Success(result={"job_id": info.job_id, "script_hash": info.source})
+
+    async def job_status(self, p: t.JobStatusRequest, ctx: RequestContext) -> t.Payload:
+        return t.Success(result=msgspec.to_builtins(self.jobs.status(p.job_id)))
+
+    async def job_list(self, p: t.JobList, ctx: RequestContext) -> t.Payload:
+        return t.Success(result=msgspec.to_builtins(self.jobs.list(p.status)))
+
+    async def job_poll(self, p: t.JobPoll, ctx: RequestContext) -> t.Payload:
+        polled = await self.jobs.poll(p.job_ids, p.timeout_ms / 1000, p.mode)
+        return t.Success(result=msgspec.to_builtins(polled))
+
+    async def job_cancel(self, p: t.JobCancel, ctx: RequestContext) -> t.Payload:
+        info = self.jobs.cancel(p.job_id)
+        return t.Success(result={"cancelled": True, "job_id": p.job_id, "status": info.status.value})
+
+    async def read_resource(self, p: t.ReadResource, ctx: RequestContext) -> t.Payload:
+        if p.uri == STATS_URI:
+            return t.Success(result=msgspec.to_builtins(self.jobs.stats()))
+        return error("not_found", f"no resource {p.uri!r}; see list_resources")
+
+    async def list_resources(self, p: t.ListResources, ctx: RequestContext) -> t.Payload:
+        return t.Success(result=[{"uri": STATS_URI, "description": "job counts by state", "mime_type": "application/json"}])
+
     @contextlib.asynccontextmanager
     async def _eval_slot(self) -> AsyncIterator[None]:
         """Hold one of ``max_evals`` slots; wait in a queue of ``eval_queue`` at most."""
@@ -174,6 +258,20 @@ class Dispatcher:
 
 class Busy(Exception):
     """A limit is reached; the client should retry later."""
+
+
+STATS_URI = "luanette://jobs/stats"
+
+
+def _script_view(record: ScriptRecord) -> dict[str, Any]:
+    return {
+        "hash": record.hash,
+        "name": record.name,
+        "description": record.description,
+        "tags": record.tags,
+        "creator": record.creator,
+        "params": record.params_schema,
+    }
 
 
 def lua_error(detail: runtime.ErrorDetail) -> t.Error:

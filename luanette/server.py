@@ -12,10 +12,12 @@ from __future__ import annotations
 import errno
 import time
 import uuid
+from pathlib import Path
 from typing import Any
 
 import anyio
 import msgspec
+import platformdirs
 import structlog
 import zmq
 import zmq.asyncio
@@ -24,12 +26,25 @@ from hooteproto import frames
 from hooteproto import types as t
 from hooteproto.codec import DecodeError, Encoding, detect, envelope_codec, payload_codec, peek_envelope_id
 from hooteproto.frames import Command, ContentType, Hoot01
+from luanette import runtime
+from luanette.broadcast import Publisher
+from luanette.cas import Cas
 from luanette.config import Config
 from luanette.dispatch import Dispatcher, RequestContext, error
+from luanette.jobs import Jobs
+from luanette.scripts import Scripts
+from luanette.stdlib.log import LogNamespace
+from luanette.store import Store
 
 log = structlog.get_logger("luanette.server")
 
 NIL_ID = uuid.UUID(int=0)
+
+
+def default_state_dir() -> Path:
+    """Where the job database lives when ``--state-dir`` is not given."""
+    return Path(platformdirs.user_state_dir("luanette"))
+
 RECV_BATCH = 64
 
 
@@ -62,9 +77,30 @@ class Server:
     def __init__(self, config: Config, *, context: zmq.asyncio.Context | None = None) -> None:
         self.config = config
         self.stats = ServerStats()
-        self.dispatcher = Dispatcher(config, on_shutdown=self.request_shutdown)
         self.endpoint: str | None = None
         self._context = context or zmq.asyncio.Context.instance()
+        limits = runtime.Limits(timeout_s=config.script_timeout, memory_bytes=config.script_memory)
+        self.cas = Cas.from_config(config.cas_root)
+        self.store = Store.open(Path(config.state_dir) if config.state_dir else default_state_dir())
+        self.publisher = Publisher(context=self._context)
+        scripts = Scripts(self.cas, self.store, limits)
+        self.jobs = Jobs(
+            store=self.store,
+            scripts=scripts,
+            publisher=self.publisher,
+            limits=limits,
+            namespaces=lambda: [LogNamespace()],
+            max_jobs=config.max_jobs,
+            queue_size=config.job_queue,
+        )
+        self.dispatcher = Dispatcher(
+            config,
+            limits=limits,
+            jobs=self.jobs,
+            scripts=scripts,
+            publisher=self.publisher,
+            on_shutdown=self.request_shutdown,
+        )
         self._socket: zmq.asyncio.Socket | None = None
         self._in_flight: set[RequestContext] = set()
         self._idle = anyio.Event()
@@ -86,9 +122,22 @@ class Server:
         except zmq.ZMQError:
             sock.close(0)
             raise
+        if self.config.pub:
+            try:
+                self.publisher.bind(self.config.pub)
+            except zmq.ZMQError:
+                sock.close(0)
+                raise
         self._socket = sock
         self.endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
-        log.info("server.listening", endpoint=self.endpoint, worker_id=str(self.dispatcher.worker_id))
+        log.info(
+            "server.listening",
+            endpoint=self.endpoint,
+            pub=self.publisher.endpoint,
+            cas=str(self.cas.root),
+            state=str(self.store.path),
+            worker_id=str(self.dispatcher.worker_id),
+        )
         return self.endpoint
 
     async def serve(self, *, task_status: anyio.abc.TaskStatus[str] = anyio.TASK_STATUS_IGNORED) -> None:
@@ -98,15 +147,23 @@ class Server:
         if self._socket is None:
             self.bind()
         sock = self._socket
+        self.jobs.recover()
+        pruned = self.store.prune(self.config.job_retention_s, self.config.job_retention_count, time.time())
+        if pruned:
+            log.info("jobs.pruned", count=pruned)
         try:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._receive_loop, tg)
+                tg.start_soon(self.jobs.run)
                 task_status.started(self.endpoint)
                 await self._draining.wait()
                 await self._drain()
                 tg.cancel_scope.cancel()
         finally:
             sock.close()
+            self.publisher.publish(t.ShutdownNotice(reason=self.shutdown_reason or "stopped"))
+            self.publisher.close()
+            self.store.close()
             log.info("server.stopped", reason=self.shutdown_reason, **msgspec.to_builtins(self.stats))
 
     def request_shutdown(self, reason: str) -> None:
@@ -120,13 +177,18 @@ class Server:
     async def _drain(self) -> None:
         with anyio.move_on_after(self.config.drain_timeout):
             await self._idle.wait()
-        if self._in_flight:
-            log.warning("server.cancelling", remaining=len(self._in_flight))
+            while self.jobs.active:
+                await anyio.sleep(0.02)
+        if self._in_flight or self.jobs.active:
+            log.warning("server.cancelling", requests=len(self._in_flight), jobs=self.jobs.active)
             for ctx in list(self._in_flight):
                 ctx.cancel.cancel("the daemon is shutting down")
+            self.jobs.cancel_all("the daemon is shutting down")
             # Cancelled scripts stop within a hook interval; give their replies time to go.
             with anyio.move_on_after(2.0):
                 await self._idle.wait()
+                while self.jobs.active:
+                    await anyio.sleep(0.02)
 
     @property
     def draining(self) -> bool:

@@ -29,9 +29,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def config_for_tests(**overrides) -> Config:
-    """Config for tests: random port, short limits so failures show quickly."""
-    base = dict(bind="tcp://127.0.0.1:*", script_timeout=5.0, drain_timeout=2.0, send_timeout=1.0)
+def config_for_tests(tmp: Path, **overrides) -> Config:
+    """Config for tests: random ports, files under ``tmp``, short limits so failures
+    show quickly."""
+    base = dict(
+        bind="tcp://127.0.0.1:*",
+        pub="tcp://127.0.0.1:*",
+        cas_root=str(tmp / "cas"),
+        state_dir=str(tmp / "state"),
+        script_timeout=5.0,
+        drain_timeout=2.0,
+        send_timeout=1.0,
+    )
     return Config(**(base | overrides))
 
 
@@ -64,12 +73,12 @@ class RunningServer:
 
 
 @pytest.fixture
-async def make_server():
+async def make_server(tmp_path):
     """Factory: ``await make_server(**config_overrides)`` -> RunningServer."""
     started: list[RunningServer] = []
 
     async def make(**overrides) -> RunningServer:
-        running = await RunningServer(config_for_tests(**overrides)).start()
+        running = await RunningServer(config_for_tests(tmp_path, **overrides)).start()
         started.append(running)
         return running
 
@@ -100,11 +109,15 @@ def zctx():
 class DaemonProcess:
     """``luanette serve`` started through its console script."""
 
-    def __init__(self, *args: str) -> None:
+    def __init__(self, tmp: Path, *args: str) -> None:
         self.port = free_port()
         self.endpoint = f"tcp://127.0.0.1:{self.port}"
+        self.pub = f"tcp://127.0.0.1:{free_port()}"
+        self.state_dir = tmp / "state"
+        self.cas_root = tmp / "cas"
         self.proc = subprocess.Popen(
-            [str(BIN / "luanette"), "serve", "--bind", self.endpoint, *args],
+            [str(BIN / "luanette"), "serve", "--bind", self.endpoint, "--pub", self.pub,
+             "--cas-root", str(self.cas_root), "--state-dir", str(self.state_dir), *args],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             env=os.environ | {"PYTHONUNBUFFERED": "1"},
@@ -139,12 +152,12 @@ class DaemonProcess:
 
 
 @pytest.fixture
-def daemon_process():
+def daemon_process(tmp_path):
     """Factory: ``daemon_process(*extra_args)`` -> DaemonProcess (stopped at teardown)."""
     procs: list[DaemonProcess] = []
 
     def make(*args: str) -> DaemonProcess:
-        p = DaemonProcess(*args)
+        p = DaemonProcess(tmp_path, *args)
         procs.append(p)
         return p
 

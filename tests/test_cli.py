@@ -17,10 +17,10 @@ pytestmark = pytest.mark.timeout(90)
 
 
 @pytest.fixture(scope="module")
-def daemon():
+def daemon(tmp_path_factory):
     from tests.conftest import DaemonProcess
 
-    d = DaemonProcess("--script-timeout", "2")
+    d = DaemonProcess(tmp_path_factory.mktemp("daemon"), "--script-timeout", "2")
     yield d
     d.stop()
 
@@ -120,8 +120,9 @@ def test_daemon_refuses_a_bad_flag_and_a_busy_port(daemon):
 
     bad = subprocess.run([str(BIN / "luanette"), "serve", "--script-timeout", "-1"], capture_output=True, text=True)
     assert bad.returncode == 2 and "greater than 0" in bad.stderr
-    busy = subprocess.run([str(BIN / "luanette"), "serve", "--bind", daemon.endpoint], capture_output=True, text=True,
-                          timeout=20)
+    busy = subprocess.run([str(BIN / "luanette"), "serve", "--bind", daemon.endpoint, "--pub", "none",
+                           "--state-dir", str(daemon.state_dir) + "-2", "--cas-root", str(daemon.cas_root)],
+                          capture_output=True, text=True, timeout=20)
     assert busy.returncode == 1 and "server.failed" in busy.stderr
 
 

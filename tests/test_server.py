@@ -111,7 +111,12 @@ async def test_list_tools_names_every_served_request_with_a_schema(client):
     reply = await client.request(t.ListTools())
     assert isinstance(reply, t.ToolList)
     tools = {tool.name: tool for tool in reply.tools}
-    assert set(tools) == {"ping", "register", "shutdown", "list_tools", "lua_eval"}
+    assert set(tools) == {
+        "ping", "register", "shutdown", "list_tools", "lua_eval",
+        "script_store", "script_search", "lua_describe",
+        "job_execute", "job_status", "job_list", "job_poll", "job_cancel",
+        "read_resource", "list_resources",
+    }  # fmt: skip
     schema = tools["lua_eval"].input_schema
     assert schema["type"] == "object"
     assert schema["required"] == ["code"]

@@ -14,7 +14,7 @@ import structlog
 import zmq
 
 from luanette import logs, runtime
-from luanette.config import DEFAULT_BIND, Config
+from luanette.config import DEFAULT_BIND, DEFAULT_PUB, Config
 from luanette.server import Server
 
 
@@ -65,6 +65,20 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"how long a reply waits for a slow peer (default {d.send_timeout:g})")
     serve.add_argument("--send-hwm", type=positive(int), default=d.send_hwm,
                        help=f"replies queued per peer before sends wait (default {d.send_hwm})")
+    serve.add_argument("--pub", default=DEFAULT_PUB, metavar="ENDPOINT",
+                       help=f"PUB endpoint for broadcasts, or 'none' (default {DEFAULT_PUB})")
+    serve.add_argument("--cas-root", default=None, metavar="DIR",
+                       help="CAS root (default $HOOTENANNY_CAS_PATH, else ~/.hootenanny/cas)")
+    serve.add_argument("--state-dir", default=None, metavar="DIR",
+                       help="job and script database directory (default: the user state directory)")
+    serve.add_argument("--max-jobs", type=positive(int), default=d.max_jobs,
+                       help=f"jobs running at once (default {d.max_jobs})")
+    serve.add_argument("--job-queue", type=positive(int), default=d.job_queue,
+                       help=f"jobs that may wait before 'busy' (default {d.job_queue})")
+    serve.add_argument("--job-retention-days", type=positive(float), default=d.job_retention_s / 86400,
+                       help="finished jobs older than this are pruned at start-up (default 7)")
+    serve.add_argument("--job-retention-count", type=positive(int), default=d.job_retention_count,
+                       help=f"finished jobs kept at most (default {d.job_retention_count})")
     serve.add_argument("--log-json", action="store_true", help="log JSON lines instead of console text")
     return parser
 
@@ -72,7 +86,11 @@ def build_parser() -> argparse.ArgumentParser:
 def config_from(args: argparse.Namespace) -> Config:
     """The Config that parsed ``serve`` arguments describe."""
     fields = set(Config.__struct_fields__)
-    return Config(**{k: v for k, v in vars(args).items() if k in fields})
+    values = {k: v for k, v in vars(args).items() if k in fields}
+    values["job_retention_s"] = args.job_retention_days * 86400
+    if values.get("pub", "").lower() == "none":
+        values["pub"] = None
+    return Config(**values)
 
 
 async def serve(config: Config) -> None:

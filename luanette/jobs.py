@@ -1,0 +1,248 @@
+"""Background jobs: run a stored script by hash, track it, cancel it, wait for it.
+
+A job is pending in a bounded queue, then running on one of ``max_jobs`` workers, then
+complete, failed or cancelled. Every state change is written to the store first (so a
+restart loses nothing that finished) and then published as ``job_state_changed``.
+
+Cancel is real: a pending job is finished as cancelled at once (a worker that later
+picks it up sees it is no longer pending and skips it), a running job's cancel token
+stops its script at the next hook, and the store refuses to overwrite a finished job,
+so a late result can never relabel a cancelled one (the Rust version's bug).
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import anyio
+import msgspec
+import structlog
+
+from hooteproto.types import JobInfo, JobStateChanged, JobStatus, JobStoreStats, PollMode
+from luanette import params as params_mod
+from luanette import runtime
+from luanette.broadcast import Publisher
+from luanette.cas import CasError
+from luanette.scripts import Scripts
+from luanette.store import FINISHED, Store
+
+log = structlog.get_logger("luanette.jobs")
+
+POLL_CAP_S = 30.0
+
+
+class JobError(Exception):
+    """A job request that cannot be honoured; ``code`` is the protocol error code."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class PollResult(msgspec.Struct):
+    completed: list[JobInfo]
+    pending: list[str]
+    timed_out: bool
+
+
+class _Live:
+    """A job this process has queued or is running."""
+
+    __slots__ = ("job_id", "script_hash", "params", "cancel")
+
+    def __init__(self, job_id: str, script_hash: str, params: Any) -> None:
+        self.job_id = job_id
+        self.script_hash = script_hash
+        self.params = params
+        self.cancel = runtime.CancelToken()
+
+
+def _new_job_id(counter: itertools.count = itertools.count(1)) -> str:
+    # Sortable, unique across restarts (time) and within one (counter, pid).
+    return f"job_{int(time.time() * 1000):x}_{os.getpid():x}_{next(counter):x}"
+
+
+class Jobs:
+    """The job system. Call :meth:`run` in a task group; use the other methods from
+    request handlers on the same event loop."""
+
+    def __init__(
+        self,
+        *,
+        store: Store,
+        scripts: Scripts,
+        publisher: Publisher,
+        limits: runtime.Limits,
+        namespaces: Callable[[], Sequence[runtime.Namespace]],
+        max_jobs: int,
+        queue_size: int,
+    ) -> None:
+        self.store = store
+        self.scripts = scripts
+        self.max_jobs = max_jobs
+        self._publisher = publisher
+        self._limits = limits
+        self._namespaces = namespaces
+        self._live: dict[str, _Live] = {}
+        self._send, self._receive = anyio.create_memory_object_stream[_Live](queue_size)
+        self._queue_size = queue_size
+        self._changed = anyio.Event()
+
+    # --- lifecycle -------------------------------------------------------------------
+
+    def recover(self) -> list[str]:
+        """At start-up: jobs a previous process left pending or running are failed as
+        ``interrupted``."""
+        ids = self.store.recover_interrupted(time.time())
+        if ids:
+            log.warning("jobs.interrupted", count=len(ids), job_ids=ids[:20])
+        return ids
+
+    async def run(self) -> None:
+        """Run the workers until cancelled; a cancelled run cancels running scripts."""
+        try:
+            async with anyio.create_task_group() as tg:
+                for _ in range(self.max_jobs):
+                    tg.start_soon(self._worker)
+        finally:
+            for live in list(self._live.values()):
+                live.cancel.cancel("the daemon is shutting down")
+
+    @property
+    def active(self) -> int:
+        """Jobs queued or running in this process."""
+        return len(self._live)
+
+    def cancel_all(self, reason: str) -> None:
+        """Cancel every queued and running job (shutdown past its drain deadline)."""
+        for live in list(self._live.values()):
+            self._cancel_live(live, reason)
+
+    # --- requests --------------------------------------------------------------------
+
+    async def submit(self, script_hash: str, params: Any, tags: list[str] | None) -> JobInfo:
+        """Queue a job for a stored script; returns its pending JobInfo at once.
+
+        Raises :class:`JobError` ``not_found`` (no such script), ``invalid_params``
+        (params that do not fit its describe()) or ``busy`` (the queue is full).
+        """
+        record = self.scripts.record(script_hash)
+        if record is None and not self.scripts.cas.exists(script_hash):
+            raise JobError("not_found", f"no stored script {script_hash}")
+        if record is not None:
+            try:
+                params = params_mod.validate(record.params_schema, params)
+            except params_mod.InvalidParams as e:
+                raise JobError("invalid_params", f"params do not fit {record.name or script_hash}: {e}") from None
+        if len(self._live) >= self.max_jobs + self._queue_size:
+            raise JobError("busy", f"{self.max_jobs} jobs are running and {self._queue_size} are queued; try again shortly")
+        job_id = _new_job_id()
+        info = self.store.create_job(job_id, script_hash, params, tags, time.time())
+        live = _Live(job_id, script_hash, params)
+        self._live[job_id] = live
+        self._send.send_nowait(live)
+        self._announce(job_id, JobStatus.PENDING)
+        return info
+
+    def status(self, job_id: str) -> JobInfo:
+        info = self.store.get(job_id)
+        if info is None:
+            raise JobError("not_found", f"no job {job_id!r}")
+        return info
+
+    def list(self, status: str | None) -> list[JobInfo]:
+        try:
+            return self.store.list(status)
+        except ValueError as e:
+            raise JobError("invalid_params", str(e)) from None
+
+    def stats(self) -> JobStoreStats:
+        return self.store.stats()
+
+    def cancel(self, job_id: str) -> JobInfo:
+        """Cancel a queued or running job. Raises ``not_found`` for an unknown id and
+        ``invalid_state`` for a job that has already finished."""
+        live = self._live.get(job_id)
+        if live is None:
+            info = self.status(job_id)
+            raise JobError("invalid_state", f"job {job_id} already finished ({info.status.value}); nothing to cancel")
+        self._cancel_live(live, "cancelled by request")
+        return self.status(job_id)
+
+    async def poll(self, job_ids: list[str], timeout_s: float, mode: PollMode) -> PollResult:
+        """Wait up to ``timeout_s`` (capped at 30 s) until any/all of ``job_ids`` finish."""
+        for job_id in job_ids:
+            self.status(job_id)  # unknown ids are an error, not "pending forever"
+        deadline = anyio.current_time() + min(max(timeout_s, 0.0), POLL_CAP_S)
+        while True:
+            changed = self._changed
+            infos = [self.status(j) for j in job_ids]
+            done = [i for i in infos if i.status in FINISHED]
+            waiting = [i.job_id for i in infos if i.status not in FINISHED]
+            satisfied = not waiting if mode is PollMode.ALL else bool(done) or not job_ids
+            if satisfied:
+                return PollResult(done, waiting, False)
+            with anyio.move_on_after(deadline - anyio.current_time()):
+                await changed.wait()
+                continue
+            return PollResult(done, waiting, True)
+
+    # --- running ---------------------------------------------------------------------
+
+    async def _worker(self) -> None:
+        async for live in self._receive:
+            try:
+                await self._execute(live)
+            except Exception:
+                log.exception("jobs.worker_failed", job_id=live.job_id)
+                self._finish(live, JobStatus.FAILED, error={"kind": "internal", "message": "internal error; see the daemon log"})
+
+    async def _execute(self, live: _Live) -> None:
+        if live.cancel.cancelled or not self.store.mark_running(live.job_id, time.time()):
+            self._live.pop(live.job_id, None)  # cancelled while queued
+            return
+        self._announce(live.job_id, JobStatus.RUNNING)
+        jlog = log.bind(job_id=live.job_id, script_hash=live.script_hash)
+        try:
+            code = await self.scripts.source(live.script_hash)
+        except CasError as e:
+            self._finish(live, JobStatus.FAILED, error={"kind": "script_missing", "message": str(e)})
+            return
+        record = self.scripts.record(live.script_hash)
+        try:
+            outcome = await runtime.run_script(
+                code,
+                live.params,
+                limits=self._limits,
+                cancel=live.cancel,
+                namespaces=self._namespaces(),
+                chunk_name=(record.name if record and record.name else "script"),
+                log=jlog,
+            )
+        except runtime.ScriptError as e:
+            status = JobStatus.CANCELLED if e.detail.kind == "cancelled" else JobStatus.FAILED
+            self._finish(live, status, error=msgspec.to_builtins(e.detail))
+            return
+        self._finish(live, JobStatus.COMPLETE, result=outcome.result)
+
+    def _cancel_live(self, live: _Live, reason: str) -> None:
+        live.cancel.cancel(reason)
+        info = self.store.get(live.job_id)
+        if info is not None and info.status is JobStatus.PENDING:
+            # Not started: finish it now; the worker will skip it.
+            self._finish(live, JobStatus.CANCELLED, error={"kind": "cancelled", "message": f"{reason} before it started"})
+
+    def _finish(self, live: _Live, status: JobStatus, *, result: Any = None, error: Any = None) -> None:
+        self._live.pop(live.job_id, None)
+        if self.store.finish(live.job_id, status, at=time.time(), result=result, error=error):
+            self._announce(live.job_id, status, result if status is JobStatus.COMPLETE else error)
+
+    def _announce(self, job_id: str, status: JobStatus, result: Any = None) -> None:
+        self._publisher.publish(JobStateChanged(job_id=job_id, state=status.value, result=result))
+        if status in FINISHED:
+            self._changed.set()
+            self._changed = anyio.Event()

@@ -1,0 +1,117 @@
+"""Stored scripts: Lua source kept in the CAS as ``text/x-lua``, indexed in the store.
+
+A script is stored once and run by hash. Storing compiles it first (a script that does
+not compile is refused with its error) and runs its ``describe()``, if any, in the
+sandbox to index its name, description and params.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import anyio
+import msgspec
+
+from luanette import runtime
+from luanette.cas import Cas, CasError, NotFound
+from luanette.store import ScriptRecord, Store
+
+MIME = "text/x-lua"
+TYPE_TAG = "type:lua"
+MAX_SCRIPT_BYTES = 4 * 2**20
+DESCRIBE_TIMEOUT_S = 5.0
+
+# Runs the stored chunk, then its describe(). `main` is cleared so the runtime returns
+# this wrapper's value instead of calling the script's main.
+_DESCRIBE = """
+local chunk, err = load(params.source, "=script", "t")
+if not chunk then error(err, 0) end
+chunk()
+main = nil
+if type(describe) ~= "function" then return {found = false} end
+return {found = true, value = describe()}
+"""
+
+
+class ScriptProblem(Exception):
+    """A script could not be stored or described; ``detail`` is the structured error."""
+
+    def __init__(self, detail: runtime.ErrorDetail) -> None:
+        super().__init__(detail.message)
+        self.detail = detail
+
+
+class Described(msgspec.Struct):
+    """What ``describe()`` said, or ``found=False``; ``problem`` when running it failed."""
+
+    found: bool
+    value: Any = None
+    problem: runtime.ErrorDetail | None = None
+
+
+class Scripts:
+    """Store, describe, load and search scripts."""
+
+    def __init__(self, cas: Cas, store: Store, limits: runtime.Limits) -> None:
+        self.cas = cas
+        self.store = store
+        self._limits = msgspec.structs.replace(limits, timeout_s=min(limits.timeout_s, DESCRIBE_TIMEOUT_S))
+
+    async def save(self, content: str, tags: list[str] | None, creator: str | None) -> tuple[ScriptRecord, Described]:
+        """Compile, store in the CAS, describe and index ``content``.
+
+        Raises :class:`ScriptProblem` (kind ``lua_syntax``) for code that does not
+        compile; nothing is stored then.
+        """
+        problem = runtime.check_syntax(content, "script")
+        if problem is not None:
+            raise ScriptProblem(problem)
+        digest = await anyio.to_thread.run_sync(self.cas.store, content.encode(), MIME)
+        described = await self.describe_source(content)
+        info = described.value if described.found and isinstance(described.value, dict) else {}
+        record = ScriptRecord(
+            hash=digest,
+            name=_text(info.get("name")),
+            description=_text(info.get("description")),
+            tags=[*(tags or []), TYPE_TAG],
+            creator=creator,
+            params_schema=info.get("params"),
+            created_at=time.time(),
+        )
+        return self.store.index_script(record), described
+
+    async def source(self, script_hash: str) -> str:
+        """The Lua source of a stored script. Raises ``cas.NotFound``/``InvalidHash``."""
+        data = await anyio.to_thread.run_sync(
+            lambda: self.cas.retrieve(script_hash, max_bytes=MAX_SCRIPT_BYTES)
+        )
+        try:
+            return data.decode()
+        except UnicodeDecodeError:
+            raise CasError(f"{script_hash} is not a Lua script (not UTF-8 text)") from None
+
+    async def describe_source(self, content: str) -> Described:
+        """Run ``describe()`` of ``content`` in the sandbox (best effort: a chunk whose
+        top level needs params may fail here, which is reported, not raised)."""
+        try:
+            outcome = await runtime.run_script(
+                _DESCRIBE, {"source": content}, limits=self._limits, chunk_name="describe"
+            )
+        except runtime.ScriptError as e:
+            return Described(found=False, problem=e.detail)
+        return Described(found=bool(outcome.result.get("found")), value=outcome.result.get("value"))
+
+    async def describe(self, script_hash: str) -> Described:
+        """``describe()`` of a stored script. Raises ``cas.NotFound``/``InvalidHash``."""
+        return await self.describe_source(await self.source(script_hash))
+
+    def record(self, script_hash: str) -> ScriptRecord | None:
+        return self.store.get_script(script_hash)
+
+
+def _text(value: Any) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+__all__ = ["Described", "NotFound", "ScriptProblem", "Scripts"]

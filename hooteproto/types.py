@@ -91,6 +91,8 @@ class JobInfo(Model, kw_only=True):
     created_at: U64
     started_at: U64 | None = None
     completed_at: U64 | None = None
+    progress: Any = None
+    """Luanette's extension: ``{percent, message}`` last reported by a running job."""
 
 
 class JobStoreStats(Model):

@@ -12,6 +12,7 @@ so a late result can never relabel a cancelled one (the Rust version's bug).
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import os
 import time
@@ -22,12 +23,13 @@ import anyio
 import msgspec
 import structlog
 
-from hooteproto.types import JobInfo, JobStateChanged, JobStatus, JobStoreStats, PollMode
+from hooteproto.types import JobInfo, JobStateChanged, JobStatus, JobStoreStats, PollMode, Progress
 from luanette import params as params_mod
 from luanette import runtime
 from luanette.broadcast import Publisher
 from luanette.cas import CasError
 from luanette.scripts import Scripts
+from luanette.stdlib.progress import ProgressNamespace
 from luanette.store import FINISHED, Store
 
 log = structlog.get_logger("luanette.jobs")
@@ -52,13 +54,14 @@ class PollResult(msgspec.Struct):
 class _Live:
     """A job this process has queued or is running."""
 
-    __slots__ = ("job_id", "script_hash", "params", "cancel")
+    __slots__ = ("job_id", "script_hash", "params", "cancel", "progress")
 
     def __init__(self, job_id: str, script_hash: str, params: Any) -> None:
         self.job_id = job_id
         self.script_hash = script_hash
         self.params = params
         self.cancel = runtime.CancelToken()
+        self.progress: dict[str, Any] | None = None
 
 
 def _new_job_id(counter: itertools.count = itertools.count(1)) -> str:
@@ -152,6 +155,9 @@ class Jobs:
         info = self.store.get(job_id)
         if info is None:
             raise JobError("not_found", f"no job {job_id!r}")
+        live = self._live.get(job_id)
+        if live is not None and live.progress is not None:
+            info.progress = live.progress
         return info
 
     def list(self, status: str | None) -> list[JobInfo]:
@@ -219,7 +225,7 @@ class Jobs:
                 live.params,
                 limits=self._limits,
                 cancel=live.cancel,
-                namespaces=self._namespaces(),
+                namespaces=[*self._namespaces(), ProgressNamespace(self._progress_reporter(live))],
                 chunk_name=(record.name if record and record.name else "script"),
                 log=jlog,
             )
@@ -228,6 +234,16 @@ class Jobs:
             self._finish(live, status, error=msgspec.to_builtins(e.detail))
             return
         self._finish(live, JobStatus.COMPLETE, result=outcome.result)
+
+    def _progress_reporter(self, live: _Live) -> Callable[[float, str | None], None]:
+        call_soon = asyncio.get_running_loop().call_soon_threadsafe
+
+        def report(percent: float, message: str | None) -> None:
+            # Lua worker thread: hand the publish to the loop (sockets are not thread-safe).
+            live.progress = {"percent": percent, "message": message}
+            call_soon(self._publisher.publish, Progress(job_id=live.job_id, percent=percent, message=message))
+
+        return report
 
     def _cancel_live(self, live: _Live, reason: str) -> None:
         live.cancel.cancel(reason)

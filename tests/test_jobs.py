@@ -300,3 +300,38 @@ async def test_restart_keeps_results_and_marks_running_jobs_interrupted(daemon_p
     finally:
         second.stop()
     assert json.loads(json.dumps(kept))  # plain JSON all the way
+
+
+async def test_progress_is_reported_in_status_and_broadcast(server, client, zctx):
+    sub = zctx.socket(zmq.SUB)
+    sub.setsockopt(zmq.SUBSCRIBE, b'{"type":"progress"')
+    sub.connect(server.server.publisher.endpoint)
+    await asyncio.sleep(0.3)
+    script = """
+    for i = 1, 20000 do progress.update(i / 200, "rendering") end  -- rate-limited
+    progress.update(100, "done")
+    local s = os.clock() + 0.3 while os.clock() < s do end
+    return true
+    """
+    digest = await store(client, script)
+    job = (await run(client, digest))["job_id"]
+    seen = None
+    for _ in range(500):
+        seen = (await client.request(t.JobStatusRequest(job_id=job))).result.get("progress")
+        if seen and seen["percent"] == 100:
+            break
+        await asyncio.sleep(0.02)
+    assert seen == {"percent": 100.0, "message": "done"}
+    await wait_done(client, job)
+    messages = []
+    while True:
+        try:
+            messages.append(decode_broadcast(await asyncio.wait_for(sub.recv(), 0.5)))
+        except asyncio.TimeoutError:
+            break
+    assert messages[-1] == t.Progress(job_id=job, percent=100.0, message="done")
+    assert 2 <= len(messages) < 100  # far fewer than the 20,000 updates
+    bad = await store(client, "progress.update(150)")
+    failed = await wait_done(client, (await run(client, bad))["job_id"])
+    assert "percent must be from 0 to 100" in failed["error"]["message"]
+    sub.close(0)

@@ -140,3 +140,105 @@ async def test_a_script_stuck_in_c_does_not_hold_the_process(daemon_process):
     d.signal(signal.SIGTERM)
     assert d.wait(timeout=10) == 0
     assert b"server.exit_with_stuck_scripts" in d.proc.stderr.read()
+
+
+# --- scripts and jobs ----------------------------------------------------------------
+
+PROGRESSING = """
+function describe() return {name = "countdown", description = "counts slowly", params = {n = {type = "integer", default = 3}}} end
+function main(p)
+  for i = 1, p.n do
+    progress.update(i * 100 / p.n, "step " .. i)
+    local s = os.clock() + 0.25 while os.clock() < s do end
+  end
+  return "liftoff " .. p.n
+end
+"""
+
+
+def test_script_store_search_describe_run_and_job_commands(daemon, tmp_path):
+    src = tmp_path / "countdown.lua"
+    src.write_text(PROGRESSING)
+    stored = cli(daemon.endpoint, "script", "store", str(src), "--tag", "demo", "--creator", "cli")
+    assert stored.returncode == 0, stored.stderr
+    digest, name = stored.stdout.split()
+    assert len(digest) == 32 and name == "countdown"
+    found = cli(daemon.endpoint, "script", "search", "--vibe", "slowly")
+    assert found.returncode == 0 and digest in found.stdout and "type:lua" in found.stdout
+    described = cli(daemon.endpoint, "--json", "describe", digest)
+    assert json.loads(described.stdout)["result"]["params"]["n"]["default"] == 3
+    started = cli(daemon.endpoint, "run", digest, "--params", '{"n": 1}')
+    job_id = started.stdout.strip()
+    assert started.returncode == 0 and job_id.startswith("job_")
+    polled = cli(daemon.endpoint, "--json", "job", "poll", job_id, "--all")
+    assert json.loads(polled.stdout)["result"]["completed"][0]["result"] == "liftoff 1"
+    status = cli(daemon.endpoint, "job", "status", job_id)
+    assert json.loads(status.stdout)["status"] == "complete"
+    listed = cli(daemon.endpoint, "job", "list", "--status", "complete")
+    assert job_id in listed.stdout
+    waited = cli(daemon.endpoint, "run", digest, "--wait", "--params", '{"n": 2}')
+    assert waited.returncode == 0 and waited.stdout.strip() == "liftoff 2"
+    cancelled = cli(daemon.endpoint, "job", "cancel", job_id)
+    assert cancelled.returncode == 1 and "invalid_state" in cancelled.stderr
+
+
+def test_run_wait_reports_a_failed_job_in_one_line(daemon, tmp_path):
+    src = tmp_path / "bad.lua"
+    src.write_text("function main()\n  error('no drums')\nend")
+    digest = cli(daemon.endpoint, "script", "store", str(src)).stdout.split()[0]
+    r = cli(daemon.endpoint, "run", digest, "--wait")
+    assert r.returncode == 1
+    assert r.stderr.strip().splitlines() == [f"luanette-cli: job {r.stderr.split()[2]} failed: lua_runtime: no drums (line 2)"]
+
+
+def test_run_wait_shows_live_progress_on_a_terminal(daemon, tmp_path):
+    import os
+    import pty
+    import subprocess
+
+    from tests.conftest import BIN
+
+    src = tmp_path / "countdown.lua"
+    src.write_text(PROGRESSING)
+    digest = cli(daemon.endpoint, "script", "store", str(src)).stdout.split()[0]
+    controller, terminal = pty.openpty()
+    proc = subprocess.Popen(
+        [str(BIN / "luanette-cli"), "--endpoint", daemon.endpoint, "run", digest, "--wait", "--params", '{"n": 4}'],
+        stdout=subprocess.PIPE, stderr=terminal, text=True,
+    )
+    os.close(terminal)
+    screen = b""
+    while True:
+        try:
+            chunk = os.read(controller, 4096)
+        except OSError:
+            break
+        if not chunk:
+            break
+        screen += chunk
+    out, _ = proc.communicate(timeout=30)
+    os.close(controller)
+    assert proc.returncode == 0 and out.strip() == "liftoff 4"
+    text = screen.decode()
+    assert "\r" in text and "%" in text
+    assert "step 2" in text or "step 3" in text  # progress was shown while it ran
+
+
+def test_watch_prints_broadcasts(daemon, tmp_path):
+    import subprocess
+
+    from tests.conftest import BIN
+
+    watcher = subprocess.Popen(
+        [str(BIN / "luanette-cli"), "watch", "--pub", daemon.pub, "--count", "3"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    time.sleep(1.0)  # let the subscription reach the daemon
+    src = tmp_path / "w.lua"
+    src.write_text("return 1")
+    digest = cli(daemon.endpoint, "script", "store", str(src)).stdout.split()[0]
+    cli(daemon.endpoint, "run", digest)
+    out, err = watcher.communicate(timeout=20)
+    lines = [json.loads(x) for x in out.splitlines()]
+    assert lines[0] == {"type": "script_invalidate", "hash": digest}
+    assert [x["state"] for x in lines[1:]] == ["pending", "running"]

@@ -9,17 +9,20 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import anyio
 import msgspec
+import zmq
+import zmq.asyncio
 
 from hooteproto import types as t
 from hooteproto.client import Client, RequestTimeout
 from hooteproto.codec import DecodeError, Encoding, payload_codec
-from luanette.config import DEFAULT_BIND
+from luanette.config import DEFAULT_BIND, DEFAULT_PUB
 
 EXIT_ERROR_REPLY = 1
 EXIT_USAGE = 2
@@ -54,6 +57,38 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("tools", help="list the requests the daemon serves")
     send = sub.add_parser("send", help="send any payload given as JSON (for debugging)")
     send.add_argument("payload", metavar="JSON", help='e.g. \'{"type": "ping"}\'')
+
+    script = sub.add_parser("script", help="store and find scripts").add_subparsers(dest="action", required=True)
+    st = script.add_parser("store", help="store a Lua file; prints its hash")
+    st.add_argument("file", type=Path, help="Lua source ('-' for stdin)")
+    st.add_argument("--tag", action="append", default=None, help="a tag (repeatable)")
+    st.add_argument("--creator", default=None)
+    se = script.add_parser("search", help="find stored scripts")
+    se.add_argument("--tag", default=None)
+    se.add_argument("--creator", default=None)
+    se.add_argument("--vibe", default=None, help="words to match in name, description and tags")
+    de = sub.add_parser("describe", help="show a stored script's describe()")
+    de.add_argument("hash")
+    ru = sub.add_parser("run", help="run a stored script as a job; prints the job id")
+    ru.add_argument("hash")
+    ru.add_argument("--params", default=None, metavar="JSON")
+    ru.add_argument("--tag", action="append", default=None, help="a job tag (repeatable)")
+    ru.add_argument("--wait", action="store_true", help="show progress and print the result when done")
+
+    job = sub.add_parser("job", help="inspect and control jobs").add_subparsers(dest="action", required=True)
+    job.add_parser("status", help="one job's state and result").add_argument("job_id")
+    po = job.add_parser("poll", help="wait until jobs finish")
+    po.add_argument("job_ids", nargs="+")
+    po.add_argument("--wait-ms", type=int, default=10_000, help="how long to wait (capped at 30 s by the daemon)")
+    po.add_argument("--all", action="store_true", help="wait for all of them (default: any)")
+    job.add_parser("cancel", help="stop a queued or running job").add_argument("job_id")
+    li = job.add_parser("list", help="recent jobs, newest first")
+    li.add_argument("--status", default=None, choices=[s.value for s in t.JobStatus])
+
+    wa = sub.add_parser("watch", help="print broadcasts (job states, progress) as they arrive")
+    wa.add_argument("--pub", default=os.environ.get("LUANETTE_PUB", DEFAULT_PUB),
+                    help=f"daemon PUB endpoint (default $LUANETTE_PUB or {DEFAULT_PUB})")
+    wa.add_argument("--count", type=int, default=None, help="exit after N messages")
     return parser
 
 
@@ -65,7 +100,7 @@ def _json_arg(text: str, what: str) -> Any:
 
 
 def _read_code(args: argparse.Namespace) -> str:
-    if args.file is None:
+    if getattr(args, "code", None) is not None:
         return args.code
     if str(args.file) == "-":
         return sys.stdin.read()
@@ -84,6 +119,26 @@ def build_request(args: argparse.Namespace) -> t.Payload:
     if args.command == "eval":
         params = None if args.params is None else _json_arg(args.params, "--params")
         return t.LuaEval(code=_read_code(args), params=params)
+    if args.command == "script" and args.action == "store":
+        return t.ScriptStore(content=_read_code(args), tags=args.tag, creator=args.creator)
+    if args.command == "script":
+        return t.ScriptSearch(tag=args.tag, creator=args.creator, vibe=args.vibe)
+    if args.command == "describe":
+        return t.LuaDescribe(script_hash=args.hash)
+    if args.command == "run":
+        params = None if args.params is None else _json_arg(args.params, "--params")
+        return t.JobExecute(script_hash=args.hash, params=params, tags=args.tag)
+    if args.command == "job":
+        match args.action:
+            case "status":
+                return t.JobStatusRequest(job_id=args.job_id)
+            case "poll":
+                mode = t.PollMode.ALL if args.all else t.PollMode.ANY
+                return t.JobPoll(job_ids=args.job_ids, timeout_ms=max(args.wait_ms, 0), mode=mode)
+            case "cancel":
+                return t.JobCancel(job_id=args.job_id)
+            case _:
+                return t.JobList(status=args.status)
     try:
         return payload_codec.decode(args.payload.encode(), Encoding.JSON)
     except DecodeError as e:
@@ -94,8 +149,13 @@ def _dump(value: Any) -> str:
     return msgspec.json.format(msgspec.json.encode(value), indent=2).decode()
 
 
-def render(command: str, reply: t.Payload) -> str:
+def _value(result: Any) -> str:
+    return result if isinstance(result, str) else _dump(result)
+
+
+def render(args: argparse.Namespace, reply: t.Payload) -> str:
     """Readable text for a successful reply."""
+    command, action = args.command, getattr(args, "action", None)
     match reply:
         case t.Pong(worker_id=wid, uptime_secs=up):
             return f"pong from {wid} (up {up} s)"
@@ -103,26 +163,43 @@ def render(command: str, reply: t.Payload) -> str:
             width = max((len(x.name) for x in tools), default=0)
             return "\n".join(f"{x.name:<{width}}  {x.description}" for x in tools)
         case t.Success(result={"result": result, "duration_ms": ms}) if command == "eval":
-            text = result if isinstance(result, str) else _dump(result)
-            return f"{text}\n({ms:.1f} ms)" if sys.stdout.isatty() else text
+            return f"{_value(result)}\n({ms:.1f} ms)" if sys.stdout.isatty() else _value(result)
+        case t.Success(result={"hash": digest, "name": name}) if command == "script":
+            return f"{digest}  {name or ''}".rstrip()
+        case t.Success(result=list(found)) if command == "script":
+            return "\n".join(f"{x['hash']}  {x['name'] or '-'}  {' '.join(x['tags'])}" for x in found)
+        case t.Success(result={"job_id": job_id}) if command == "run":
+            return job_id
+        case t.Success(result=list(jobs)) if command == "job" and action == "list":
+            return "\n".join(f"{j['job_id']}  {j['status']:<9}  {j['source']}" for j in jobs)
+        case t.Success(result={"cancelled": True, "job_id": job_id}):
+            return f"cancelled {job_id}"
         case t.Success(result=result):
             return _dump(result)
     return _dump(msgspec.to_builtins(reply))
 
 
+async def _ask(client: Client, args: argparse.Namespace, request: t.Payload) -> t.Payload:
+    try:
+        return await client.request(request, timeout=args.timeout)
+    except RequestTimeout:
+        raise CliError(
+            f"no reply from {args.endpoint} within {args.timeout:g} s (is the daemon running?)",
+            EXIT_TIMEOUT,
+        ) from None
+    except DecodeError as e:
+        raise CliError(f"unreadable reply: {e}", EXIT_ERROR_REPLY) from None
+
+
 async def run(args: argparse.Namespace, out: Callable[[str], None]) -> int:
-    """Send the request the command line names, print the reply, return the exit status."""
+    """Carry out the command line, print the outcome, return the exit status."""
+    if args.command == "watch":
+        return await watch(args, out)
     request = build_request(args)
     async with Client(args.endpoint, encoding=Encoding(args.encoding)) as client:
-        try:
-            reply = await client.request(request, timeout=args.timeout)
-        except RequestTimeout:
-            raise CliError(
-                f"no reply from {args.endpoint} within {args.timeout:g} s (is the daemon running?)",
-                EXIT_TIMEOUT,
-            ) from None
-        except DecodeError as e:
-            raise CliError(f"unreadable reply: {e}", EXIT_ERROR_REPLY) from None
+        reply = await _ask(client, args, request)
+        if args.command == "run" and args.wait and isinstance(reply, t.Success):
+            return await wait_for_job(client, args, reply.result["job_id"], out)
     if args.json:
         out(msgspec.json.encode(reply).decode())
     if isinstance(reply, t.Error):
@@ -130,7 +207,56 @@ async def run(args: argparse.Namespace, out: Callable[[str], None]) -> int:
             raise CliError(f"error [{reply.code}]: {reply.message}", EXIT_ERROR_REPLY)
         return EXIT_ERROR_REPLY
     if not args.json:
-        out(render(args.command, reply))
+        out(render(args, reply))
+    return 0
+
+
+async def wait_for_job(client: Client, args: argparse.Namespace, job_id: str, out: Callable[[str], None]) -> int:
+    """``run --wait``: show progress on a terminal until the job ends, then its result."""
+    live = sys.stderr.isatty() and not args.json
+    started = time.monotonic()
+    while True:
+        reply = await _ask(client, args, t.JobPoll(job_ids=[job_id], timeout_ms=250, mode=t.PollMode.ALL))
+        if isinstance(reply, t.Error):
+            raise CliError(f"error [{reply.code}]: {reply.message}", EXIT_ERROR_REPLY)
+        if reply.result["completed"]:
+            info = reply.result["completed"][0]
+            break
+        if live:
+            status = (await _ask(client, args, t.JobStatusRequest(job_id=job_id))).result
+            progress = status.get("progress") or {}
+            bar = f"{progress.get('percent', 0):5.1f}%" if progress else status["status"]
+            note = progress.get("message") or ""
+            print(f"\r{job_id}  {bar}  {note[:40]:<40}  {time.monotonic() - started:6.1f} s", end="", file=sys.stderr)
+    if live:
+        print("\r" + " " * 100 + "\r", end="", file=sys.stderr)
+    if args.json:
+        out(msgspec.json.encode(info).decode())
+    if info["status"] != "complete":
+        err = info.get("error") or {}
+        where = f" (line {err['line']})" if err.get("line") is not None else ""
+        if args.json:
+            return EXIT_ERROR_REPLY
+        raise CliError(f"job {job_id} {info['status']}: {err.get('kind', '')}: {err.get('message', '')}{where}", EXIT_ERROR_REPLY)
+    if not args.json:
+        out(_value(info["result"]))
+    return 0
+
+
+async def watch(args: argparse.Namespace, out: Callable[[str], None]) -> int:
+    """Print each broadcast frame (one JSON object a line) until ``--count`` or Ctrl-C."""
+    ctx = zmq.asyncio.Context.instance()
+    sock = ctx.socket(zmq.SUB)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.SUBSCRIBE, b"")
+    sock.connect(args.pub)
+    seen = 0
+    try:
+        while args.count is None or seen < args.count:
+            out((await sock.recv()).decode())
+            seen += 1
+    finally:
+        sock.close()
     return 0
 
 

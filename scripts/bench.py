@@ -20,6 +20,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -126,7 +127,10 @@ def measure(name: str, endpoint: str, payload: t.Payload, total: int, in_flight:
 
 def start_daemon(endpoint: str) -> subprocess.Popen:
     exe = shutil.which("luanette", path=str(Path(sys.executable).parent)) or "luanette"
-    proc = subprocess.Popen([exe, "serve", "--bind", endpoint, "--max-evals", os.environ.get("BENCH_MAX_EVALS", "16")],
+    state = tempfile.mkdtemp(prefix="luanette-bench-")
+    proc = subprocess.Popen([exe, "serve", "--bind", endpoint, "--pub", "none",
+                             "--max-evals", os.environ.get("BENCH_MAX_EVALS", "16"),
+                             "--state-dir", f"{state}/state", "--cas-root", f"{state}/cas"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     port = int(endpoint.rsplit(":", 1)[1])
     for _ in range(400):
@@ -150,6 +154,74 @@ def load_scripts(endpoint: str, seconds: float, count: int, out: mp.Queue) -> No
     out.put("started")
     for _ in range(count):
         sock.recv_multipart()
+
+
+class Sync:
+    """A blocking request/reply helper for the job rows (one request at a time)."""
+
+    def __init__(self, endpoint: str) -> None:
+        self.sock = zmq.Context.instance().socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.connect(endpoint)
+
+    def ask(self, payload: t.Payload) -> t.Payload:
+        frames = request_frames(payload)
+        self.sock.send_multipart(frames)
+        while True:
+            reply = self.sock.recv_multipart()
+            if reply[3] == frames[3]:
+                return payload_codec.decode(reply[6])
+
+
+def job_throughput(endpoint: str, total: int, out: mp.Queue) -> None:
+    """Submit ``total`` jobs of a trivial stored script (64 submissions in flight), then
+    wait for all of them: jobs per second from first submit to last completion."""
+    sync = Sync(endpoint)
+    digest = sync.ask(t.ScriptStore(content="return 2+2")).result["hash"]
+    frames = request_frames(t.JobExecute(script_hash=digest, params=None))
+    started = time.perf_counter()
+    ids, sent = [], 0
+    while len(ids) < total:
+        while sent < total and sent - len(ids) < 64:
+            f = list(frames)
+            f[3] = uuid.uuid4().bytes
+            sync.sock.send_multipart(f)
+            sent += 1
+        reply = payload_codec.decode(sync.sock.recv_multipart()[6])
+        ids.append(reply.result["job_id"])
+    pending = ids
+    while pending:
+        polled = sync.ask(t.JobPoll(job_ids=pending, timeout_ms=30000, mode=t.PollMode.ALL)).result
+        pending = polled["pending"]
+    out.put(time.perf_counter() - started)
+
+
+def cancel_latency(endpoint: str, rounds: int, out: mp.Queue) -> None:
+    """Time from sending JobCancel for a running tight loop to the job reading cancelled."""
+    sync = Sync(endpoint)
+    digest = sync.ask(t.ScriptStore(content="while true do end")).result["hash"]
+    latencies = []
+    for _ in range(rounds):
+        job = sync.ask(t.JobExecute(script_hash=digest, params=None)).result["job_id"]
+        while sync.ask(t.JobStatusRequest(job_id=job)).result["status"] != "running":
+            time.sleep(0.005)
+        time.sleep(0.05)
+        started = time.perf_counter()
+        sync.ask(t.JobCancel(job_id=job))
+        done = sync.ask(t.JobPoll(job_ids=[job], timeout_ms=5000, mode=t.PollMode.ALL)).result
+        latencies.append(time.perf_counter() - started)
+        assert done["completed"][0]["status"] == "cancelled"
+    latencies.sort()
+    out.put(latencies)
+
+
+def in_process(target, *args):
+    out: mp.Queue = mp.Queue()
+    proc = mp.Process(target=target, args=(*args, out))
+    proc.start()
+    value = out.get(timeout=600)
+    proc.join()
+    return value
 
 
 # --- main ----------------------------------------------------------------------------
@@ -195,6 +267,11 @@ def main() -> int:
         time.sleep(0.3)
         rows.append((measure("Ping, 2 CPU-bound scripts running", daemon_ep, t.Ping(), n // 4, 1), base[1]))
         loader.terminate()
+        loader.join()
+        time.sleep(0.5)
+        jobs_total = max(n // 10, 100)
+        jobs_seconds = in_process(job_throughput, daemon_ep, jobs_total)
+        cancels = in_process(cancel_latency, daemon_ep, 20)
     finally:
         daemon.terminate()
         daemon.wait(30)
@@ -216,6 +293,11 @@ def main() -> int:
         widths = [max(len(x[i]) for x in [header, *lines]) for i in range(len(header))]
         for line in [header, *lines]:
             print("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths))))
+    print()
+    print(f"jobs: {jobs_total} trivial jobs submitted (64 in flight) and completed in {jobs_seconds:.2f} s: "
+          f"{jobs_total / jobs_seconds:,.0f} jobs/s")
+    print(f"cancel of a running tight loop, {len(cancels)} rounds: p50 {cancels[len(cancels) // 2] * 1000:.1f} ms, "
+          f"max {cancels[-1] * 1000:.1f} ms (JobCancel sent -> JobPoll sees cancelled)")
     ping64 = next(r for r, ref in rows if r.name == "Ping" and r.in_flight == 64)
     eval64 = next(r for r, ref in rows if r.name.startswith("LuaEval") and r.in_flight == 64)
     loaded = rows[-1][0]

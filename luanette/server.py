@@ -46,6 +46,7 @@ def default_state_dir() -> Path:
     return Path(platformdirs.user_state_dir("luanette"))
 
 RECV_BATCH = 64
+PRUNE_EVERY_S = 3600.0
 
 
 class ServerStats(msgspec.Struct):
@@ -148,13 +149,11 @@ class Server:
             self.bind()
         sock = self._socket
         self.jobs.recover()
-        pruned = self.store.prune(self.config.job_retention_s, self.config.job_retention_count, time.time())
-        if pruned:
-            log.info("jobs.pruned", count=pruned)
         try:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._receive_loop, tg)
                 tg.start_soon(self.jobs.run)
+                tg.start_soon(self._prune_periodically)
                 task_status.started(self.endpoint)
                 await self._draining.wait()
                 await self._drain()
@@ -165,6 +164,13 @@ class Server:
             self.publisher.close()
             self.store.close()
             log.info("server.stopped", reason=self.shutdown_reason, **msgspec.to_builtins(self.stats))
+
+    async def _prune_periodically(self) -> None:
+        while True:
+            pruned = self.store.prune(self.config.job_retention_s, self.config.job_retention_count, time.time())
+            if pruned:
+                log.info("jobs.pruned", count=pruned)
+            await anyio.sleep(PRUNE_EVERY_S)
 
     def request_shutdown(self, reason: str) -> None:
         """Stop taking new work and drain; safe to call more than once."""

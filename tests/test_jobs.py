@@ -335,3 +335,21 @@ async def test_progress_is_reported_in_status_and_broadcast(server, client, zctx
     failed = await wait_done(client, (await run(client, bad))["job_id"])
     assert "percent must be from 0 to 100" in failed["error"]["message"]
     sub.close(0)
+
+
+async def test_finished_jobs_beyond_the_retention_count_are_pruned(make_server):
+    running = await make_server(job_retention_count=3)
+    async with Client(running.endpoint) as c:
+        digest = await store(c, "return 1")
+        ids = []
+        for _ in range(5):  # one after the other, so completion order is known
+            ids.append((await run(c, digest))["job_id"])
+            await wait_done(c, ids[-1])
+    await running.stop()
+    from luanette.store import Store
+
+    with Store.open(running.server.config.state_dir) as store_:
+        assert store_.stats().total == 5  # pruning runs at start, not on every job
+    again = await make_server(job_retention_count=3, state_dir=running.server.config.state_dir)
+    assert again.server.store.stats().total == 3
+    assert [again.server.store.get(i) is not None for i in ids] == [False, False, True, True, True]

@@ -203,7 +203,7 @@ def test_run_wait_shows_live_progress_on_a_terminal(daemon, tmp_path):
     digest = cli(daemon.endpoint, "script", "store", str(src)).stdout.split()[0]
     controller, terminal = pty.openpty()
     proc = subprocess.Popen(
-        [str(BIN / "luanette-cli"), "--endpoint", daemon.endpoint, "run", digest, "--wait", "--params", '{"n": 4}'],
+        [str(BIN / "luanette-cli"), "--endpoint", daemon.endpoint, "run", digest, "--wait", "--params", '{"n": 8}'],
         stdout=subprocess.PIPE, stderr=terminal, text=True,
     )
     os.close(terminal)
@@ -218,10 +218,10 @@ def test_run_wait_shows_live_progress_on_a_terminal(daemon, tmp_path):
         screen += chunk
     out, _ = proc.communicate(timeout=30)
     os.close(controller)
-    assert proc.returncode == 0 and out.strip() == "liftoff 4"
+    assert proc.returncode == 0 and out.strip() == "liftoff 8"
     text = screen.decode()
     assert "\r" in text and "%" in text
-    assert "step 2" in text or "step 3" in text  # progress was shown while it ran
+    assert "step " in text  # progress was shown while it ran (2 s: several refreshes)
 
 
 def test_watch_prints_broadcasts(daemon, tmp_path):

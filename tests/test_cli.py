@@ -191,12 +191,14 @@ def test_run_wait_reports_a_failed_job_in_one_line(daemon, tmp_path):
     assert r.stderr.strip().splitlines() == [f"luanette-cli: job {r.stderr.split()[2]} failed: lua_runtime: no drums (line 2)"]
 
 
-def test_run_wait_shows_live_progress_on_a_terminal(daemon, tmp_path):
+def test_run_wait_shows_live_progress_on_a_terminal(daemon_process, tmp_path):
     import os
     import pty
     import subprocess
 
     from tests.conftest import BIN
+
+    daemon = daemon_process("--script-timeout", "30")
 
     src = tmp_path / "countdown.lua"
     src.write_text(PROGRESSING)

@@ -17,6 +17,7 @@ import itertools
 import os
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -29,7 +30,10 @@ from luanette import runtime
 from luanette.broadcast import Publisher
 from luanette.cas import CasError
 from luanette.scripts import Scripts
+from luanette.stdlib.cas import CasNamespace
+from luanette.stdlib.midi import MidiNamespace
 from luanette.stdlib.progress import ProgressNamespace
+from luanette.stdlib.temp import TempNamespace
 from luanette.store import FINISHED, Store
 
 log = structlog.get_logger("luanette.jobs")
@@ -83,7 +87,9 @@ class Jobs:
         namespaces: Callable[[], Sequence[runtime.Namespace]],
         max_jobs: int,
         queue_size: int,
+        temp_root: Path,
     ) -> None:
+        self._temp_root = temp_root
         self.store = store
         self.scripts = scripts
         self.max_jobs = max_jobs
@@ -100,6 +106,7 @@ class Jobs:
     def recover(self) -> list[str]:
         """At start-up: jobs a previous process left pending or running are failed as
         ``interrupted``."""
+        TempNamespace.clean_root(self._temp_root, older_than_s=0)  # left by a crash
         ids = self.store.recover_interrupted(time.time())
         if ids:
             log.warning("jobs.interrupted", count=len(ids), job_ids=ids[:20])
@@ -219,13 +226,21 @@ class Jobs:
             self._finish(live, JobStatus.FAILED, error={"kind": "script_missing", "message": str(e)})
             return
         record = self.scripts.record(live.script_hash)
+        temp = TempNamespace(self._temp_root)
+        cas = self.scripts.cas
         try:
             outcome = await runtime.run_script(
                 code,
                 live.params,
                 limits=self._limits,
                 cancel=live.cancel,
-                namespaces=[*self._namespaces(), ProgressNamespace(self._progress_reporter(live))],
+                namespaces=[
+                    *self._namespaces(),
+                    ProgressNamespace(self._progress_reporter(live)),
+                    temp,
+                    CasNamespace(cas, temp=temp),
+                    MidiNamespace(cas, temp),
+                ],
                 chunk_name=(record.name if record and record.name else "script"),
                 log=jlog,
             )
@@ -233,6 +248,10 @@ class Jobs:
             status = JobStatus.CANCELLED if e.detail.kind == "cancelled" else JobStatus.FAILED
             self._finish(live, status, error=msgspec.to_builtins(e.detail))
             return
+        finally:
+            # Whatever the end, the job's files go (off the loop: it may be a big tree).
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(temp.close)
         self._finish(live, JobStatus.COMPLETE, result=outcome.result)
 
     def _progress_reporter(self, live: _Live) -> Callable[[float, str | None], None]:

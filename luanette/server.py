@@ -82,7 +82,8 @@ class Server:
         self._context = context or zmq.asyncio.Context.instance()
         limits = runtime.Limits(timeout_s=config.script_timeout, memory_bytes=config.script_memory)
         self.cas = Cas.from_config(config.cas_root)
-        self.store = Store.open(Path(config.state_dir) if config.state_dir else default_state_dir())
+        state_dir = Path(config.state_dir) if config.state_dir else default_state_dir()
+        self.store = Store.open(state_dir)
         self.publisher = Publisher(context=self._context)
         scripts = Scripts(self.cas, self.store, limits)
         self.jobs = Jobs(
@@ -93,6 +94,7 @@ class Server:
             namespaces=lambda: [LogNamespace()],
             max_jobs=config.max_jobs,
             queue_size=config.job_queue,
+            temp_root=state_dir / "temp",
         )
         self.dispatcher = Dispatcher(
             config,

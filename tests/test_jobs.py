@@ -353,3 +353,40 @@ async def test_finished_jobs_beyond_the_retention_count_are_pruned(make_server):
     again = await make_server(job_retention_count=3, state_dir=running.server.config.state_dir)
     assert again.server.store.stats().total == 3
     assert [again.server.store.get(i) is not None for i in ids] == [False, False, True, True, True]
+
+
+async def test_a_job_reads_midi_from_the_cas_transposes_it_and_cleans_its_temp_dir(server, client):
+    import io
+
+    import mido
+
+    song = mido.MidiFile(ticks_per_beat=480)
+    track = mido.MidiTrack()
+    for note in (60, 64, 67):
+        track.append(mido.Message("note_on", note=note, velocity=90, time=0))
+        track.append(mido.Message("note_off", note=note, velocity=0, time=480))
+    song.tracks.append(track)
+    buf = io.BytesIO()
+    song.save(file=buf)
+    source = server.server.cas.store(buf.getvalue(), "audio/midi")
+    script = """
+    function main(p)
+      local song = midi.transpose(midi.read(p.source), p.semitones)
+      local scratch = temp.path("song.mid")
+      midi.write(song, scratch)
+      assert(temp.exists(scratch))
+      local stored = midi.write(song)
+      return {hash = stored.hash, notes = midi.info(stored.hash).notes, dir = temp.dir()}
+    end
+    """
+    digest = await store(client, script)
+    done = await wait_done(client, (await run(client, digest, {"source": source, "semitones": 12}))["job_id"])
+    assert done["status"] == "complete", done
+    out = mido.MidiFile(file=io.BytesIO(server.server.cas.retrieve(done["result"]["hash"])))
+    assert [m.note for m in out.tracks[0] if m.type == "note_on"] == [72, 76, 79]
+    assert done["result"]["notes"] == 3
+    from pathlib import Path
+
+    job_dir = Path(done["result"]["dir"])
+    assert job_dir.parent == Path(server.server.config.state_dir) / "temp"
+    assert not job_dir.exists()  # removed when the job ended

@@ -78,10 +78,10 @@ def from_lua(data: bytes) -> Any:
     return _decoder.decode(data)
 
 
-# The Lua half.  Loaded once per runtime by privileged code, before the sandbox exists;
-# it captures the real library functions it needs as locals and returns the codec
-# table.  The array marker and the null sentinel are created here so every table the
-# codec makes uses the same ones.
+# The Lua half: a chunk body that the runtime runs, once per runtime, as the first part
+# of its privileged setup (before the sandbox exists); it captures the real library
+# functions it needs as locals and returns the codec table.  The array marker and the
+# null sentinel are created here so every table the codec makes uses the same ones.
 LUA_CODEC: Final = rb"""
 local type, next, rawget, rawequal, select, error = type, next, rawget, rawequal, select, error
 local setmetatable, getmetatable, tostring = setmetatable, debug.getmetatable, tostring

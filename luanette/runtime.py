@@ -2,10 +2,12 @@
 
 One run = one fresh ``lupa.lua54.LuaRuntime``.  Privileged setup code (``_SANDBOX``)
 builds the script's environment from an empty table and runs the script inside a Lua
-coroutine with a count hook.  The Python driver (``run_script``) resumes that coroutine
-in a worker thread (lupa releases the GIL while Lua runs), and whenever the script calls
-an ``async`` namespace function the coroutine yields a private I/O request: the driver
-awaits the Python coroutine on the event loop, then resumes the script with the answer.
+coroutine with a count hook.  The Python driver (``run_script``) runs the setup and then
+resumes that coroutine in worker threads (lupa releases the GIL while Lua runs): a
+script that does no I/O costs one thread step and one call into Lua.  Whenever the
+script calls an ``async`` namespace function the coroutine yields a private I/O request:
+the driver awaits the Python coroutine on the event loop, then resumes the script with
+the answer.
 
 Stopping: the count hook calls a Python check every ``hook_interval`` instructions; once
 the deadline has passed or the cancel token is set, the hook raises a private sentinel
@@ -21,15 +23,19 @@ upvalues of privileged closures; values cross as MessagePack bytes (``luaconv``)
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
+import contextvars
 import difflib
 import functools
 import inspect
+import itertools
+import queue
 import re
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Final, Protocol, TypeVar
 
 import anyio
@@ -41,9 +47,11 @@ from luanette.luaconv import LUA_CODEC, NULL, from_lua, to_lua
 
 # Seconds a worker thread may overrun the deadline (or a cancel) before it is abandoned.
 ABANDON_GRACE_S: Final = 1.0
-# Chunk name of the privileged code (the sandbox hides frames of its own chunk).
+# Chunk name of the privileged code (in compile errors: its bytecode has no debug information).
 _PRIVILEGED_CHUNK: Final = "=luanette"
 _MEMORY_MESSAGE: Final = "not enough memory"
+# Memory a description of the script's out-of-memory error may use beyond the limit.
+_DESCRIBE_MEMORY_BYTES: Final = 2**20
 _C_BOUNDARY: Final = "attempt to yield across a C-call boundary"
 
 # Globals of the sandbox (plus the script convention's `params` and `main`); a namespace
@@ -173,30 +181,34 @@ class CancelToken:
         for listener in listeners:
             listener()
 
-    @contextlib.contextmanager
-    def _listening(self, listener: Callable[[], object]) -> Iterator[None]:
-        """Call ``listener`` (from the cancelling thread) on cancel while inside."""
+    def _listen(self, listener: Callable[[], object]) -> None:
+        """Call ``listener`` (from the cancelling thread) on cancel, until ``_unlisten``."""
         with self._lock:
             self._listeners.append(listener)
-            already = self._reason is not None
-        if already:
-            listener()
-        try:
-            yield
-        finally:
-            with self._lock:
-                self._listeners.remove(listener)
+
+    def _unlisten(self, listener: Callable[[], object]) -> None:
+        with self._lock:
+            self._listeners.remove(listener)
 
 
-class RunContext(msgspec.Struct, frozen=True):
+class RunContext(msgspec.Struct, frozen=True, dict=True):
     """What a namespace knows about the run it serves."""
 
     run_id: str
     limits: Limits
     cancel: CancelToken
-    logger: Any  # structlog logger bound with run_id and the caller's context
     deadline: float  # time.monotonic() value at which the run times out
+    caller_logger: Any  # structlog logger of run_script's caller
     null: Any = NULL  # return this to give Lua the null sentinel
+
+    @functools.cached_property
+    def logger(self) -> Any:
+        """structlog logger bound with run_id and the caller's context.
+
+        Bound on first use: most runs never log, and binding costs more than a small run's
+        other bookkeeping on the event loop.
+        """
+        return self.caller_logger.bind(run_id=self.run_id)
 
     def remaining_s(self) -> float:
         """Seconds left before the deadline (negative once past it)."""
@@ -228,37 +240,46 @@ class Namespace(Protocol):
 
 # ------------------------------------------------------------------- the sandbox
 
-# Privileged setup of one run.  It runs once on the main Lua thread with the real
-# standard library, captures what it needs as locals, builds the script environment
-# from an empty table and returns the driver's entry points, or nil and a syntax error:
-# `step` (resume the script), `where` (the script's frames while it waits) and
-# `release` (free the script's memory before the runtime is dropped).  Script code
-# runs only in coroutines created here (each with the count hook) and can reach none
-# of these locals.  Privileged code never calls a string method with `:` syntax: the
-# string metatable points at the script's (mutable) copy of `string`.
+# Privileged setup of one run, after the codec (see _PRIVILEGED).  It runs once on the
+# main Lua thread with the real standard library, captures what it needs as locals,
+# builds the script environment from an empty table and runs the script up to its end
+# or its first I/O request.  It returns that first reply (see `finish`), or "syntax"
+# and the message; after an "io" reply come the driver's entry points: `step` (resume
+# the script), `where` (the script's frames while it waits) and `release` (free the
+# script's memory before the runtime is dropped).  Script code runs only in coroutines
+# created here (each with the count hook) and can reach none of these locals.
+# Privileged code never calls a string method with `:` syntax: the string metatable
+# points at the script's (mutable) copy of `string`.
 _SANDBOX: Final = rb"""
-local codec, check, call_sync, spec, hook_interval, chunk_name, code, params_packed = ...
+local check, call_sync, spec, hook_interval, chunk_name, code, params_packed = ...
 
 local type, next, select, error, tostring = type, next, select, error, tostring
 local rawget, rawequal, setmetatable, pcall, xpcall, load = rawget, rawequal, setmetatable, pcall, xpcall, load
 local collectgarbage = collectgarbage
 local co_create, co_resume, co_yield = coroutine.create, coroutine.resume, coroutine.yield
-local co_status, co_running, co_isyieldable, co_close =
-  coroutine.status, coroutine.running, coroutine.isyieldable, coroutine.close
+local co_status, co_running, co_isyieldable = coroutine.status, coroutine.running, coroutine.isyieldable
 local sethook, getinfo, getmetatable = debug.sethook, debug.getinfo, debug.getmetatable
-local format, sub, rep, concat, sort = string.format, string.sub, string.rep, table.concat, table.sort
+local format, sub, rep, gmatch = string.format, string.sub, string.rep, string.gmatch
+local concat, sort = table.concat, table.sort
 local encode, encode_args, decode, failure = codec.encode, codec.encode_args, codec.decode, codec.failure
 local NULL = codec.NULL
 
 string.dump = nil  -- no bytecode for anyone
 python = nil       -- lupa's helper table in the real globals
 
-local PRIVILEGED = getinfo(1, "S").source  -- this chunk's name; its frames are hidden
+-- Functions the sandbox's wrappers call with a script's arguments, called as fields so
+-- that an argument error names them ("bad argument #1 to 'setmetatable'"): privileged
+-- code is loaded without debug information, so Lua cannot name the locals it calls.
+local lib = {pcall = pcall, load = load, setmetatable = setmetatable, create = co_create,
+  resume = co_resume, close = coroutine.close}
+
 local KILL = {}    -- error value of a stopped run
+local MEMORY_ERROR = "not enough memory"
 local IO = {}      -- first value yielded to the driver: an I/O request
 local killed = false
 local env = {}
 local script_co
+local main_function  -- the script's main, named in stacks (its caller has no debug information)
 local qualnames = {}  -- "ns.fn" by bridge index
 
 -- Count hook: ask Python whether the run must stop; once it must, keep raising.
@@ -316,14 +337,14 @@ end
 
 -- "chunk:line: " of the innermost script frame calling the function that calls this,
 -- skipping privileged frames (what error() would add if it knew where the script was).
+-- Privileged frames are the Lua frames without a current line: a script's chunks are
+-- text, which always has line information, and privileged code has none.
 local function script_where()
   local level = 3
   while true do
     local info = getinfo(level, "Sl")
-    if not info then return "" end
-    if info.source ~= PRIVILEGED then
-      return info.currentline >= 0 and format("%s:%d: ", info.short_src, info.currentline) or ""
-    end
+    if not info or info.what == "C" then return "" end
+    if info.currentline >= 0 then return format("%s:%d: ", info.short_src, info.currentline) end
     level = level + 1
   end
 end
@@ -341,11 +362,11 @@ local function forward(co, ok, first, ...)
 end
 
 local function sb_resume(co, ...)
-  return forward(co, co_resume(co, ...))
+  return forward(co, lib.resume(co, ...))
 end
 
 local function sb_create(f)
-  return hooked(co_create(f))
+  return hooked(lib.create(f))
 end
 
 local function rethrow(ok, ...)
@@ -375,14 +396,14 @@ end
 local function sb_load(chunk, name, _, ...)
   local chunk_env = env
   if select("#", ...) > 0 then chunk_env = ... end
-  return unless_killed(load(chunk, name, "t", chunk_env))
+  return unless_killed(lib.load(chunk, name, "t", chunk_env))
 end
 
 local function sb_setmetatable(t, mt)
   if type(mt) == "table" and rawget(mt, "__gc") ~= nil then
     error("__gc metamethods are not available in the sandbox", 2)
   end
-  return setmetatable(t, mt)
+  return lib.setmetatable(t, mt)
 end
 
 local function sb_collectgarbage(option)
@@ -402,14 +423,14 @@ for _, name in next, {"assert", "error", "ipairs", "next", "pairs", "rawequal", 
     "rawlen", "rawset", "select", "getmetatable", "tonumber", "tostring", "type", "_VERSION"} do
   env[name] = _G[name]
 end
-env.pcall = function(...) return unless_killed(pcall(...)) end
+env.pcall = function(...) return unless_killed(lib.pcall(...)) end
 env.xpcall, env.load, env.setmetatable, env.collectgarbage =
   sb_xpcall, sb_load, sb_setmetatable, sb_collectgarbage
 env.string, env.table, env.math, env.utf8 = copy(string), copy(table), copy(math), copy(utf8)
 env.os = {clock = os.clock, time = os.time, date = os.date}
 env.coroutine = {
   create = sb_create, resume = sb_resume, wrap = sb_wrap, yield = sb_yield,
-  close = function(co) return unless_killed(co_close(co)) end,
+  close = function(co) return unless_killed(lib.close(co)) end,
   status = co_status, running = co_running, isyieldable = co_isyieldable,
 }
 env._G = env
@@ -426,12 +447,14 @@ env.print = function(...)
   return print_line(concat(parts, "\t", 1, n))
 end
 
-for _, entry in next, decode(spec) do
-  local index, namespace, name, is_async = entry[1], entry[2], entry[3], entry[4]
+-- spec: "ns.fn ns.other *ns.waits ...", bridge indexes 1, 2, 3, ...; "*" marks async
+local index = 0
+for star, namespace, name in gmatch(spec, "(%*?)([^ .]+)%.([^ ]+)") do
+  index = index + 1
   local qualname = namespace .. "." .. name
   qualnames[index] = qualname
   env[namespace] = env[namespace] or {}
-  env[namespace][name] = (is_async and bind_async or bind_sync)(index, qualname)
+  env[namespace][name] = (star == "*" and bind_async or bind_sync)(index, qualname)
 end
 
 -- Error description (main thread, after the script coroutine died) -------------------
@@ -462,17 +485,20 @@ end
 
 local function function_name(info)
   if info.what == "main" then return "main chunk" end
-  return info.name or format("function <%s:%d>", info.short_src, info.linedefined)
+  if rawequal(info.func, main_function) then return "main" end
+  -- "?": called by privileged code, which has no names for Lua to give
+  if info.name and info.name ~= "?" then return info.name end
+  return format("function <%s:%d>", info.short_src, info.linedefined)
 end
 
+-- The script's frames: Lua frames with a current line (see script_where).
 local function frames_of(co)
   local frames, level = {}, 0
   while #frames < 32 do  -- deep recursion would otherwise report thousands
-    local info = getinfo(co, level, "Sln")
+    local info = getinfo(co, level, "Slnf")
     if not info then break end
-    if info.what ~= "C" and info.source ~= PRIVILEGED then
-      local line = info.currentline >= 0 and info.currentline or nil
-      frames[#frames + 1] = {name = function_name(info), line = line, source = info.short_src}
+    if info.currentline >= 0 then
+      frames[#frames + 1] = {name = function_name(info), line = info.currentline, source = info.short_src}
     end
     level = level + 1
   end
@@ -500,25 +526,16 @@ local function global_names()
   return names
 end
 
--- Freed before describing an out-of-memory error, so the description can be built.
-local function blank_64k() return rep(rep(" ", 256), 256) end  -- (rep of 1 byte is slow)
-local reserve = blank_64k()
-
 local function describe(err)
-  local out_of_memory = err == "not enough memory"
-  if out_of_memory then
-    reserve = nil
-    collectgarbage()
-  end
   local info = {message = render(err), frames = frames_of(script_co)}
-  if not (out_of_memory or killed) then info.names = global_names() end
+  if not (err == MEMORY_ERROR or killed) then info.names = global_names() end
   return encode(info, "error", "described", true)
 end
 
 -- The script coroutine ------------------------------------------------------------
 
 local chunk, syntax_error = load(code, "=" .. chunk_name, "t", env)
-if not chunk then return nil, syntax_error end
+if not chunk then return "syntax", syntax_error end
 local params = decode(params_packed)
 env.params = params
 
@@ -527,7 +544,10 @@ env.params = params
 local function runner()
   local result = chunk()
   local main = rawget(env, "main")
-  if type(main) == "function" then result = main(params) end
+  if type(main) == "function" then
+    main_function = main
+    result = main(params)
+  end
   local ok, packed = pcall(encode, result, "result", "returned", false)
   if killed then error(KILL, 0) end
   if ok then return packed end
@@ -535,33 +555,62 @@ local function runner()
   if not problem then error(packed, 0) end  -- out of memory
   return nil, problem
 end
-
--- Replies to the driver: "io", index, args | "done", result | "unserializable", message
--- | "error", description | "killed", description.
-local function finish(ok, first, ...)
-  if killed then return "killed", describe(KILL) end
-  if not ok then return "error", describe(first) end
-  if co_status(script_co) == "suspended" then return "io", ... end
-  if first then return "done", first end
-  return "unserializable", (...)
-end
-
 script_co = hooked(co_create(runner))
-local function step(...)
-  return finish(co_resume(script_co, ...))
-end
+
 local function where()
   return encode({frames = frames_of(script_co)}, "error", "described", true)
 end
+
+-- Above this heap size (KiB, ~0.6 ms of lua_close per MiB of small blocks) release()
+-- collects the garbage itself.
+local RELEASE_ABOVE_KB = 1024
+local function blank_64k() return rep(rep(" ", 256), 256) end  -- (rep of 1 byte is slow)
+
 -- lupa frees a runtime with the GIL held, and glibc merges freed small blocks only at
--- the next large allocation: do both here, inside Lua, where the GIL is released, so
--- a script's big heap does not stall the event loop.
+-- the next large allocation: for a big heap do both here, inside Lua, where the GIL is
+-- released, so the heap does not stall the event loop.  A small heap is left to
+-- lua_close, which frees it faster than a full collection would.
 local function release()
   script_co, env, chunk, params = nil, nil, nil, nil
-  collectgarbage()
-  blank_64k()
+  if collectgarbage("count") > RELEASE_ABOVE_KB then
+    collectgarbage()
+    blank_64k()
+  end
 end
-return step, where, release
+
+local function over(tag, ...)
+  pcall(release)  -- out of memory here is no reason to fail the run: lua_close frees it all
+  return tag, ...
+end
+
+-- The script ran out of memory, and describing that needs some: the driver raises the
+-- memory limit, then calls this.  (A reserve freed at this point, allocated by every
+-- run, made every run ~10% slower.)
+local function describe_memory_error()
+  collectgarbage()
+  return over("error", describe(MEMORY_ERROR))
+end
+
+-- Replies to the driver: "io", index, args | "done", result | "unserializable", message
+-- | "error", description | "killed", description | "memory", describe_memory_error.
+-- The run is over after any reply but "io" and "memory", so the script's memory is
+-- released before answering.
+local function finish(ok, first, ...)
+  if killed then return over("killed", describe(KILL)) end
+  if not ok and first == MEMORY_ERROR then return "memory", describe_memory_error end
+  if not ok then return over("error", describe(first)) end
+  if co_status(script_co) == "suspended" then return "io", ... end
+  if first then return over("done", first) end
+  return over("unserializable", (...))
+end
+
+local function step(...)
+  return finish(co_resume(script_co, ...))
+end
+
+local tag, io_index, io_args = step()
+if tag == "io" then return tag, io_index, io_args, step, where, release end
+return tag, io_index
 """
 
 
@@ -570,11 +619,26 @@ def _deny_attributes(obj: Any, name: Any, is_setting: bool) -> Any:
     raise AttributeError("Python attributes are not accessible from Lua")
 
 
+# The codec first, in a function of its own, so its locals are not the sandbox's.
+_PRIVILEGED: Final = b"local codec = (function()\n" + LUA_CODEC + b"end)()\n" + _SANDBOX
+
+# Runs the privileged bytecode with the driver's arguments.  lupa holds the GIL while
+# it loads the chunk it is given (this small one); the big one loads here, inside Lua,
+# which does not.
+_LOADER: Final = b"return load((...), '" + _PRIVILEGED_CHUNK.encode() + b"', 'b')(select(2, ...))"
+
+
 @functools.cache
 def _bytecode(source: bytes) -> bytes:
-    """Privileged source compiled once per process (loading bytecode is ~3x faster)."""
+    """Privileged Lua compiled once per process, without debug information.
+
+    Loading bytecode is ~3x faster than compiling the text, and without debug information
+    (line numbers, names of locals) the privileged chunk is 40% smaller and loads 40%
+    faster.  The sandbox relies on it: privileged frames are the Lua frames without a
+    current line (see script_where).
+    """
     compiler = LuaRuntime(encoding=None, register_eval=False, register_builtins=False)
-    dump = compiler.eval(b"function(source, name) return string.dump(assert(load(source, name, 't'))) end")
+    dump = compiler.eval(b"function(source, name) return string.dump(assert(load(source, name, 't')), true) end")
     bytecode: bytes = dump(source, _PRIVILEGED_CHUNK.encode())
     return bytecode
 
@@ -740,77 +804,71 @@ class _Killer:
             self.reason = "finished"
 
 
-class _Function:
-    """A Python callable bound into one run."""
-
-    def __init__(self, qualname: str, call: Callable[..., Any]) -> None:
-        self.qualname = qualname
-        self.call = call
-        self.is_async = inspect.iscoroutinefunction(call)
-
-    @functools.cached_property
-    def signature(self) -> inspect.Signature | None:
-        # Computed on first call: most runs call few of their functions, and
-        # inspect.signature costs more than the rest of binding a function.
-        try:
-            return inspect.signature(self.call)
-        except (TypeError, ValueError):  # some builtins have none
-            return None
-
-
-
 class _Bridge:
-    """The Python callables of one run, called by index from Lua."""
+    """The Python callables of one run, called by index from Lua (0 is print)."""
 
     def __init__(self, run: RunContext, namespaces: Sequence[Namespace]) -> None:
         self._run = run
-        self.functions = [_Function("print", lambda line: run.script_log("info", _text(line)))]
+        self.qualnames = ["print"]
+        self._calls: list[Callable[..., Any]] = [self._print]
+        # computed on a function's first call: most runs call few of their functions,
+        # and inspect.signature costs more than the rest of binding one
+        self._signatures: dict[int, inspect.Signature | None] = {0: None}  # print: always one line
+        spec = []
         taken: set[str] = set()
         for namespace in namespaces:
             _check_namespace_name(namespace.name, taken)
             for name, call in namespace.functions(run).items():
                 if not name.isidentifier():
                     raise ValueError(f"{namespace.name}: {name!r} is not a Lua identifier")
-                self.functions.append(_Function(f"{namespace.name}.{name}", call))
-
-    def spec(self) -> bytes:
-        """[[index, namespace, name, is_async], ...] for the sandbox setup."""
-        entries = [[i, *f.qualname.split("."), f.is_async] for i, f in enumerate(self.functions) if i]
-        return to_lua(entries)
+                qualname = f"{namespace.name}.{name}"
+                self.qualnames.append(qualname)
+                self._calls.append(call)
+                spec.append("*" + qualname if inspect.iscoroutinefunction(call) else qualname)
+        # the sandbox setup's list of functions: "ns.fn ns.other *ns.waits" ("*" = async)
+        self.spec = " ".join(spec).encode()
 
     def call_sync(self, index: int, packed: bytes) -> tuple[bool, bytes]:
         """Called from Lua (worker thread): (True, result) or (False, Lua error message)."""
-        function = self.functions[index]
         try:
-            return True, to_lua(function.call(*self._arguments(function, packed)))
+            return True, to_lua(self._calls[index](*self._arguments(index, packed)))
         except Exception as exc:  # every failure becomes a Lua error
-            return False, self._failure(function, exc)
+            return False, self._failure(index, exc)
 
     async def call_async(self, request: _Request) -> tuple[bool, bytes]:
         """Await an async namespace function on the loop for a suspended script."""
-        function = self.functions[request.index]
+        index = request.index
         try:
-            return True, to_lua(await function.call(*self._arguments(function, request.args)))
+            return True, to_lua(await self._calls[index](*self._arguments(index, request.args)))
         except Exception as exc:  # every failure becomes a Lua error
-            return False, self._failure(function, exc)
+            return False, self._failure(index, exc)
 
-    @staticmethod
-    def _arguments(function: _Function, packed: bytes) -> list[Any]:
+    def _print(self, line: bytes) -> None:
+        self._run.script_log("info", _text(line))
+
+    def _arguments(self, index: int, packed: bytes) -> list[Any]:
         args: list[Any] = from_lua(packed)
         while args and args[-1] is None:
             args.pop()
-        if function.signature is not None:
+        if index not in self._signatures:
             try:
-                function.signature.bind(*args)
+                self._signatures[index] = inspect.signature(self._calls[index])
+            except (TypeError, ValueError):  # some builtins have none
+                self._signatures[index] = None
+        signature = self._signatures[index]
+        if signature is not None:
+            try:
+                signature.bind(*args)
             except TypeError as exc:
                 raise LuaCallError(f"wrong arguments ({exc})") from None
         return args
 
-    def _failure(self, function: _Function, exc: Exception) -> bytes:
+    def _failure(self, index: int, exc: Exception) -> bytes:
+        qualname = self.qualnames[index]
         if isinstance(exc, LuaCallError):
-            return f"{function.qualname}: {exc.message}".encode()
-        self._run.logger.exception("lua.namespace_error", function=function.qualname)
-        return f"internal error in {function.qualname}".encode()
+            return f"{qualname}: {exc.message}".encode()
+        self._run.logger.exception("lua.namespace_error", function=qualname)
+        return f"internal error in {qualname}".encode()
 
 
 def _check_namespace_name(name: str, taken: set[str]) -> None:
@@ -836,6 +894,7 @@ class _Session:
         self._bridge = bridge
         self._killer = killer
         self._lua: LuaRuntime | None = None
+        # entry points into the sandbox, while the script waits for I/O
         self._step: Callable[..., Any] | None = None
         self._where: Callable[[], bytes] | None = None
         self._release: Callable[[], None] | None = None
@@ -844,23 +903,21 @@ class _Session:
         """Build the sandbox and run the script until it finishes or waits for I/O."""
         try:
             self._lua = _new_lua(self._run.limits.memory_bytes)
-            codec = self._lua.execute(_bytecode(LUA_CODEC), mode="b")
-            entry_points = self._lua.execute(
-                _bytecode(_SANDBOX),
-                codec,
+            reply = self._lua.execute(
+                _bytecode(_LOADER),
+                _bytecode(_PRIVILEGED),
                 self._killer.check,
                 self._bridge.call_sync,
-                self._bridge.spec(),
+                self._bridge.spec,
                 self._run.limits.hook_interval,
                 self._chunk_name.encode(),
                 self._code,
                 self._params,
                 mode="b",
             )
-            if entry_points[0] is None:
-                return self._final(_Final(error=_syntax_detail(entry_points[1], self._chunk_name)))
-            self._step, self._where, self._release = entry_points
-            return self._reply(*self._step())
+            if reply[0] == b"io":
+                self._step, self._where, self._release = reply[3:]
+            return self._reply(*reply[:3])
         except LuaError as exc:
             return self._final(self._lua_failure(exc))
 
@@ -892,7 +949,7 @@ class _Session:
             stack = _frames(from_lua(self._where()))
         except LuaError:  # out of memory: report without a stack
             stack = []
-        waiting_for = self._bridge.functions[request.index].qualname
+        waiting_for = self._bridge.qualnames[request.index]
         return self._final(
             _Final(error=_stopped_detail(reason, self._run.cancel, self._run.limits, stack, waiting_for))
         )
@@ -904,8 +961,15 @@ class _Session:
     def _reply(self, tag: bytes, *values: Any) -> _Request | _Final:
         if tag == b"io":
             return _Request(*values)
+        if tag == b"memory":
+            assert self._lua is not None
+            self._lua.set_max_memory(self._run.limits.memory_bytes + _DESCRIBE_MEMORY_BYTES)
+            return self._reply(*values[0]())
+        self._release = None  # every other reply is final, and the sandbox released the script
         if tag == b"done":
             return self._final(_Final(result=from_lua(values[0])))
+        if tag == b"syntax":
+            return self._final(_Final(error=_syntax_detail(values[0], self._chunk_name)))
         if tag == b"unserializable":
             return self._final(_Final(error=_unserializable_detail(values[0])))
         info = from_lua(values[0])
@@ -960,6 +1024,109 @@ class _Worker:
                 _count(abandoned_threads=1, abandoned_running=1)
 
 
+class _ThreadPool:
+    """Daemon threads that run session steps.
+
+    Handing a step over costs one queue put and one loop wake-up: a quarter of the loop
+    time of anyio.to_thread.run_sync in a cancel scope (limiter, scope and task
+    bookkeeping), which counts at thousands of short runs a second.  The thread that
+    went idle last takes the next step, so the steps of a run tend to share a thread and
+    its malloc arena: glibc merges the blocks a collection freed only for the arena of
+    the thread asking for memory, so a heap built in one thread and collected in another
+    would be merged later, in lua_close, with the GIL held.  Threads start on demand, up
+    to ``max_threads`` (further steps wait their turn), and end after ``idle_s`` idle.
+    """
+
+    def __init__(self, max_threads: int, idle_s: float) -> None:
+        self._max_threads = max_threads
+        self._idle_s = idle_s
+        self._lock = threading.Lock()
+        self._threads = 0
+        self._idle: list[queue.SimpleQueue[Callable[[], None]]] = []  # inboxes, last idle last
+        self._backlog: collections.deque[Callable[[], None]] = collections.deque()
+
+    def submit(self, job: Callable[[], None]) -> None:
+        """Run ``job`` (which must not raise) in one of the threads."""
+        with self._lock:
+            if self._idle:
+                inbox = self._idle.pop()
+            elif self._threads < self._max_threads:
+                self._threads += 1
+                inbox = None
+            else:
+                self._backlog.append(job)
+                return
+        if inbox is not None:
+            inbox.put(job)
+            return
+        try:
+            threading.Thread(target=self._work, args=(job,), name="luanette-lua", daemon=True).start()
+        except BaseException:
+            with self._lock:
+                self._threads -= 1
+            raise
+
+    def _work(self, job: Callable[[], None]) -> None:
+        inbox: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        while True:
+            job()
+            with self._lock:
+                if self._backlog:
+                    job = self._backlog.popleft()
+                    continue
+                self._idle.append(inbox)
+            try:
+                job = inbox.get(timeout=self._idle_s)
+            except queue.Empty:
+                with self._lock:
+                    if inbox in self._idle:  # still idle: end
+                        self._idle.remove(inbox)
+                        self._threads -= 1
+                        return
+                job = inbox.get()  # a job was handed over as the wait ended
+
+
+# Lua steps of every run in the process; runs beyond this many threads wait their turn.
+_threads = _ThreadPool(max_threads=64, idle_s=10.0)
+
+
+def _in_thread(
+    loop: asyncio.AbstractEventLoop, fn: Callable[..., _T], *args: Any
+) -> asyncio.Future[_T]:
+    """Run ``fn(*args)`` in a pool thread, in a copy of the caller's context."""
+    future: asyncio.Future[_T] = loop.create_future()
+    _threads.submit(functools.partial(_thread_job, loop, future, contextvars.copy_context(), fn, args))
+    return future
+
+
+def _thread_job(
+    loop: asyncio.AbstractEventLoop,
+    future: asyncio.Future[Any],
+    context: contextvars.Context,
+    fn: Callable[..., Any],
+    args: tuple[Any, ...],
+) -> None:
+    try:
+        outcome = context.run(fn, *args), None
+    except BaseException as exc:  # raised again where the future is awaited
+        outcome = None, exc
+    with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits any more
+        loop.call_soon_threadsafe(_resolve, future, *outcome)
+
+
+def _resolve(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
+    if future.done():  # cancelled, or given up on
+        return
+    if error is None:
+        future.set_result(result)
+    else:
+        future.set_exception(error)
+
+
+# Result of a thread step the driver stopped waiting for (deadline + grace passed).
+_ABANDONED: Final = object()
+
+
 class _Driver:
     """Drives one session from the event loop: thread steps and I/O waits in turn."""
 
@@ -968,64 +1135,83 @@ class _Driver:
         self._bridge = bridge
         self._killer = killer
         self._worker = _Worker(session)
-        self._scope: anyio.CancelScope | None = None
-        self._grace = 0.0
+        # asyncio only (the daemon's backend)
+        self._loop = asyncio.get_running_loop()
+        self._step: asyncio.Future[Any] | None = None  # the thread step being waited for
+        self._abandon: asyncio.TimerHandle | None = None  # gives up on that step
+        self._io_scope: anyio.CancelScope | None = None  # of the I/O wait in progress
 
     async def run(self) -> _Final:
         """Run the script to its end; the runtime is released before returning."""
-        # asyncio only (the daemon's backend): wakes the loop from the cancelling thread
-        call_soon = asyncio.get_running_loop().call_soon_threadsafe
+        token = self._killer.token
+        # wakes the loop from the cancelling thread
+        listener = functools.partial(self._loop.call_soon_threadsafe, self._on_cancel)
+        token._listen(listener)
         try:
-            with self._killer.token._listening(lambda: call_soon(self._on_cancel)):
-                reply = await self._in_thread(self._session.start)
-                while not isinstance(reply, _Final):
-                    answer = await self._wait_io(reply)
-                    if answer is None:
-                        return await self._in_thread(self._session.interrupted, self._killer.expire(), reply)
-                    reply = await self._in_thread(self._session.resume, *answer)
-                return reply
+            reply = await self._thread_step(self._session.start)
+            while not isinstance(reply, _Final):
+                answer = await self._wait_io(reply)
+                if answer is None:
+                    return await self._thread_step(self._session.interrupted, self._killer.expire(), reply)
+                reply = await self._thread_step(self._session.resume, *answer)
+            return reply
         finally:
+            token._unlisten(listener)
             self._killer.stop()
-            await self._release()
+            # unless the last step closed it, or an abandoned thread will
+            if not (self._session.closed or self._worker.busy):
+                with anyio.CancelScope(shield=True):
+                    await _in_thread(self._loop, self._session.close)
 
-    async def _in_thread(self, step: Callable[..., _T], *args: Any) -> _T | _Final:
+    async def _thread_step(self, step: Callable[..., _T], *args: Any) -> _T | _Final:
+        self._step = _in_thread(self._loop, self._worker.run, step, *args)
+        self._abandon = self._loop.call_at(
+            self._loop_deadline(ABANDON_GRACE_S), _resolve, self._step, _ABANDONED, None
+        )
+        if self._killer.token.cancelled:
+            self._on_cancel()
         try:
-            with anyio.CancelScope(deadline=self._loop_deadline(ABANDON_GRACE_S)) as scope:
-                self._enter(scope, ABANDON_GRACE_S)
-                return await anyio.to_thread.run_sync(self._worker.run, step, *args, abandon_on_cancel=True)
+            result = await self._step
         except BaseException:
             self._worker.abandon()  # cancelled from outside: the hook stops the thread
             raise
-        self._worker.abandon()  # deadline + grace passed and Lua did not come back
-        return self._session.stopped(self._killer.expire())
+        finally:
+            self._abandon.cancel()
+            self._step = self._abandon = None
+        if result is _ABANDONED:
+            self._worker.abandon()  # deadline + grace passed and Lua did not come back
+            return self._session.stopped(self._killer.expire())
+        return result
 
     async def _wait_io(self, request: _Request) -> tuple[bool, bytes] | None:
-        with anyio.CancelScope(deadline=self._loop_deadline(0.0)) as scope:
-            self._enter(scope, 0.0)
-            return await self._bridge.call_async(request)
+        with anyio.CancelScope(deadline=self._loop_deadline(0.0)) as self._io_scope:
+            if self._killer.token.cancelled:
+                self._io_scope.cancel()
+            try:
+                return await self._bridge.call_async(request)
+            finally:
+                self._io_scope = None
         return None
 
     def _loop_deadline(self, grace: float) -> float:
-        return anyio.current_time() + (self._killer.deadline - time.monotonic()) + grace
-
-    def _enter(self, scope: anyio.CancelScope, grace: float) -> None:
-        self._scope, self._grace = scope, grace
-        if self._killer.token.cancelled:
-            self._on_cancel()
+        return self._loop.time() + (self._killer.deadline - time.monotonic()) + grace
 
     def _on_cancel(self) -> None:
-        # Loop thread.  Waits on I/O end now; a thread step gets the grace to come back.
-        if self._scope is not None:
-            self._scope.deadline = min(self._scope.deadline, anyio.current_time() + self._grace)
-
-    async def _release(self) -> None:
-        if self._session.closed or self._worker.busy:
-            return  # closed by the last step, or an abandoned thread will close it
-        with anyio.CancelScope(shield=True):
-            await anyio.to_thread.run_sync(self._session.close)
+        # Loop thread.  A wait on I/O ends now; a thread step gets the grace to come back.
+        if self._io_scope is not None:
+            self._io_scope.cancel()
+        if self._step is not None and self._abandon is not None:  # a thread step
+            when = self._loop.time() + ABANDON_GRACE_S
+            if when < self._abandon.when():
+                self._abandon.cancel()
+                self._abandon = self._loop.call_at(when, _resolve, self._step, _ABANDONED, None)
 
 
 # ------------------------------------------------------------------------ public API
+
+# Run ids: a per-process prefix (unique across restarts) and a counter.
+_RUN_ID_PREFIX: Final = uuid.uuid4().hex[:12]
+_run_numbers = itertools.count(1)
 
 
 async def run_script(
@@ -1051,15 +1237,15 @@ async def run_script(
     cannot be passed to Lua (kind "invalid_params").
     """
     started = time.perf_counter()
-    _count(runs=1)
+    with _stats_lock:
+        stats.runs += 1
     token = cancel or CancelToken()
-    run_id = uuid.uuid4().hex
     run = RunContext(
-        run_id=run_id,
+        run_id=f"{_RUN_ID_PREFIX}-{next(_run_numbers)}",
         limits=limits,
         cancel=token,
-        logger=(log or _log).bind(run_id=run_id),
         deadline=time.monotonic() + limits.timeout_s,
+        caller_logger=log or _log,
     )
     try:
         packed_params = to_lua(params)

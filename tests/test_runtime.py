@@ -351,6 +351,23 @@ async def test_stack_overflow_is_reported_with_capped_stack() -> None:
     assert 0 < len(detail.stack) <= 32
 
 
+@pytest.mark.parametrize(
+    ("code", "message"),
+    [
+        ("setmetatable(nil, {})", "bad argument #1 to 'setmetatable' (table expected, got nil)"),
+        ("pcall()", "bad argument #1 to 'pcall' (value expected)"),
+        ("load(nil)", "bad argument #1 to 'load' (function expected, got nil)"),
+        ("coroutine.resume(42)", "bad argument #1 to 'resume' (thread expected, got number)"),
+        ("coroutine.close(42)", "bad argument #1 to 'close' (thread expected, got number)"),
+    ],
+)
+async def test_argument_errors_behind_sandbox_wrappers_name_the_function(code: str, message: str) -> None:
+    # the wrappers are runtime code: neither their names nor their positions show
+    detail = await error_of(f"\n{code}")
+    assert detail.message == message
+    assert [(f.function, f.line) for f in detail.stack] == [("main chunk", 2)]
+
+
 # --------------------------------------------------------------------------- logging
 
 

@@ -7,6 +7,7 @@ loaded two-core machine while still failing if a stop does not happen.
 from __future__ import annotations
 
 import statistics
+import threading
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -458,6 +459,25 @@ async def test_memory_error_inside_user_coroutine() -> None:
     assert detail.kind == "memory_limit"
 
 
+@pytest.mark.parametrize("before", ["", "t.sleep(1)\n"], ids=["first step", "after I/O"])
+async def test_memory_error_deep_in_the_stack_is_described_in_full(before: str) -> None:
+    # describing this takes more memory than the script left (and than a reserve of a
+    # few KiB would give): the runtime grants it
+    name = "f" * 5000
+    code = (
+        f"{before}local function {name}(n)\n"
+        f"  if n == 0 then local t = {{}} for i = 1, 1e9 do t[i] = {{i}} end end\n"
+        f"  return {name}(n - 1) + 1\n"
+        f"end\n"
+        f"{name}(100)"
+    )
+    detail, _ = await failure(code, limits=Limits(memory_bytes=16 * 2**20))
+    assert detail.kind == "memory_limit"
+    assert detail.line == 2 + before.count("\n")
+    assert len(detail.stack) == 32
+    assert detail.stack[0].function == name
+
+
 async def test_script_may_catch_an_allocation_failure_and_go_on() -> None:
     code = "local ok, err = pcall(string.rep, 'x', 2^30) return {ok, err, #string.rep('y', 1000)}"
     assert await run_t(code) == [False, "not enough memory", 1000]
@@ -585,6 +605,41 @@ async def test_many_concurrent_io_scripts_share_few_threads() -> None:
         for _ in range(100):
             tg.start_soon(run_t, "return t.sleep(200)")
     assert time.monotonic() - started < 1.5
+
+
+def test_thread_pool_caps_threads_queues_the_rest_and_lets_idle_threads_end() -> None:
+    pool = runtime._ThreadPool(max_threads=2, idle_s=0.1)
+    lock = threading.Lock()
+    ran: list[int] = []
+    running = 0
+    most_running = 0
+
+    def job() -> None:
+        nonlocal running, most_running
+        with lock:
+            running += 1
+            most_running = max(most_running, running)
+        time.sleep(0.01)
+        with lock:
+            running -= 1
+            ran.append(threading.get_ident())
+
+    for _ in range(10):
+        pool.submit(job)
+    started = time.monotonic()
+    while len(ran) < 10 and time.monotonic() - started < 5:
+        time.sleep(0.01)
+    assert len(ran) == 10
+    assert most_running == 2 and len(set(ran)) == 2
+
+    # an idle thread takes the next job; after idle_s without one, the threads end
+    pool.submit(job)
+    while len(ran) < 11 and time.monotonic() - started < 5:
+        time.sleep(0.01)
+    assert ran[-1] in ran[:10]
+    while pool._threads and time.monotonic() - started < 5:
+        time.sleep(0.02)
+    assert pool._threads == 0 and not pool._idle
 
 
 # -------------------------------------------------------------------- measurements

@@ -31,9 +31,12 @@ from luanette.broadcast import Publisher
 from luanette.cas import Cas
 from luanette.config import Config
 from luanette.dispatch import Dispatcher, RequestContext, error
+from luanette.backends import Backends
 from luanette.jobs import Jobs
 from luanette.scripts import Scripts
+from luanette.settings import Settings, load_settings
 from luanette.stdlib.log import LogNamespace
+from luanette.stdlib.models import model_namespaces
 from luanette.store import Store
 
 log = structlog.get_logger("luanette.server")
@@ -75,7 +78,9 @@ class _Reply(msgspec.Struct):
 class Server:
     """Luanette's ROUTER front end. Call :meth:`serve` inside an anyio event loop."""
 
-    def __init__(self, config: Config, *, context: zmq.asyncio.Context | None = None) -> None:
+    def __init__(
+        self, config: Config, *, settings: Settings | None = None, context: zmq.asyncio.Context | None = None
+    ) -> None:
         self.config = config
         self.stats = ServerStats()
         self.endpoint: str | None = None
@@ -85,13 +90,16 @@ class Server:
         state_dir = Path(config.state_dir) if config.state_dir else default_state_dir()
         self.store = Store.open(state_dir)
         self.publisher = Publisher(context=self._context)
+        settings = settings or load_settings(None)
+        self.backends = Backends(settings.backends)
+        models = model_namespaces(self.backends, self.cas, settings.models)
         scripts = Scripts(self.cas, self.store, limits)
         self.jobs = Jobs(
             store=self.store,
             scripts=scripts,
             publisher=self.publisher,
             limits=limits,
-            namespaces=lambda: [LogNamespace()],
+            namespaces=lambda: [LogNamespace(), *models],
             max_jobs=config.max_jobs,
             queue_size=config.job_queue,
             temp_root=state_dir / "temp",
@@ -160,6 +168,7 @@ class Server:
                 await self._draining.wait()
                 await self._drain()
                 tg.cancel_scope.cancel()
+            await self.backends.aclose()
         finally:
             sock.close()
             self.publisher.publish(t.ShutdownNotice(reason=self.shutdown_reason or "stopped"))

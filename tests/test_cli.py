@@ -244,3 +244,15 @@ def test_watch_prints_broadcasts(daemon, tmp_path):
     lines = [json.loads(x) for x in out.splitlines()]
     assert lines[0] == {"type": "script_invalidate", "hash": digest}
     assert [x["state"] for x in lines[1:]] == ["pending", "running"]
+
+
+def test_daemon_refuses_a_bad_config_file(tmp_path):
+    import subprocess
+
+    from tests.conftest import BIN
+
+    bad = tmp_path / "luanette.toml"
+    bad.write_text('[backends.orpheus]\nconcurrency = "lots"\n')
+    r = subprocess.run([str(BIN / "luanette"), "serve", "--config", str(bad)], capture_output=True, text=True, timeout=20)
+    assert r.returncode == 2
+    assert "backends.orpheus.concurrency" in r.stderr and len(r.stderr.strip().splitlines()) == 1

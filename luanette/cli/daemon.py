@@ -16,6 +16,7 @@ import zmq
 from luanette import logs, runtime
 from luanette.config import DEFAULT_BIND, DEFAULT_PUB, Config
 from luanette.server import Server
+from luanette.settings import Settings, SettingsError, load_settings
 
 
 def parse_size(text: str) -> int:
@@ -79,6 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="finished jobs older than this are pruned at start-up (default 7)")
     serve.add_argument("--job-retention-count", type=positive(int), default=d.job_retention_count,
                        help=f"finished jobs kept at most (default {d.job_retention_count})")
+    serve.add_argument("--config", default=None, metavar="FILE",
+                       help="TOML settings file: model backends (see docs/configuration.md)")
     serve.add_argument("--log-json", action="store_true", help="log JSON lines instead of console text")
     return parser
 
@@ -93,9 +96,9 @@ def config_from(args: argparse.Namespace) -> Config:
     return Config(**values)
 
 
-async def serve(config: Config) -> None:
+async def serve(config: Config, settings: Settings) -> None:
     """Run the server until Shutdown, SIGINT or SIGTERM, then drain and return."""
-    server = Server(config)
+    server = Server(config, settings=settings)
     server.bind()  # outside the task group, so a busy address is a plain ZMQError
     async with anyio.create_task_group() as tg:
 
@@ -112,10 +115,15 @@ async def serve(config: Config) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     config = config_from(args)
+    try:
+        settings = load_settings(args.config)
+    except SettingsError as e:
+        print(f"luanette: {e}", file=sys.stderr)
+        return 2
     logs.configure(json=config.log_json)
     log = structlog.get_logger("luanette")
     try:
-        anyio.run(serve, config)
+        anyio.run(serve, config, settings)
     except (OSError, zmq.ZMQError) as e:  # e.g. the address is in use
         log.error("server.failed", error=str(e), bind=config.bind)
         return 1

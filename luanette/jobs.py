@@ -188,21 +188,30 @@ class Jobs:
 
     async def poll(self, job_ids: list[str], timeout_s: float, mode: PollMode) -> PollResult:
         """Wait up to ``timeout_s`` (capped at 30 s) until any/all of ``job_ids`` finish."""
-        for job_id in job_ids:
-            self.status(job_id)  # unknown ids are an error, not "pending forever"
         deadline = anyio.current_time() + min(max(timeout_s, 0.0), POLL_CAP_S)
+        done: dict[str, JobInfo] = {}
+        waiting: list[str] = []
+        for job_id in dict.fromkeys(job_ids):  # unknown ids are an error, not "pending forever"
+            info = self.status(job_id)
+            if info.status in FINISHED:
+                done[job_id] = info
+            else:
+                waiting.append(job_id)
         while True:
             changed = self._changed
-            infos = [self.status(j) for j in job_ids]
-            done = [i for i in infos if i.status in FINISHED]
-            waiting = [i.job_id for i in infos if i.status not in FINISHED]
-            satisfied = not waiting if mode is PollMode.ALL else bool(done) or not job_ids
-            if satisfied:
-                return PollResult(done, waiting, False)
+            # Only jobs that were waiting can have finished, and a finished job has left
+            # the live set: re-read just those (reading every id on every change made a
+            # poll of N jobs cost N^2 queries).
+            for job_id in [j for j in waiting if j not in self._live]:
+                done[job_id] = self.status(job_id)
+            waiting = [j for j in waiting if j in self._live]
+            if (not waiting) if mode is PollMode.ALL else (bool(done) or not job_ids):
+                break
             with anyio.move_on_after(deadline - anyio.current_time()):
                 await changed.wait()
                 continue
-            return PollResult(done, waiting, True)
+            return PollResult(list(done.values()), waiting, True)
+        return PollResult(list(done.values()), waiting, False)
 
     # --- running ---------------------------------------------------------------------
 

@@ -148,7 +148,9 @@ class Jobs:
                 params = params_mod.validate(record.params_schema, params)
             except params_mod.InvalidParams as e:
                 raise JobError("invalid_params", f"params do not fit {record.name or script_hash}: {e}") from None
-        if len(self._live) >= self.max_jobs + self._queue_size:
+        # The queue itself is the limit (live jobs also count the ones running, and a
+        # worker between two jobs would let one more in than the queue can hold).
+        if self._send.statistics().current_buffer_used >= self._queue_size:
             raise JobError("busy", f"{self.max_jobs} jobs are running and {self._queue_size} are queued; try again shortly")
         job_id = _new_job_id()
         info = self.store.create_job(job_id, script_hash, params, tags, time.time())

@@ -390,3 +390,22 @@ async def test_a_job_reads_midi_from_the_cas_transposes_it_and_cleans_its_temp_d
     job_dir = Path(done["result"]["dir"])
     assert job_dir.parent == Path(server.server.config.state_dir) / "temp"
     assert not job_dir.exists()  # removed when the job ended
+
+
+async def test_a_burst_past_the_queue_gets_busy_never_internal(make_server):
+    running = await make_server(max_jobs=2, job_queue=20)
+    async with Client(running.endpoint) as c:
+        digest = await store(c, "local s = os.clock() + 0.01 while os.clock() < s do end return 1")
+        replies: list[t.Payload] = []
+
+        async def keep_submitting() -> None:  # steady pressure while jobs complete
+            for _ in range(60):
+                replies.append(await c.request(t.JobExecute(script_hash=digest, params=None)))
+
+        await asyncio.gather(*(keep_submitting() for _ in range(16)))
+        codes = {r.code for r in replies if isinstance(r, t.Error)}
+        assert codes <= {"busy"}, codes
+        accepted = [r.result["job_id"] for r in replies if isinstance(r, t.Success)]
+        assert len(accepted) >= 20
+        done = (await c.request(t.JobPoll(job_ids=accepted, timeout_ms=20000, mode=t.PollMode.ALL), timeout=30)).result
+        assert len(done["completed"]) == len(accepted) and not done["timed_out"]

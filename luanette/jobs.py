@@ -68,9 +68,12 @@ class _Live:
         self.progress: dict[str, Any] | None = None
 
 
-def _new_job_id(counter: itertools.count = itertools.count(1)) -> str:
+_job_counter = itertools.count(1)
+
+
+def _new_job_id() -> str:
     # Sortable, unique across restarts (time) and within one (counter, pid).
-    return f"job_{int(time.time() * 1000):x}_{os.getpid():x}_{next(counter):x}"
+    return f"job_{int(time.time() * 1000):x}_{os.getpid():x}_{next(_job_counter):x}"
 
 
 class Jobs:

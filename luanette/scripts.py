@@ -14,7 +14,7 @@ import anyio
 import msgspec
 
 from luanette import runtime
-from luanette.cas import Cas, CasError, NotFound
+from luanette.cas import Cas, CasError
 from luanette.store import ScriptRecord, Store
 
 MIME = "text/x-lua"
@@ -107,11 +107,9 @@ class Scripts:
         return await self.describe_source(await self.source(script_hash))
 
     def record(self, script_hash: str) -> ScriptRecord | None:
+        """The index entry of a stored script, if it was stored through Luanette."""
         return self.store.get_script(script_hash)
 
 
 def _text(value: Any) -> str | None:
     return value if isinstance(value, str) else None
-
-
-__all__ = ["Described", "NotFound", "ScriptProblem", "Scripts"]

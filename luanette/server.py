@@ -25,7 +25,7 @@ import zmq.asyncio
 from hooteproto import frames
 from hooteproto import types as t
 from hooteproto.codec import DecodeError, Encoding, detect, envelope_codec, payload_codec, peek_envelope_id
-from hooteproto.frames import Command, ContentType, Hoot01
+from hooteproto.frames import Command, Hoot01
 from luanette import runtime
 from luanette.broadcast import Publisher
 from luanette.cas import Cas

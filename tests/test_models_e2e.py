@@ -8,7 +8,6 @@ import wave
 import mido
 import pytest
 
-from hooteproto import types as t
 from hooteproto.client import Client
 from luanette.settings import parse_settings
 from luanette.sim import run_models

@@ -23,6 +23,7 @@ from luanette.config import Config
 from luanette.jobs import JobError, Jobs
 from luanette.scripts import ScriptProblem, Scripts
 from luanette.store import ScriptRecord
+from luanette.stdlib.clock import ClockNamespace
 from luanette.stdlib.log import LogNamespace
 
 log = structlog.get_logger("luanette.dispatch")
@@ -173,7 +174,7 @@ class Dispatcher:
                     p.params,
                     limits=self._limits,
                     cancel=ctx.cancel,
-                    namespaces=[LogNamespace()],
+                    namespaces=[LogNamespace(), ClockNamespace()],
                     chunk_name="eval",
                     log=ctx.log,
                 )

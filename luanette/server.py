@@ -35,6 +35,7 @@ from luanette.backends import Backends
 from luanette.jobs import Jobs
 from luanette.scripts import Scripts
 from luanette.settings import Settings, load_settings
+from luanette.stdlib.clock import ClockNamespace
 from luanette.stdlib.log import LogNamespace
 from luanette.stdlib.models import model_namespaces
 from luanette.store import Store
@@ -99,7 +100,7 @@ class Server:
             scripts=scripts,
             publisher=self.publisher,
             limits=limits,
-            namespaces=lambda: [LogNamespace(), *models],
+            namespaces=lambda: [LogNamespace(), ClockNamespace(), *models],
             max_jobs=config.max_jobs,
             queue_size=config.job_queue,
             temp_root=state_dir / "temp",

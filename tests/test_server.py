@@ -356,3 +356,8 @@ async def test_script_logs_carry_the_request_id(server, zctx):
     assert [(e["log_level"], e["message"]) for e in lines] == [("warning", "tempo drift"), ("info", "a\t1")]
     assert all(e["request_id"] == str(request.request_id) for e in lines)
     assert lines[0]["fields"] == {"bpm": 121}
+
+
+async def test_lua_eval_has_the_clock(client):
+    reply = await client.request(t.LuaEval(code="local a = clock.now() clock.sleep(20) return clock.advance(5) - a"))
+    assert isinstance(reply, t.Success) and reply.result["result"] == 5

@@ -7,10 +7,9 @@ stable code (see docs/protocol.md).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import msgspec
@@ -97,6 +96,7 @@ class Dispatcher:
         self.registrations: dict[uuid.UUID, t.WorkerRegistration] = {}
         self._on_shutdown = on_shutdown
         self._eval_slots = asyncio.Semaphore(config.max_evals)
+        self._eval_namespaces = (LogNamespace(), ClockNamespace())  # stateless: shared
         self._evals_waiting = 0
         self._limits = limits
         self._handlers: dict[type, Handler] = {
@@ -167,21 +167,32 @@ class Dispatcher:
         return t.ToolList(tools=self.tools())
 
     async def lua_eval(self, p: t.LuaEval, ctx: RequestContext) -> t.Payload:
+        # Inline rather than a context manager: this runs for every eval.
+        if self._eval_slots.locked() and self._evals_waiting >= self.config.eval_queue:
+            return error(
+                "busy",
+                f"{self.config.max_evals} scripts are running and {self.config.eval_queue} "
+                "are waiting; try again shortly",
+            )
+        self._evals_waiting += 1
         try:
-            async with self._eval_slot():
-                outcome = await runtime.run_script(
-                    p.code,
-                    p.params,
-                    limits=self._limits,
-                    cancel=ctx.cancel,
-                    namespaces=[LogNamespace(), ClockNamespace()],
-                    chunk_name="eval",
-                    log=ctx.log,
-                )
-        except Busy as e:
-            return error("busy", str(e))
+            await self._eval_slots.acquire()
+        finally:
+            self._evals_waiting -= 1
+        try:
+            outcome = await runtime.run_script(
+                p.code,
+                p.params,
+                limits=self._limits,
+                cancel=ctx.cancel,
+                namespaces=self._eval_namespaces,
+                chunk_name="eval",
+                log=_DeferredLog(ctx),
+            )
         except runtime.ScriptError as e:
             return lua_error(e.detail)
+        finally:
+            self._eval_slots.release()
         return t.Success(result={"result": outcome.result, "duration_ms": outcome.duration_ms})
 
     async def script_store(self, p: t.ScriptStore, ctx: RequestContext) -> t.Payload:
@@ -238,30 +249,21 @@ class Dispatcher:
     async def list_resources(self, p: t.ListResources, ctx: RequestContext) -> t.Payload:
         return t.Success(result=[{"uri": STATS_URI, "description": "job counts by state", "mime_type": "application/json"}])
 
-    @contextlib.asynccontextmanager
-    async def _eval_slot(self) -> AsyncIterator[None]:
-        """Hold one of ``max_evals`` slots; wait in a queue of ``eval_queue`` at most."""
-        if self._eval_slots.locked() and self._evals_waiting >= self.config.eval_queue:
-            raise Busy(
-                f"{self.config.max_evals} scripts are running and {self.config.eval_queue} "
-                "are waiting; try again shortly"
-            )
-        self._evals_waiting += 1
-        try:
-            await self._eval_slots.acquire()
-        finally:
-            self._evals_waiting -= 1
-        try:
-            yield
-        finally:
-            self._eval_slots.release()
-
-
-class Busy(Exception):
-    """A limit is reached; the client should retry later."""
-
 
 STATS_URI = "luanette://jobs/stats"
+
+
+class _DeferredLog:
+    """Stands in for the request's logger: the runtime binds it only when a script logs,
+    so most evals never pay for binding the request id."""
+
+    __slots__ = ("_ctx",)
+
+    def __init__(self, ctx: RequestContext) -> None:
+        self._ctx = ctx
+
+    def bind(self, **values: Any) -> Any:
+        return self._ctx.log.bind(**values)
 
 
 def _script_view(record: ScriptRecord) -> dict[str, Any]:

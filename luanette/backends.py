@@ -33,10 +33,9 @@ connections), and the same through one ``aiohttp.ClientSession`` at ~2 s.  The
 connector is unbounded (``limit=0``): the per-backend semaphores are the limit, so a
 backend configured for 1,000 concurrent requests gets 1,000 connections.
 
-``traceparent``: each request carries a W3C ``traceparent`` header when one is known --
-the ``traceparent`` argument of :meth:`Backends.call`, else the value of the
-``traceparent`` callable given to the constructor (the OpenTelemetry work plugs the
-current span in there); nothing is sent when both give ``None``.
+Tracing: each call is a ``luanette.backend.call`` span (a child of the current span,
+i.e. of the script's) and its request carries that span's W3C ``traceparent`` header,
+unless :meth:`Backends.call` is given a ``traceparent`` of its own.
 
 Everything here runs on the event loop; nothing blocks it (JSON is decoded with
 msgspec, which is fast enough for multi-megabyte base64 answers).
@@ -57,6 +56,7 @@ import msgspec
 import structlog
 
 from luanette.settings import BackendSettings
+from luanette.telemetry import Span, SpanKind, Telemetry, traceparent_of
 
 __all__ = [
     "BackendError",
@@ -162,11 +162,11 @@ class Backends:
         self,
         backends: Mapping[str, BackendSettings],
         *,
-        traceparent: Callable[[], str | None] | None = None,
+        telemetry: Telemetry | None = None,
         user_agent: str = USER_AGENT,
     ) -> None:
         self._backends = {name: _Backend(name, s) for name, s in backends.items()}
-        self._traceparent = traceparent
+        self._telemetry = telemetry or Telemetry()
         self._user_agent = user_agent
         self._session: aiohttp.ClientSession | None = None
         self._closed = False
@@ -218,10 +218,27 @@ class Backends:
         headers = {"User-Agent": self._user_agent, "Accept": "application/json", **s.headers}
         if data is not None:
             headers["Content-Type"] = "application/json"
-        if traceparent is None and self._traceparent is not None:
-            traceparent = self._traceparent()
-        if traceparent:
-            headers["traceparent"] = traceparent
+        with self._telemetry.span(
+            "luanette.backend.call",
+            kind=SpanKind.CLIENT,
+            attributes={"backend.name": name, "http.request.method": method, "url.full": url},
+        ) as span:
+            headers["traceparent"] = traceparent or traceparent_of(span) or ""
+            if not headers["traceparent"]:
+                del headers["traceparent"]
+            return await self._call(backend, method, url, data, headers, deadline, span)
+
+    async def _call(
+        self,
+        backend: _Backend,
+        method: str,
+        url: str,
+        data: bytes | None,
+        headers: dict[str, str],
+        deadline: float | None,
+        span: Span,
+    ) -> Any:
+        name, s = backend.name, backend.settings
         attempt = 0
         try:
             while True:
@@ -248,6 +265,7 @@ class Backends:
                     backend.stats.retries += 1
                     continue
                 backend.stats.ok += 1
+                span.set_attribute("backend.attempts", attempt)
                 return result
         except Exception:
             backend.stats.failures += 1

@@ -44,3 +44,6 @@ class Config(msgspec.Struct, kw_only=True, frozen=True):
     job_retention_count: int = 10_000
     """At most this many finished jobs are kept."""
     log_json: bool = False
+    otlp_endpoint: str | None = None
+    """OTLP/HTTP collector base URL (e.g. ``http://127.0.0.1:4318``) that spans and
+    metrics are exported to; ``None`` exports nothing."""

@@ -21,9 +21,12 @@ from luanette.broadcast import Publisher
 from luanette.config import Config
 from luanette.jobs import JobError, Jobs
 from luanette.scripts import ScriptProblem, Scripts
-from luanette.store import ScriptRecord
 from luanette.stdlib.clock import ClockNamespace
+from luanette.stdlib.json import JsonNamespace
 from luanette.stdlib.log import LogNamespace
+from luanette.stdlib.otel import OtelNamespace
+from luanette.store import ScriptRecord
+from luanette.telemetry import Span, Telemetry, script_attributes, span_ids
 
 log = structlog.get_logger("luanette.dispatch")
 
@@ -32,20 +35,23 @@ class RequestContext:
     """What a handler knows about the request besides its payload. Hashed by identity,
     so the server can keep a set of the ones in flight."""
 
-    __slots__ = ("request_id", "traceparent", "kind", "cancel", "_log")
+    __slots__ = ("_log", "cancel", "kind", "request_id", "span", "traceparent")
 
     def __init__(self, request_id: uuid.UUID, kind: str, traceparent: str | None = None) -> None:
         self.request_id = request_id
         self.kind = kind
         self.traceparent = traceparent
         self.cancel = runtime.CancelToken()
+        self.span: Span | None = None  # the request's luanette.dispatch span, once it runs
         self._log: Any = None
 
     @property
     def log(self) -> Any:
-        """A logger bound to this request (bound on first use: most requests never log)."""
+        """A logger bound to this request and its trace (bound on first use: most
+        requests never log)."""
         if self._log is None:
-            self._log = log.bind(request_id=str(self.request_id), type=self.kind)
+            ids = span_ids(self.span) if self.span is not None else {}
+            self._log = log.bind(request_id=str(self.request_id), type=self.kind, **ids)
         return self._log
 
 
@@ -86,8 +92,10 @@ class Dispatcher:
         scripts: Scripts,
         publisher: Publisher,
         on_shutdown: Callable[[str], None],
+        telemetry: Telemetry,
     ) -> None:
         self.config = config
+        self._telemetry = telemetry
         self.jobs = jobs
         self.scripts = scripts
         self._publisher = publisher
@@ -96,7 +104,8 @@ class Dispatcher:
         self.registrations: dict[uuid.UUID, t.WorkerRegistration] = {}
         self._on_shutdown = on_shutdown
         self._eval_slots = asyncio.Semaphore(config.max_evals)
-        self._eval_namespaces = (LogNamespace(), ClockNamespace())  # stateless: shared
+        # stateless: shared by every eval
+        self._eval_namespaces = (LogNamespace(), ClockNamespace(), JsonNamespace(), OtelNamespace(telemetry))
         self._evals_waiting = 0
         self._limits = limits
         self._handlers: dict[type, Handler] = {
@@ -180,15 +189,18 @@ class Dispatcher:
         finally:
             self._evals_waiting -= 1
         try:
-            outcome = await runtime.run_script(
-                p.code,
-                p.params,
-                limits=self._limits,
-                cancel=ctx.cancel,
-                namespaces=self._eval_namespaces,
-                chunk_name="eval",
-                log=_DeferredLog(ctx),
-            )
+            with self._telemetry.span("luanette.script.execute") as span:
+                if span.is_recording():
+                    span.set_attributes(script_attributes(p.code, "eval"))
+                outcome = await runtime.run_script(
+                    p.code,
+                    p.params,
+                    limits=self._limits,
+                    cancel=ctx.cancel,
+                    namespaces=self._eval_namespaces,
+                    chunk_name="eval",
+                    log=_DeferredLog(ctx),
+                )
         except runtime.ScriptError as e:
             return lua_error(e.detail)
         finally:

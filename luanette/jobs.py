@@ -23,6 +23,7 @@ from typing import Any
 import anyio
 import msgspec
 import structlog
+from opentelemetry import context as otel_context
 
 from hooteproto.types import JobInfo, JobStateChanged, JobStatus, JobStoreStats, PollMode, Progress
 from luanette import params as params_mod
@@ -32,9 +33,11 @@ from luanette.cas import CasError
 from luanette.scripts import Scripts
 from luanette.stdlib.cas import CasNamespace
 from luanette.stdlib.midi import MidiNamespace
+from luanette.stdlib.otel import OtelNamespace
 from luanette.stdlib.progress import ProgressNamespace
 from luanette.stdlib.temp import TempNamespace
 from luanette.store import FINISHED, Store
+from luanette.telemetry import StatusCode, Telemetry, script_attributes, span_ids
 
 log = structlog.get_logger("luanette.jobs")
 
@@ -58,7 +61,7 @@ class PollResult(msgspec.Struct):
 class _Live:
     """A job this process has queued or is running."""
 
-    __slots__ = ("job_id", "script_hash", "params", "cancel", "progress")
+    __slots__ = ("job_id", "script_hash", "params", "cancel", "progress", "trace_context")
 
     def __init__(self, job_id: str, script_hash: str, params: Any) -> None:
         self.job_id = job_id
@@ -66,6 +69,8 @@ class _Live:
         self.params = params
         self.cancel = runtime.CancelToken()
         self.progress: dict[str, Any] | None = None
+        # the context of the request that queued the job: its span is the job's parent
+        self.trace_context = otel_context.get_current()
 
 
 _job_counter = itertools.count(1)
@@ -91,7 +96,12 @@ class Jobs:
         max_jobs: int,
         queue_size: int,
         temp_root: Path,
+        telemetry: Telemetry | None = None,
     ) -> None:
+        self._telemetry = telemetry or Telemetry()
+        self._otel = OtelNamespace(self._telemetry)
+        # file work of jobs (removing temp trees) in a few threads, not anyio's 40
+        self._file_threads = anyio.CapacityLimiter(4)
         self._temp_root = temp_root
         self.store = store
         self.scripts = scripts
@@ -233,13 +243,25 @@ class Jobs:
             self._live.pop(live.job_id, None)  # cancelled while queued
             return
         self._announce(live.job_id, JobStatus.RUNNING)
-        jlog = log.bind(job_id=live.job_id, script_hash=live.script_hash)
+        record = self.scripts.record(live.script_hash)
+        name = record.name if record and record.name else None
+        with self._telemetry.span(
+            "luanette.script.execute",
+            parent=live.trace_context,
+            attributes=script_attributes(live.script_hash, name, live.job_id),
+        ) as span:
+            jlog = log.bind(job_id=live.job_id, script_hash=live.script_hash, **span_ids(span))
+            status = await self._run(live, name, jlog)
+            span.set_attribute("job.status", status.value)
+            if status is JobStatus.FAILED:
+                span.set_status(StatusCode.ERROR, "the script failed")
+
+    async def _run(self, live: _Live, name: str | None, jlog: Any) -> JobStatus:
         try:
             code = await self.scripts.source(live.script_hash)
         except CasError as e:
             self._finish(live, JobStatus.FAILED, error={"kind": "script_missing", "message": str(e)})
-            return
-        record = self.scripts.record(live.script_hash)
+            return JobStatus.FAILED
         temp = TempNamespace(self._temp_root)
         cas = self.scripts.cas
         try:
@@ -254,19 +276,24 @@ class Jobs:
                     temp,
                     CasNamespace(cas, temp=temp),
                     MidiNamespace(cas, temp),
+                    self._otel,
                 ],
-                chunk_name=(record.name if record and record.name else "script"),
+                chunk_name=name or "script",
                 log=jlog,
             )
         except runtime.ScriptError as e:
             status = JobStatus.CANCELLED if e.detail.kind == "cancelled" else JobStatus.FAILED
             self._finish(live, status, error=msgspec.to_builtins(e.detail))
-            return
+            return status
         finally:
             # Whatever the end, the job's files go (off the loop: it may be a big tree).
-            with anyio.CancelScope(shield=True):
-                await anyio.to_thread.run_sync(temp.close)
+            if temp.created:
+                with anyio.CancelScope(shield=True):
+                    await anyio.to_thread.run_sync(temp.close, limiter=self._file_threads)
+            else:
+                temp.close()
         self._finish(live, JobStatus.COMPLETE, result=outcome.result)
+        return JobStatus.COMPLETE
 
     def _progress_reporter(self, live: _Live) -> Callable[[float, str | None], None]:
         call_soon = asyncio.get_running_loop().call_soon_threadsafe

@@ -231,6 +231,16 @@ class Namespace(Protocol):
     arrive as JSON-like Python values (Lua strings that are not UTF-8 arrive as bytes;
     trailing nils are dropped) and the return value goes back the same way.  Raise
     ``LuaCallError`` to fail the call with a message the script can read.
+
+    A namespace may also have a Lua half: an optional ``lua_prelude`` attribute (Lua
+    source, bytes) run once per run after the functions are bound and before the
+    script.  It runs as sandbox code (the script's globals, the count hook, none of the
+    privileged locals) with two arguments: the namespace's table and ``marks``, a table
+    holding ``NULL`` (the null sentinel) and ``array(t)`` (marks ``t``, default a new
+    table, as a JSON array and returns it).  It is compiled without debug information,
+    so its frames stay out of the script's stack traces and ``error(msg, 2)`` inside it
+    points at the script's line.  Values (``json.null``) and functions that call back
+    into Lua (``midi.filter(tbl, pred)``) live there.
     """
 
     name: str
@@ -251,7 +261,7 @@ class Namespace(Protocol):
 # Privileged code never calls a string method with `:` syntax: the string metatable
 # points at the script's (mutable) copy of `string`.
 _SANDBOX: Final = rb"""
-local check, call_sync, spec, hook_interval, chunk_name, code, params_packed = ...
+local check, call_sync, spec, preludes_packed, hook_interval, chunk_name, code, params_packed = ...
 
 local type, next, select, error, tostring = type, next, select, error, tostring
 local rawget, rawequal, setmetatable, pcall, xpcall, load = rawget, rawequal, setmetatable, pcall, xpcall, load
@@ -307,19 +317,20 @@ local function c_boundary(qualname)
     .. "a string.gsub replacement function, a __tostring metamethod, ...)"
 end
 
--- Encode with `fn`, turning an encoder failure into a Lua error at the script's call.
-local function encode_or_raise(fn, ...)
-  local ok, packed = pcall(fn, ...)
+-- The arguments of a call to `qualname` as MessagePack; an encoder failure becomes a
+-- Lua error at the script's call, worded like the function's own errors.
+local function encode_or_raise(qualname, ...)
+  local ok, packed = pcall(encode_args, "passed", ...)
   if killed then error(KILL, 0) end
   if ok then return packed end
   local problem = failure(packed)
-  if problem then error(problem, 3) end
+  if problem then error(qualname .. ": " .. problem, 3) end
   error(packed, 0)  -- out of memory
 end
 
 local function bind_sync(index, qualname)
   return function(...)
-    local ok, reply = call_sync(index, encode_or_raise(encode_args, "passed to " .. qualname, ...))
+    local ok, reply = call_sync(index, encode_or_raise(qualname, ...))
     if not ok then error(reply, 2) end
     return decode(reply)
   end
@@ -327,7 +338,7 @@ end
 
 local function bind_async(index, qualname)
   return function(...)
-    local packed = encode_or_raise(encode_args, "passed to " .. qualname, ...)
+    local packed = encode_or_raise(qualname, ...)
     if not co_isyieldable() then error(c_boundary(qualname), 2) end
     local ok, reply = co_yield(IO, index, packed)
     if not ok then error(reply, 2) end
@@ -455,6 +466,22 @@ for star, namespace, name in gmatch(spec, "(%*?)([^ .]+)%.([^ ]+)") do
   qualnames[index] = qualname
   env[namespace] = env[namespace] or {}
   env[namespace][name] = (star == "*" and bind_async or bind_sync)(index, qualname)
+end
+
+-- Lua halves of namespaces (see Namespace.lua_prelude): bytecode we compiled, run as
+-- sandbox code on the script's environment before the script.
+if preludes_packed then
+  local marks = {NULL = NULL, array = function(t)
+    if t == nil then t = {} end
+    if type(t) ~= "table" or rawequal(t, NULL) then
+      error("bad argument #1 to 'array' (table expected, got " .. type(t) .. ")", 2)
+    end
+    return lib.setmetatable(t, codec.ARRAY)
+  end}
+  local preludes = decode(preludes_packed)
+  for i = 1, #preludes, 2 do
+    lib.load(preludes[i + 1], preludes[i], "b", env)(env[preludes[i]], marks)
+  end
 end
 
 -- Error description (main thread, after the script coroutine died) -------------------
@@ -628,6 +655,14 @@ _PRIVILEGED: Final = b"local codec = (function()\n" + LUA_CODEC + b"end)()\n" + 
 _LOADER: Final = b"return load((...), '" + _PRIVILEGED_CHUNK.encode() + b"', 'b')(select(2, ...))"
 
 
+def _compile(source: bytes, chunk_name: bytes) -> bytes:
+    """Lua source as stripped bytecode (no debug information)."""
+    compiler = LuaRuntime(encoding=None, register_eval=False, register_builtins=False)
+    dump = compiler.eval(b"function(source, name) return string.dump(assert(load(source, name, 't')), true) end")
+    bytecode: bytes = dump(source, chunk_name)
+    return bytecode
+
+
 @functools.cache
 def _bytecode(source: bytes) -> bytes:
     """Privileged Lua compiled once per process, without debug information.
@@ -637,10 +672,13 @@ def _bytecode(source: bytes) -> bytes:
     faster.  The sandbox relies on it: privileged frames are the Lua frames without a
     current line (see script_where).
     """
-    compiler = LuaRuntime(encoding=None, register_eval=False, register_builtins=False)
-    dump = compiler.eval(b"function(source, name) return string.dump(assert(load(source, name, 't')), true) end")
-    bytecode: bytes = dump(source, _PRIVILEGED_CHUNK.encode())
-    return bytecode
+    return _compile(source, _PRIVILEGED_CHUNK.encode())
+
+
+@functools.cache
+def _prelude_bytecode(name: str, source: bytes) -> bytes:
+    """A namespace's Lua half compiled once per process, stripped (see Namespace)."""
+    return _compile(source, b"=" + name.encode())
 
 
 def _new_lua(memory_bytes: int) -> LuaRuntime:
@@ -815,9 +853,13 @@ class _Bridge:
         # and inspect.signature costs more than the rest of binding one
         self._signatures: dict[int, inspect.Signature | None] = {0: None}  # print: always one line
         spec = []
+        preludes: list[bytes | str] = []
         taken: set[str] = set()
         for namespace in namespaces:
             _check_namespace_name(namespace.name, taken)
+            prelude = getattr(namespace, "lua_prelude", None)
+            if prelude:
+                preludes += [namespace.name, _prelude_bytecode(namespace.name, prelude)]
             for name, call in namespace.functions(run).items():
                 if not name.isidentifier():
                     raise ValueError(f"{namespace.name}: {name!r} is not a Lua identifier")
@@ -827,6 +869,8 @@ class _Bridge:
                 spec.append("*" + qualname if inspect.iscoroutinefunction(call) else qualname)
         # the sandbox setup's list of functions: "ns.fn ns.other *ns.waits" ("*" = async)
         self.spec = " ".join(spec).encode()
+        # [name, bytecode, name, bytecode, ...] for the sandbox setup, or None
+        self.preludes = to_lua(preludes) if preludes else None
 
     def call_sync(self, index: int, packed: bytes) -> tuple[bool, bytes]:
         """Called from Lua (worker thread): (True, result) or (False, Lua error message)."""
@@ -909,6 +953,7 @@ class _Session:
                 self._killer.check,
                 self._bridge.call_sync,
                 self._bridge.spec,
+                self._bridge.preludes,
                 self._run.limits.hook_interval,
                 self._chunk_name.encode(),
                 self._code,

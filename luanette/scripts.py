@@ -7,6 +7,7 @@ sandbox to index its name, description and params.
 
 from __future__ import annotations
 
+import collections
 import time
 from typing import Any
 
@@ -20,6 +21,8 @@ from luanette.store import ScriptRecord, Store
 MIME = "text/x-lua"
 TYPE_TAG = "type:lua"
 MAX_SCRIPT_BYTES = 4 * 2**20
+SOURCE_CACHE = 64  # sources kept in memory, each at most CACHED_SOURCE_BYTES
+CACHED_SOURCE_BYTES = 256 * 2**10
 DESCRIBE_TIMEOUT_S = 5.0
 
 # Runs the stored chunk, then its describe(). `main` is cleared so the runtime returns
@@ -56,6 +59,8 @@ class Scripts:
     def __init__(self, cas: Cas, store: Store, limits: runtime.Limits) -> None:
         self.cas = cas
         self.store = store
+        self._sources: collections.OrderedDict[str, str] = collections.OrderedDict()
+        self._file_threads = anyio.CapacityLimiter(4)
         self._limits = msgspec.structs.replace(limits, timeout_s=min(limits.timeout_s, DESCRIBE_TIMEOUT_S))
 
     async def save(self, content: str, tags: list[str] | None, creator: str | None) -> tuple[ScriptRecord, Described]:
@@ -82,14 +87,28 @@ class Scripts:
         return self.store.index_script(record), described
 
     async def source(self, script_hash: str) -> str:
-        """The Lua source of a stored script. Raises ``cas.NotFound``/``InvalidHash``."""
+        """The Lua source of a stored script. Raises ``cas.NotFound``/``InvalidHash``.
+
+        Content under a hash never changes, so recent sources are kept in memory: a
+        script run as a thousand jobs is read from disk once.
+        """
+        cached = self._sources.get(script_hash)
+        if cached is not None:
+            self._sources.move_to_end(script_hash)
+            return cached
         data = await anyio.to_thread.run_sync(
-            lambda: self.cas.retrieve(script_hash, max_bytes=MAX_SCRIPT_BYTES)
+            lambda: self.cas.retrieve(script_hash, max_bytes=MAX_SCRIPT_BYTES), limiter=self._file_threads
         )
         try:
-            return data.decode()
+            source = data.decode()
         except UnicodeDecodeError:
             raise CasError(f"{script_hash} is not a Lua script (not UTF-8 text)") from None
+        if len(data) > CACHED_SOURCE_BYTES:
+            return source
+        self._sources[script_hash] = source
+        if len(self._sources) > SOURCE_CACHE:
+            self._sources.popitem(last=False)
+        return source
 
     async def describe_source(self, content: str) -> Described:
         """Run ``describe()`` of ``content`` in the sandbox (best effort: a chunk whose

@@ -24,21 +24,30 @@ import zmq.asyncio
 
 from hooteproto import frames
 from hooteproto import types as t
-from hooteproto.codec import DecodeError, Encoding, detect, envelope_codec, payload_codec, peek_envelope_id
+from hooteproto.codec import (
+    DecodeError,
+    Encoding,
+    detect,
+    envelope_codec,
+    payload_codec,
+    peek_envelope_id,
+)
 from hooteproto.frames import Command, Hoot01
 from luanette import runtime
+from luanette.backends import Backends
 from luanette.broadcast import Publisher
 from luanette.cas import Cas
 from luanette.config import Config
 from luanette.dispatch import Dispatcher, RequestContext, error
-from luanette.backends import Backends
 from luanette.jobs import Jobs
 from luanette.scripts import Scripts
 from luanette.settings import Settings, load_settings
 from luanette.stdlib.clock import ClockNamespace
+from luanette.stdlib.json import JsonNamespace
 from luanette.stdlib.log import LogNamespace
 from luanette.stdlib.models import model_namespaces
 from luanette.store import Store
+from luanette.telemetry import SpanKind, StatusCode, Telemetry, parent_context
 
 log = structlog.get_logger("luanette.server")
 
@@ -80,9 +89,16 @@ class Server:
     """Luanette's ROUTER front end. Call :meth:`serve` inside an anyio event loop."""
 
     def __init__(
-        self, config: Config, *, settings: Settings | None = None, context: zmq.asyncio.Context | None = None
+        self,
+        config: Config,
+        *,
+        settings: Settings | None = None,
+        context: zmq.asyncio.Context | None = None,
+        telemetry: Telemetry | None = None,
     ) -> None:
         self.config = config
+        self._owns_telemetry = telemetry is None
+        self.telemetry = telemetry or Telemetry(otlp_endpoint=config.otlp_endpoint)
         self.stats = ServerStats()
         self.endpoint: str | None = None
         self._context = context or zmq.asyncio.Context.instance()
@@ -92,7 +108,7 @@ class Server:
         self.store = Store.open(state_dir)
         self.publisher = Publisher(context=self._context)
         settings = settings or load_settings(None)
-        self.backends = Backends(settings.backends)
+        self.backends = Backends(settings.backends, telemetry=self.telemetry)
         models = model_namespaces(self.backends, self.cas, settings.models)
         scripts = Scripts(self.cas, self.store, limits)
         self.jobs = Jobs(
@@ -100,10 +116,11 @@ class Server:
             scripts=scripts,
             publisher=self.publisher,
             limits=limits,
-            namespaces=lambda: [LogNamespace(), ClockNamespace(), *models],
+            namespaces=lambda: [LogNamespace(), ClockNamespace(), JsonNamespace(), *models],
             max_jobs=config.max_jobs,
             queue_size=config.job_queue,
             temp_root=state_dir / "temp",
+            telemetry=self.telemetry,
         )
         self.dispatcher = Dispatcher(
             config,
@@ -112,6 +129,7 @@ class Server:
             scripts=scripts,
             publisher=self.publisher,
             on_shutdown=self.request_shutdown,
+            telemetry=self.telemetry,
         )
         self._socket: zmq.asyncio.Socket | None = None
         self._in_flight: set[RequestContext] = set()
@@ -170,6 +188,10 @@ class Server:
                 await self._drain()
                 tg.cancel_scope.cancel()
             await self.backends.aclose()
+            if self._owns_telemetry and self.telemetry.exporting:
+                with anyio.move_on_after(self.config.drain_timeout, shield=True):
+                    # flushing posts to the collector: a blocking call, so off the loop
+                    await anyio.to_thread.run_sync(self.telemetry.shutdown, abandon_on_cancel=True)
         finally:
             sock.close()
             self.publisher.publish(t.ShutdownNotice(reason=self.shutdown_reason or "stopped"))
@@ -294,7 +316,13 @@ class Server:
 
     async def _handle(self, reply: _Reply, payload: t.Payload, ctx: RequestContext) -> None:
         try:
-            answer = await self.dispatcher.dispatch(payload, ctx)
+            with self.telemetry.span(
+                "luanette.dispatch", parent=parent_context(ctx.traceparent), kind=SpanKind.SERVER
+            ) as span:
+                ctx.span = span
+                answer = await self.dispatcher.dispatch(payload, ctx)
+                if span.is_recording():
+                    _annotate(span, ctx, answer)
         finally:
             self._in_flight.discard(ctx)
             self.stats.in_flight = len(self._in_flight)
@@ -339,3 +367,12 @@ class Server:
                 self.stats.replies_unroutable += 1
                 log.warning("reply.unroutable", reason="peer went away", peer=message[0].hex())
                 return False
+
+
+def _annotate(span: Any, ctx: RequestContext, answer: t.Payload) -> None:
+    """Attributes of a recorded dispatch span (skipped when it is not recorded: they
+    cost more than the span itself)."""
+    span.set_attributes({"rpc.system": "hooteproto", "rpc.method": ctx.kind, "luanette.request_id": str(ctx.request_id)})
+    if isinstance(answer, t.Error):
+        span.set_attribute("luanette.error.code", answer.code)
+        span.set_status(StatusCode.ERROR, answer.message[:200])

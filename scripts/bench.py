@@ -121,12 +121,12 @@ def measure(name: str, endpoint: str, payload: t.Payload, total: int, in_flight:
     return Row(name, in_flight, total, elapsed, p50, p99)
 
 
-def start_daemon(endpoint: str) -> subprocess.Popen:
+def start_daemon(endpoint: str, *extra: str) -> subprocess.Popen:
     exe = shutil.which("luanette", path=str(Path(sys.executable).parent)) or "luanette"
     state = tempfile.mkdtemp(prefix="luanette-bench-")
     proc = subprocess.Popen([exe, "serve", "--bind", endpoint, "--pub", "none",
                              "--max-evals", os.environ.get("BENCH_MAX_EVALS", "16"),
-                             "--state-dir", f"{state}/state", "--cas-root", f"{state}/cas"],
+                             "--state-dir", f"{state}/state", "--cas-root", f"{state}/cas", *extra],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     port = int(endpoint.rsplit(":", 1)[1])
     for _ in range(400):
@@ -235,6 +235,109 @@ def in_process(target, *args):
     return value
 
 
+# --- scale: many jobs waiting on a slow service ---------------------------------------
+
+SCALE_JOBS = 1000
+SCALE_SCRIPT = 'return backend.call("orpheus", {task = "generate", max_tokens = 3}, {raw = true}).task'
+
+
+def start_model_sim(latency_ms: int) -> tuple[subprocess.Popen, str]:
+    """``luanette-sim models`` in its own process, as the GPU services are; (proc, URL)."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "luanette.sim.cli", "models", "--kind", "all", "--port", "0",
+         "--latency-ms", str(latency_ms)],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=os.environ | {"PYTHONUNBUFFERED": "1"},
+    )
+    line = proc.stdout.readline() if proc.stdout else ""
+    if not line.startswith("listening "):
+        proc.kill()
+        raise RuntimeError(f"model simulator did not start: {line!r}")
+    return proc, line.split()[1]
+
+
+def raise_fd_limit(need: int) -> None:
+    import resource  # noqa: PLC0415
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < need:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(need, hard), hard))
+
+
+def thread_count(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("Threads:"):
+            return int(line.split()[1])
+    return 0
+
+
+def scale_daemon(sim_url: str, out: mp.Queue) -> None:
+    """SCALE_JOBS jobs through a real daemon (max_jobs and backend concurrency raised):
+    submit them all, poll until all finish; wall time and the daemon's peak threads."""
+    raise_fd_limit(8192)
+    state = tempfile.mkdtemp(prefix="luanette-bench-scale-")
+    settings = Path(state) / "luanette.toml"
+    settings.write_text(f'[backends.orpheus]\nurl = "{sim_url}"\nconcurrency = {SCALE_JOBS}\ntimeout_s = 30\n')
+    endpoint = free_endpoint()
+    daemon = start_daemon(endpoint, "--config", str(settings), "--max-jobs", str(SCALE_JOBS),
+                          "--job-queue", str(2 * SCALE_JOBS))
+    try:
+        sync = Sync(endpoint)
+        digest = sync.ask(t.ScriptStore(content=SCALE_SCRIPT)).result["hash"]
+        peak = thread_count(daemon.pid)
+        started = time.perf_counter()
+        ids = [sync.ask(t.JobExecute(script_hash=digest, params=None)).result["job_id"] for _ in range(SCALE_JOBS)]
+        while True:
+            peak = max(peak, thread_count(daemon.pid))
+            polled = sync.ask(t.JobPoll(job_ids=ids, timeout_ms=50, mode=t.PollMode.ALL)).result
+            if not polled["timed_out"]:
+                break
+        wall = time.perf_counter() - started
+        statuses = {job["status"] for job in polled["completed"]}
+        assert statuses == {"complete"}, statuses
+        out.put((wall, peak))
+    finally:
+        daemon.terminate()
+        daemon.wait(30)
+        shutil.rmtree(state, ignore_errors=True)
+
+
+def scale_threads(sim_url: str, out: mp.Queue) -> None:
+    """The same work the way the Rust version did it: one OS thread per job, each with
+    its own Lua runtime whose backend call blocks the thread for the request."""
+    import json  # noqa: PLC0415
+    import threading  # noqa: PLC0415
+    import urllib.request  # noqa: PLC0415
+
+    import lupa.lua54 as lupa  # noqa: PLC0415
+
+    raise_fd_limit(8192)
+    threading.stack_size(512 * 1024)
+
+    def call(body: str) -> str:
+        request = urllib.request.Request(sim_url + "/predict", data=body.encode(),
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return json.loads(response.read())["task"]
+
+    results: list[str] = []
+
+    def job() -> None:
+        lua = lupa.LuaRuntime()
+        lua.globals().call = call
+        results.append(lua.execute('return call(\'{"task": "generate", "max_tokens": 3}\')'))
+
+    threads = [threading.Thread(target=job) for _ in range(SCALE_JOBS)]
+    started = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    peak = threading.active_count()
+    for thread in threads:
+        thread.join()
+    wall = time.perf_counter() - started
+    assert results == ["generate"] * SCALE_JOBS
+    out.put((wall, peak))
+
+
 # --- main ----------------------------------------------------------------------------
 
 
@@ -287,6 +390,14 @@ def main() -> int:
         daemon.terminate()
         daemon.wait(30)
         echo.terminate()
+    sim, sim_url = start_model_sim(1000)
+    try:
+        scale = in_process(scale_daemon, sim_url)
+        time.sleep(1)
+        threaded = in_process(scale_threads, sim_url)
+    finally:
+        sim.terminate()
+        sim.wait(10)
 
     header = ("case", "in flight", "req/s", "p50 ms", "p99 ms", "req/s vs echo")
     lines = []
@@ -309,13 +420,17 @@ def main() -> int:
           f"{jobs_total / jobs_seconds:,.0f} jobs/s")
     print(f"cancel of a running tight loop, {len(cancels)} rounds: p50 {cancels[len(cancels) // 2] * 1000:.1f} ms, "
           f"max {cancels[-1] * 1000:.1f} ms (JobCancel sent -> JobPoll sees cancelled)")
+    print(f"scale: {SCALE_JOBS} jobs, each waiting 1 s on the model simulator: daemon {scale[0]:.2f} s wall, "
+          f"peak {scale[1]} threads; one thread per job (Lua + blocking HTTP) {threaded[0]:.2f} s wall, "
+          f"peak {threaded[1]} threads")
     ping64 = next(r for r, ref in rows if r.name == "Ping" and r.in_flight == 64)
     eval64 = next(r for r, ref in rows if r.name.startswith("LuaEval") and r.in_flight == 64)
     loaded = rows[-1][0]
     print()
     print(f"targets: pipelined Ping >= 30% of echo: {ping64.rate / base[64].rate:.0%}; "
           f"LuaEval >= 10%: {eval64.rate / base[64].rate:.0%}; "
-          f"Ping p99 under load < 10 ms: {loaded.p99_ms:.2f} ms")
+          f"Ping p99 under load < 10 ms: {loaded.p99_ms:.2f} ms; "
+          f"{SCALE_JOBS} x 1 s jobs < 3 s wall with < 20 threads: {scale[0]:.2f} s, {scale[1]} threads")
     return 0
 
 

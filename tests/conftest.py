@@ -47,8 +47,8 @@ def config_for_tests(tmp: Path, **overrides) -> Config:
 class RunningServer:
     """An in-process server running in its own asyncio task."""
 
-    def __init__(self, config: Config, settings=None) -> None:
-        self.server = Server(config, settings=settings)
+    def __init__(self, config: Config, settings=None, telemetry=None) -> None:
+        self.server = Server(config, settings=settings, telemetry=telemetry)
         self.task: asyncio.Task | None = None
 
     @property
@@ -77,8 +77,8 @@ async def make_server(tmp_path):
     """Factory: ``await make_server(**config_overrides)`` -> RunningServer."""
     started: list[RunningServer] = []
 
-    async def make(settings=None, **overrides) -> RunningServer:
-        running = await RunningServer(config_for_tests(tmp_path, **overrides), settings).start()
+    async def make(settings=None, telemetry=None, **overrides) -> RunningServer:
+        running = await RunningServer(config_for_tests(tmp_path, **overrides), settings, telemetry).start()
         started.append(running)
         return running
 

@@ -26,6 +26,7 @@ from pathlib import Path
 import aiohttp
 import mido
 import pytest
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from luanette import runtime
 from luanette.backends import BackendRejected, Backends, BackendUnavailable, UnknownBackend
@@ -33,6 +34,7 @@ from luanette.cas import Cas
 from luanette.settings import DEFAULT_BACKENDS, Settings, SettingsError, load_settings, parse_settings
 from luanette.sim import run_models
 from luanette.stdlib.models import model_namespaces
+from luanette.telemetry import Telemetry, parent_context
 
 TP = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "configuration.md"
@@ -115,14 +117,14 @@ async def sim():
 
 @pytest.fixture
 async def env(cas):
-    """Factory: ``env(settings, traceparent=..., backends_traceparent=...)`` ->
-    (namespaces, backends); every Backends is closed at teardown."""
+    """Factory: ``env(settings, telemetry=...)`` -> (namespaces, backends); every
+    Backends is closed at teardown."""
     made: list[Backends] = []
 
-    def make(settings: Settings, *, traceparent=None, backends_traceparent=None):
-        backends = Backends(settings.backends, traceparent=backends_traceparent)
+    def make(settings: Settings, *, telemetry=None):
+        backends = Backends(settings.backends, telemetry=telemetry)
         made.append(backends)
-        return model_namespaces(backends, cas, settings.models, traceparent=traceparent), backends
+        return model_namespaces(backends, cas, settings.models), backends
 
     yield make
     for b in made:
@@ -267,7 +269,9 @@ async def test_orpheus_generate_stores_midi_in_the_cas(sim, env, cas):
         notes = notes_of(data)
         assert 0 < len(notes) <= 20 and v["num_tokens"] == 3 * len(notes)  # 60 tokens -> <= 20 notes
     (record,) = sim.stats.records
-    assert record.path == "/predict" and record.traceparent is None
+    assert record.path == "/predict"
+    # not traced by the caller: a fresh trace, not sampled (flags without bit 0)
+    assert re.fullmatch(r"00-[0-9a-f]{32}-[0-9a-f]{16}-0[02]", record.traceparent)
     assert record.body == {"task": "generate", "temperature": 1.1, "top_p": 0.9, "max_tokens": 60,
                            "num_variations": 3, "seed": 5}
     assert r["metadata"]["seed"] == 5 and r["metadata"]["simulated"] is True
@@ -535,15 +539,20 @@ async def test_concurrency_limit_is_respected(sim, env):
     assert sim.stats.busy_sent == 0
 
 
-async def test_traceparent_header(sim, env):
-    ns, _ = env(settings_for(sim.url), backends_traceparent=lambda: TP)
-    await run("return orpheus.generate{}", ns)
-    other = "00-11111111111111111111111111111111-2222222222222222-01"
-    ns2, _ = env(settings_for(sim.url), traceparent=other)  # the namespace's wins
-    await run("return llm.chat('x')", ns2)
-    ns3, _ = env(settings_for(sim.url))
-    await run("return musicgen.generate{prompt = 'x'}", ns3)
-    assert sim.stats.traceparents == [TP, other, None]
+async def test_each_call_is_a_span_whose_traceparent_is_sent(sim, env):
+    exporter = InMemorySpanExporter()
+    telemetry = Telemetry(span_exporter=exporter)
+    ns, _ = env(settings_for(sim.url), telemetry=telemetry)
+    with telemetry.span("caller", parent=parent_context(TP)) as caller:
+        await run("orpheus.generate{}; return llm.chat('x')", ns)
+    calls = [s for s in exporter.get_finished_spans() if s.name == "luanette.backend.call"]
+    assert [s.attributes["backend.name"] for s in calls] == ["orpheus", "llm"]
+    assert all(s.parent.span_id == caller.get_span_context().span_id for s in calls)
+    assert {s.context.trace_id for s in calls} == {int(TP.split("-")[1], 16)}
+    # the header names the call's own span, so the service's spans hang under it
+    assert sim.stats.traceparents == [
+        f"00-{s.context.trace_id:032x}-{s.context.span_id:016x}-01" for s in calls
+    ]
 
 
 async def test_backends_api_directly(sim):

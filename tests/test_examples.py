@@ -34,7 +34,7 @@ async def job(c, name: str, params=None) -> dict:
 
 def test_every_example_is_covered():
     assert {p.name for p in EXAMPLES.glob("*.lua")} == {
-        "hello.lua", "midi_process.lua", "multi_variation.lua", "transition.lua",
+        "hello.lua", "midi_process.lua", "multi_variation.lua", "otel_example.lua", "transition.lua",
     }  # fmt: skip
 
 
@@ -75,3 +75,31 @@ async def test_transition(stack):
     assert result["from_notes"] == 2 and result["to_notes"] == 2 and result["notes"] > 0
     assert running.server.cas.inspect(result["hash"]).mime_type == "audio/midi"
     assert sim.stats.by_task["bridge"] == 1
+
+
+async def test_otel_example(make_server):
+    from tests.test_telemetry import Traced
+
+    traced = Traced()
+    async with run_models("all", seed=3) as sim:
+        running = await make_server(settings=settings_for(sim.url), telemetry=traced.telemetry)
+        async with Client(running.endpoint) as c:
+            result = await job(c, "otel_example.lua", {"keep_pitch_min": 60})
+    assert 0 < result["kept"] <= result["notes"]
+    song = mido.MidiFile(file=io.BytesIO(running.server.cas.retrieve(result["hash"])))
+    assert all(m.note >= 60 for track in song.tracks for m in track if m.type in ("note_on", "note_off"))
+    (execute,) = await traced.settle("luanette.script.execute")
+    assert result["trace_id"] == f"{execute.context.trace_id:032x}"
+    assert result["traceparent"].split("-")[2] == f"{execute.context.span_id:016x}"
+    assert execute.attributes["script.name"] == "otel_example" and execute.attributes["music.temperature"] == 1.0
+    assert [e.name for e in execute.events] == ["generate.start", "generate.done"]
+    (call,) = traced.named("luanette.backend.call")
+    assert call.parent.span_id == execute.context.span_id
+    assert sim.stats.traceparents[0].split("-")[2] == f"{call.context.span_id:016x}"
+    names = {
+        metric.name
+        for rm in traced.metrics.get_metrics_data().resource_metrics
+        for sm in rm.scope_metrics
+        for metric in sm.metrics
+    }
+    assert {"luanette.example.notes", "luanette.example.cpu_ms"} <= names

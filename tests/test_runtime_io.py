@@ -157,7 +157,7 @@ async def test_wrong_arguments_are_reported() -> None:
 async def test_unconvertible_argument_names_the_argument() -> None:
     detail, _ = await failure("t.echo({f = print})")
     assert detail.message == (
-        "argument #1.f is a function; only tables, strings, numbers, booleans and nil can be passed to t.echo"
+        "t.echo: argument #1.f is a function; only tables, strings, numbers, booleans and nil can be passed"
     )
     assert detail.line == 1
 

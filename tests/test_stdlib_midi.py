@@ -16,8 +16,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from luanette.cas import Cas, hash_bytes
-from luanette.runtime import LuaCallError, ScriptError, run_script
+from luanette.runtime import Limits, LuaCallError, ScriptError, run_script
 from luanette.stdlib.cas import CasNamespace
+from luanette.stdlib.clock import ClockNamespace
 from luanette.stdlib.midi import MidiNamespace
 from luanette.stdlib.temp import TempNamespace
 
@@ -446,17 +447,92 @@ async def test_filter_keeps_notes_whole(job: Job, h: str) -> None:
     [
         ("{note_minimum = 3}", "unknown criterion 'note_minimum'; did you mean 'note_min'?"),
         ("{chanel = 3}", "did you mean 'channel'?"),
-        ("{'note_on'}", "pred must be a table of criteria"),
-        ("'note_on'", "pred must be a table of criteria"),
+        ("{'note_on'}", "pred must be a function or a table of criteria"),
+        ("'note_on'", "pred must be a function or a table of criteria"),
         ("{channel = 16}", "pred.channel must be from 0 to 15"),
         ("{invert = 1}", "pred.invert must be a boolean"),
-        ("function(e) return e.note > 60 end", "argument #2 is a function"),
     ],
 )
 async def test_filter_predicate_errors(job: Job, h: str, pred: str, fragment: str) -> None:
     message = await job.error(f"midi.filter(params.h, {pred})", {"h": h})
     assert message.startswith("midi.filter") or "midi.filter" in message
     assert fragment in message
+
+
+# Each criteria table beside a Lua function that says the same.
+EQUIVALENT_PREDICATES = [
+    ("{type = 'note_on'}", "function(e) return e.type == 'note_on' end"),
+    ("{channel = 9, invert = true}", "function(e) return e.channel ~= 9 end"),
+    ("{track = 2}", "function(e, track) return track == 2 end"),
+    ("{velocity_min = 95}", "function(e) return e.velocity ~= nil and e.velocity >= 95 end"),
+    ("{note_max = 62, invert = true}", "function(e) return not (e.note and e.note <= 62) end"),
+    ("{tick_min = 200, tick_max = 1000}", "function(e) return e.tick >= 200 and e.tick <= 1000 end"),
+]
+
+
+@pytest.mark.parametrize(("criteria", "function"), EQUIVALENT_PREDICATES)
+async def test_filter_with_a_lua_function_agrees_with_criteria(job: Job, h: str, criteria: str, function: str) -> None:
+    result = await job.run(
+        f"local t = midi.read(params.h)\nreturn {{midi.filter(t, {criteria}), midi.filter(t, {function})}}",
+        {"h": h},
+    )
+    by_table, by_function = result
+    assert by_function == by_table  # same events, same pairing, same recomputed deltas
+    assert by_function != (await job.run("return midi.read(params.h)", {"h": h}))
+
+
+async def test_filter_function_sees_events_once_and_notes_stay_whole(job: Job, h: str) -> None:
+    result = await job.run(
+        """
+        local seen = {}
+        local kept = midi.filter(params.h, function(e, track)
+          seen[#seen + 1] = e.type .. "@" .. track
+          if e.type == "note_on" then e.velocity = 1 end  -- pred may change what it keeps
+          return e.type == "note_on" and e.note == 60
+        end)
+        return {seen = seen, notes = midi.notes(kept), piano = kept.tracks[2].events}
+        """,
+        {"h": h},
+    )
+    # note_offs and end_of_track are never judged: they follow their note_on / are kept
+    assert not any(s.startswith(("note_off", "end_of_track")) for s in result["seen"])
+    assert "note_on@3" in result["seen"] and "set_tempo@1" in result["seen"]
+    assert [(n["note"], n["start_tick"], n["end_tick"]) for n in result["notes"]] == [(60, 10, 480)]
+    piano = result["piano"]
+    assert [e["type"] for e in piano] == ["note_on", "note_off", "end_of_track"]
+    assert [e["delta"] for e in piano] == [10, 470, piano[2]["tick"] - 480]
+    assert piano[0]["velocity"] == 1
+
+
+@pytest.mark.parametrize(
+    ("code", "message"),
+    [
+        ("midi.filter(params.h, function(e) return e.nope.x end)", "attempt to index a nil value (field 'nope')"),
+        ("midi.filter({tracks = 3}, function() return true end)", "midi.filter: tbl.tracks must be"),
+        ("midi.filter(params.h, function() error('no!') end)", "no!"),
+    ],
+)
+async def test_filter_function_errors_point_at_the_script(job: Job, h: str, code: str, message: str) -> None:
+    with pytest.raises(ScriptError) as info:
+        await run_script(f"local x = 1\nlocal r = {code}\nreturn r", {"h": h}, namespaces=job.namespaces)
+    detail = info.value.detail
+    assert detail.message.startswith(message), detail.message
+    assert detail.line == 2
+    assert [frame.source for frame in detail.stack] == ["script"] * len(detail.stack)  # no prelude frames
+
+
+async def test_filter_function_can_wait_and_is_stopped_by_the_deadline(h: str, job: Job) -> None:
+    namespaces = [*job.namespaces, ClockNamespace()]
+    code = "return #midi.filter(params.h, function(e) clock.sleep(1); return true end).tracks"
+    assert (await run_script(code, {"h": h}, namespaces=namespaces)).result == 3
+    with pytest.raises(ScriptError) as info:
+        await run_script(
+            "return midi.filter(params.h, function() while true do end end)",
+            {"h": h},
+            namespaces=namespaces,
+            limits=Limits(timeout_s=0.3),
+        )
+    assert info.value.detail.kind == "timeout"
 
 
 # ------------------------------------------------------------------- notes, info

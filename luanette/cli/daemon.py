@@ -17,6 +17,7 @@ from luanette import logs, runtime
 from luanette.config import DEFAULT_BIND, DEFAULT_PUB, Config
 from luanette.server import Server
 from luanette.settings import Settings, SettingsError, load_settings
+from luanette.telemetry import otlp_url
 
 
 def parse_size(text: str) -> int:
@@ -83,7 +84,19 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--config", default=None, metavar="FILE",
                        help="TOML settings file: model backends (see docs/configuration.md)")
     serve.add_argument("--log-json", action="store_true", help="log JSON lines instead of console text")
+    serve.add_argument("--otlp-endpoint", type=otlp_endpoint, default=None, metavar="URL",
+                       help="export spans and metrics over OTLP/HTTP to this collector, e.g. "
+                       "http://127.0.0.1:4318 (default: export nothing)")
     return parser
+
+
+def otlp_endpoint(text: str) -> str:
+    """An argparse type: an http(s) collector URL."""
+    try:
+        otlp_url(text, "traces")
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
 
 
 def config_from(args: argparse.Namespace) -> Config:

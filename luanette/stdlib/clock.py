@@ -42,11 +42,11 @@ class ClockNamespace:
             return virtual[0]
 
         def advance(ms: Any) -> int:
-            virtual[0] += int(_milliseconds(ms, "clock.advance: ms"))
+            virtual[0] += int(_milliseconds(ms, "ms"))
             return virtual[0]
 
         async def sleep(ms: Any) -> None:
-            wait = _milliseconds(ms, "clock.sleep: ms")
+            wait = _milliseconds(ms, "ms")
             if wait > MAX_SLEEP_MS:
                 raise LuaCallError(f"ms must be at most {MAX_SLEEP_MS} (a day)")
             await anyio.sleep(wait / 1000)

@@ -66,15 +66,17 @@ CAS content is addressed by hash).  Wherever a MIDI table ``tbl`` is expected, a
 - ``midi.merge(a, b, ...) -> tbl`` (or ``midi.merge({a, b, ...})``): the tracks of all
   inputs, in order, in one table with ``a``'s ticks_per_beat (other inputs' ticks are
   rescaled); format 1 (2 if every input is format 2; 0 for a single track).
-- ``midi.filter(tbl, pred) -> tbl``: keeps the events matching the declarative ``pred``
-  table (all given criteria must hold; ``{}`` matches everything):
-  ``type`` (a name or array of names), ``channel`` and ``track`` (a number or array),
-  ``note_min``/``note_max``, ``velocity_min``/``velocity_max``, ``tick_min``/``tick_max``
-  (bounds inclusive), ``invert = true`` to drop the matching events instead.  A
-  criterion on a field fails for events without that field.  A note is judged by its
-  note_on and its note_off follows that verdict, so filtering never leaves a hanging
-  note; ``end_of_track`` is always kept.  (A Lua function predicate cannot cross into
-  Python; filter in Lua over ``tbl.tracks[i].events`` for anything else.)
+- ``midi.filter(tbl, pred) -> tbl``: keeps the events ``pred`` accepts.  ``pred`` is a
+  Lua function ``pred(event, track) -> boolean`` (``track`` is the 1-based track
+  number; it may change the event it is given, and may call any other function,
+  ``clock.sleep`` included), or a declarative table of criteria that all must hold
+  (``{}`` matches everything): ``type`` (a name or array of names), ``channel`` and
+  ``track`` (a number or array), ``note_min``/``note_max``, ``velocity_min``/
+  ``velocity_max``, ``tick_min``/``tick_max`` (bounds inclusive), ``invert = true`` to
+  drop the matching events instead.  A criterion on a field fails for events without
+  that field.  Either way a note is judged by its note_on and its note_off follows that
+  verdict (``pred`` is not called for it), so filtering never leaves a hanging note;
+  ``end_of_track`` is always kept and ``delta`` is recomputed.
 - ``midi.notes(tbl) -> { {note, channel, velocity, start_tick, end_tick, duration_ticks,
   start_beat, duration_beats, track}, ... }``: note_on/note_off pairs (a note_on with
   velocity 0 is a note_off; the earliest open note of that channel and pitch closes
@@ -255,7 +257,7 @@ def _array(value: Any, what: str) -> list[Any]:
         return value
     if isinstance(value, dict) and not value:
         return []
-    raise LuaCallError(f"{what} must be an array, got {'a table with keys' if value else lua_type(value)}")
+    raise LuaCallError(f"{what} must be an array, got {'a table with keys' if isinstance(value, dict) else lua_type(value)}")
 
 
 def _coerce(value: Any) -> Any:
@@ -604,7 +606,7 @@ class _Predicate:
 def _predicate(value: Any) -> _Predicate:
     if not isinstance(value, dict):
         got = "an array" if isinstance(value, list) else lua_type(value)
-        raise LuaCallError(f"pred must be a table of criteria ({', '.join(_FILTER_KEYS)}), got {got}")
+        raise LuaCallError(f"pred must be a function or a table of criteria ({', '.join(_FILTER_KEYS)}), got {got}")
     for key in value:
         if key not in _FILTER_KEYS:
             close = difflib.get_close_matches(key, _FILTER_KEYS, n=1)
@@ -637,12 +639,75 @@ def _predicate(value: Any) -> _Predicate:
 # ------------------------------------------------------------------ namespace
 
 
+# The Lua half of `midi`: filter with a Lua function predicate, which cannot cross into
+# Python.  The Python filter normalises the table (and reads a src); the pairing of
+# note_on/note_off follows _pairs: the earliest open note of a channel and pitch closes
+# first, and a note_on with velocity 0 is a note_off.
+_LUA_PRELUDE: Final = b"""
+local midi, marks = ...
+local by_criteria = midi.filter
+local type, ipairs, pcall, error = type, ipairs, pcall, error
+
+local function rethrow(err)
+  if err == "not enough memory" or type(err) ~= "string" then error(err, 0) end
+  error(err, 3)  -- at the script's call of midi.filter
+end
+
+-- The kept events of one track, and its name (that of its first track_name kept).
+local function filter_track(events, track, pred)
+  local open, kept, previous, name = {}, {}, 0, nil
+  for _, event in ipairs(events) do
+    local kind, keep = event.type, nil
+    local key = kind == "note_on" or kind == "note_off"
+    if key then key = event.channel * 128 + event.note end
+    local queue = key and open[key]
+    local closes = kind == "note_off" or (kind == "note_on" and event.velocity == 0)
+    if kind == "end_of_track" then
+      keep = true
+    elseif closes and queue and queue.first <= queue.last then
+      keep = queue[queue.first]
+      queue[queue.first] = nil
+      queue.first = queue.first + 1
+    else
+      keep = pred(event, track) and true or false
+      if kind == "note_on" then
+        if not queue then
+          queue = {first = 1, last = 0}
+          open[key] = queue
+        end
+        queue.last = queue.last + 1
+        queue[queue.last] = keep
+      end
+    end
+    if keep then
+      event.delta = event.tick - previous
+      previous = event.tick
+      kept[#kept + 1] = event
+      if kind == "track_name" and not name then name = event.name end
+    end
+  end
+  return marks.array(kept), name or ""
+end
+
+midi.filter = function(tbl, pred)
+  if type(pred) ~= "function" then return by_criteria(tbl, pred) end
+  local ok, song = pcall(by_criteria, tbl, {})
+  if not ok then rethrow(song) end
+  for number, track in ipairs(song.tracks) do
+    track.events, track.name = filter_track(track.events, number, pred)
+  end
+  return song
+end
+"""
+
+
 class MidiNamespace:
     """Lua global `midi`.  ``cas`` backs hashes in src and ``write``; ``temp`` (the
     job's TempNamespace) backs temp paths.  Either may be None (then that kind of
     source or destination is a Lua error)."""
 
     name = "midi"
+    lua_prelude = _LUA_PRELUDE
 
     def __init__(
         self,

@@ -86,9 +86,6 @@ MAX_BLOB_INPUT_BYTES: Final = 64 * 2**20
 CAS_THREADS: Final = 4
 _NESTING_LIMIT: Final = 64
 
-Traceparent = str | Callable[[], str | None] | None
-
-
 # --------------------------------------------------------------------- argument checks
 
 
@@ -217,14 +214,12 @@ class Models:
         cas: Cas,
         routes: ModelRoutes | None = None,
         *,
-        traceparent: Traceparent = None,
         max_midi_input_bytes: int = MAX_MIDI_INPUT_BYTES,
         max_blob_input_bytes: int = MAX_BLOB_INPUT_BYTES,
     ) -> None:
         self.backends = backends
         self.cas = cas
         self.routes = routes if routes is not None else ModelRoutes()
-        self.traceparent = traceparent
         self.max_midi_input_bytes = max_midi_input_bytes
         self.max_blob_input_bytes = max_blob_input_bytes
         self._limiter = anyio.CapacityLimiter(CAS_THREADS)
@@ -236,8 +231,7 @@ class Models:
         try:
             if path is None:
                 path = self.default_path(backend)
-            tp = self.traceparent() if callable(self.traceparent) else self.traceparent
-            return await self.backends.call(backend, path, body, deadline=run.deadline, traceparent=tp, method=method)
+            return await self.backends.call(backend, path, body, deadline=run.deadline, method=method)
         except BackendError as exc:
             run.logger.info("backend.error", backend=backend, code=exc.code, reason=exc.reason)
             raise LuaCallError(str(exc)) from None
@@ -634,12 +628,10 @@ def model_namespaces(
     backends: Backends,
     cas: Cas,
     routes: ModelRoutes | None = None,
-    *,
-    traceparent: Traceparent = None,
 ) -> list[Any]:
     """The four namespaces (orpheus, musicgen, llm, backend) over one shared :class:`Models`.
 
     They hold no per-run state, so one list may serve every job.
     """
-    models = Models(backends, cas, routes, traceparent=traceparent)
+    models = Models(backends, cas, routes)
     return [OrpheusNamespace(models), MusicgenNamespace(models), LlmNamespace(models), BackendNamespace(models)]

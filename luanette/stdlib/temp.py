@@ -74,6 +74,11 @@ class TempNamespace:
     def closed(self) -> bool:
         return self._closed
 
+    @property
+    def created(self) -> bool:
+        """Whether the directory exists yet (most jobs never make it)."""
+        return self._dir is not None
+
     def close(self) -> None:
         """Remove the directory and everything in it; idempotent, never raises."""
         with self._lock:

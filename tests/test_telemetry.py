@@ -1,0 +1,310 @@
+"""OpenTelemetry: the span tree of requests, evals, jobs and backend calls; otel.*; logs
+carrying trace ids; OTLP export to a real HTTP collector on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import uuid
+from typing import Any
+
+import pytest
+import zmq
+from aiohttp import web
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+    ExportTraceServiceRequest,
+)
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind, StatusCode
+
+from hooteproto import types as t
+from hooteproto.client import Client
+from hooteproto.codec import Encoding, envelope_codec
+from luanette.cas import hash_bytes
+from luanette.runtime import ScriptError, run_script
+from luanette.sim import run_models
+from luanette.stdlib.otel import OtelNamespace
+from luanette.telemetry import Telemetry, otlp_url, parent_context
+from tests.test_backends import settings_for
+from tests.test_jobs import run, store, wait_done
+
+pytestmark = pytest.mark.timeout(60)
+
+TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
+PARENT = "00f067aa0ba902b7"
+TP = f"00-{TRACE}-{PARENT}-01"
+
+
+class Traced:
+    """A Telemetry whose spans and metrics land in memory."""
+
+    def __init__(self) -> None:
+        self.spans = InMemorySpanExporter()
+        self.metrics = InMemoryMetricReader()
+        self.telemetry = Telemetry(span_exporter=self.spans, metric_reader=self.metrics)
+
+    def named(self, name: str) -> list[ReadableSpan]:
+        return [s for s in self.spans.get_finished_spans() if s.name == name]
+
+    def one(self, name: str) -> ReadableSpan:
+        (span,) = self.named(name)
+        return span
+
+    async def settle(self, name: str, count: int = 1) -> list[ReadableSpan]:
+        """Spans end just after the reply goes: wait for them."""
+        for _ in range(200):
+            if len(self.named(name)) >= count:
+                break
+            await asyncio.sleep(0.01)
+        return self.named(name)
+
+
+@pytest.fixture
+def traced() -> Traced:
+    return Traced()
+
+
+def child_of(span: ReadableSpan, parent: ReadableSpan) -> bool:
+    return span.parent is not None and span.parent.span_id == parent.context.span_id
+
+
+# --- the span tree ---------------------------------------------------------------------
+
+
+async def test_eval_over_hoot01_is_parented_on_the_callers_traceparent(make_server, traced):
+    running = await make_server(telemetry=traced.telemetry)
+    async with Client(running.endpoint) as c:
+        reply = await c.request(t.LuaEval(code="return otel.trace_id()"), traceparent=TP)
+    assert isinstance(reply, t.Success) and reply.result["result"] == TRACE
+    (dispatch,) = await traced.settle("luanette.dispatch")
+    script = traced.one("luanette.script.execute")
+    assert dispatch.parent.span_id == int(PARENT, 16) and dispatch.context.trace_id == int(TRACE, 16)
+    assert dispatch.kind is SpanKind.SERVER and dispatch.attributes["rpc.method"] == "lua_eval"
+    assert child_of(script, dispatch)
+    assert script.attributes["script.name"] == "eval"
+    assert script.attributes["script.hash"] == hash_bytes(b"return otel.trace_id()")
+
+
+async def test_legacy_envelope_traceparent_is_the_parent_too(make_server, traced, zctx):
+    running = await make_server(telemetry=traced.telemetry)
+    sock = zctx.socket(zmq.DEALER)
+    sock.connect(running.endpoint)
+    try:
+        envelope = t.Envelope(id=uuid.uuid4(), payload=t.Ping(), traceparent=TP)
+        await sock.send(envelope_codec.encode(envelope, Encoding.JSON))
+        await asyncio.wait_for(sock.recv(), 5)
+    finally:
+        sock.close(0)
+    (dispatch,) = await traced.settle("luanette.dispatch")
+    assert dispatch.parent.span_id == int(PARENT, 16) and dispatch.attributes["rpc.method"] == "ping"
+
+
+async def test_errors_mark_the_dispatch_span(make_server, traced):
+    running = await make_server(telemetry=traced.telemetry)
+    async with Client(running.endpoint) as c:
+        reply = await c.request(t.LuaEval(code="error('boom')"))
+    assert isinstance(reply, t.Error)
+    (dispatch,) = await traced.settle("luanette.dispatch")
+    assert dispatch.parent is None  # no traceparent: a root span
+    assert dispatch.status.status_code is StatusCode.ERROR
+    assert dispatch.attributes["luanette.error.code"] == "lua_error"
+
+
+async def test_a_job_and_its_backend_calls_hang_under_the_request_that_queued_it(make_server, traced):
+    async with run_models("all") as sim:
+        running = await make_server(settings=settings_for(sim.url), telemetry=traced.telemetry)
+        code = "-- name: traced_job\nfunction main() otel.event('calling', {n = 2}); return orpheus.generate{}.variations[1].hash end"
+        async with Client(running.endpoint) as c:
+            digest = await store(c, code)
+            reply = await c.request(t.JobExecute(script_hash=digest, params=None), traceparent=TP)
+            job_id = reply.result["job_id"]
+            done = await wait_done(c, job_id)
+        assert done["status"] == "complete", done
+        await traced.settle("luanette.script.execute")
+        execute = traced.one("luanette.script.execute")
+        queued_by = next(s for s in traced.named("luanette.dispatch") if s.attributes["rpc.method"] == "job_execute")
+        call = traced.one("luanette.backend.call")
+        assert child_of(execute, queued_by) and child_of(call, execute)
+        assert execute.context.trace_id == call.context.trace_id == int(TRACE, 16)
+        assert execute.attributes["job.id"] == job_id and execute.attributes["script.hash"] == digest
+        assert execute.attributes["job.status"] == "complete"
+        assert [(e.name, dict(e.attributes)) for e in execute.events] == [("calling", {"n": 2})]
+        assert call.kind is SpanKind.CLIENT and call.attributes["backend.name"] == "orpheus"
+        # the model service saw the call's own span as its parent
+        (sent,) = sim.stats.traceparents
+        assert sent == f"00-{TRACE}-{call.context.span_id:016x}-{int(call.context.trace_flags):02x}"
+
+
+async def test_a_failed_job_marks_its_span(make_server, traced):
+    running = await make_server(telemetry=traced.telemetry)
+    async with Client(running.endpoint) as c:
+        digest = await store(c, "error('nope')")
+        done = await wait_done(c, (await run(c, digest))["job_id"])
+    assert done["status"] == "failed"
+    (execute,) = await traced.settle("luanette.script.execute")
+    assert execute.status.status_code is StatusCode.ERROR and execute.attributes["job.status"] == "failed"
+
+
+async def test_without_an_exporter_ids_still_flow_and_nothing_is_recorded(make_server):
+    running = await make_server()  # the daemon's default: no exporter
+    async with Client(running.endpoint) as c:
+        plain = await c.request(t.LuaEval(code="return {otel.trace_id(), otel.traceparent()}"))
+        joined = await c.request(t.LuaEval(code="return otel.traceparent()"), traceparent=TP)
+    trace_id, traceparent = plain.result["result"]
+    assert re.fullmatch(r"[0-9a-f]{32}", trace_id) and traceparent.split("-")[1] == trace_id
+    assert joined.result["result"].startswith(f"00-{TRACE}-")  # the caller's trace goes on
+    assert not running.server.telemetry.exporting
+
+
+# --- otel.* ------------------------------------------------------------------------------
+
+
+async def otel_run(traced: Traced, code: str) -> tuple[Any, ReadableSpan]:
+    with traced.telemetry.span("luanette.script.execute") as span:
+        outcome = await run_script(code, namespaces=[OtelNamespace(traced.telemetry)])
+    assert span.get_span_context().is_valid
+    return outcome.result, traced.one("luanette.script.execute")
+
+
+async def test_otel_functions_read_and_annotate_the_runs_span(traced):
+    result, span = await otel_run(
+        traced,
+        """
+        otel.set_attribute("take", 3)
+        otel.set_attribute("mood", "calm")
+        otel.set_attribute("keys", {"C", "G"})
+        otel.event("sections", {count = 2, ok = true})
+        otel.record_metric("notes_generated", 48, {model = "orpheus"})
+        otel.record_metric("notes_generated", 16, {model = "orpheus"})
+        return {otel.trace_id(), otel.span_id(), otel.traceparent()}
+        """,
+    )
+    trace_id, span_id, traceparent = result
+    assert trace_id == f"{span.context.trace_id:032x}" and span_id == f"{span.context.span_id:016x}"
+    assert traceparent.startswith(f"00-{trace_id}-{span_id}-") and int(traceparent[-2:], 16) & 1  # sampled
+    assert span.attributes["take"] == 3 and span.attributes["mood"] == "calm"
+    assert tuple(span.attributes["keys"]) == ("C", "G")
+    assert [(e.name, dict(e.attributes)) for e in span.events] == [("sections", {"count": 2, "ok": True})]
+    metrics = traced.metrics.get_metrics_data()
+    points = [
+        point
+        for rm in metrics.resource_metrics
+        for sm in rm.scope_metrics
+        for metric in sm.metrics
+        if metric.name == "notes_generated"
+        for point in metric.data.data_points
+    ]
+    assert len(points) == 1 and points[0].count == 2 and points[0].sum == 64
+    assert dict(points[0].attributes) == {"model": "orpheus"}
+
+
+@pytest.mark.parametrize(
+    ("call", "fragment"),
+    [
+        ("otel.set_attribute('script.hash', 'x')", "'script.hash' is set by the daemon"),
+        ("otel.set_attribute('k', {1, 'a'})", "value must be an array of values of one type"),
+        ("otel.set_attribute('k', {a = 1})", "value must be a string, number or boolean, got table"),
+        ("otel.set_attribute('', 1)", "key must be 1 to 128 characters"),
+        ("otel.event('e', {x = print})", "argument #2.x is a function"),
+        ("otel.event('e', 'x')", "attributes must be a table, got string"),
+        ("otel.record_metric('9lives', 1)", "name must start with a letter"),
+        ("otel.record_metric('n', 'many')", "value must be a finite number, got string"),
+        ("otel.record_metric('n', 1/0)", "is infinite"),
+        ("for i = 1, 200 do otel.event('e') end", "a run may add at most 128 events"),
+    ],
+)
+async def test_otel_argument_errors(traced, call, fragment):
+    with pytest.raises(ScriptError) as info:
+        await otel_run(traced, call)
+    assert info.value.detail.message.startswith("otel."), info.value.detail.message
+    assert fragment in info.value.detail.message
+
+
+async def test_metric_names_are_bounded_per_daemon(traced):
+    result, _ = await otel_run(
+        traced,
+        "for i = 1, 200 do otel.record_metric('m' .. i, i) end\n"
+        "local ok, err = pcall(otel.record_metric, 'one_too_many', 1)\n"
+        "otel.record_metric('m7', 1)  -- an existing name is fine\n"
+        "return err",
+    )
+    assert "already has 200 metrics" in result
+    assert len(traced.telemetry.histograms) == 200
+
+
+# --- logs ----------------------------------------------------------------------------------
+
+
+async def test_script_logs_carry_trace_and_job_ids(make_server, traced):
+    from structlog.testing import capture_logs
+
+    running = await make_server(telemetry=traced.telemetry)
+    with capture_logs() as logs:
+        async with Client(running.endpoint) as c:
+            digest = await store(c, "log.info('from the job', {n = 1})")
+            job_id = (await run(c, digest))["job_id"]
+            await wait_done(c, job_id)
+            await c.request(t.LuaEval(code="log.warn('from an eval')"), traceparent=TP)
+    lines = [entry for entry in logs if entry["event"] == "lua.log"]
+    from_job = next(e for e in lines if e["message"] == "from the job")
+    from_eval = next(e for e in lines if e["message"] == "from an eval")
+    await traced.settle("luanette.script.execute", 2)
+    job_span = next(s for s in traced.named("luanette.script.execute") if s.attributes.get("job.id") == job_id)
+    assert from_job["job_id"] == job_id and from_job["trace_id"] == f"{job_span.context.trace_id:032x}"
+    assert from_eval["trace_id"] == TRACE
+
+
+# --- OTLP export -------------------------------------------------------------------------
+
+
+def test_otlp_url():
+    assert otlp_url("http://collector:4318", "traces") == "http://collector:4318/v1/traces"
+    assert otlp_url("http://collector:4318/", "metrics") == "http://collector:4318/v1/metrics"
+    assert otlp_url("https://x/custom/path", "traces") == "https://x/custom/path"
+    with pytest.raises(ValueError):
+        otlp_url("collector:4318", "traces")
+
+
+async def test_spans_are_exported_over_otlp_http_to_a_real_collector(tmp_path):
+    received: list[ExportTraceServiceRequest] = []
+
+    async def traces(request: web.Request) -> web.Response:
+        body = ExportTraceServiceRequest()
+        body.ParseFromString(await request.read())
+        received.append(body)
+        return web.Response(status=200)
+
+    app = web.Application()
+    app.router.add_post("/v1/traces", traces)
+    async def metrics(request: web.Request) -> web.Response:
+        return web.Response(status=200)
+
+    app.router.add_post("/v1/metrics", metrics)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]
+    try:
+        telemetry = Telemetry(otlp_endpoint=f"http://127.0.0.1:{port}")
+        with telemetry.span("luanette.dispatch", parent=parent_context(TP)):
+            with telemetry.span("luanette.script.execute"):
+                pass
+        await asyncio.to_thread(telemetry.shutdown)  # flushes the batch
+    finally:
+        await runner.cleanup()
+    spans = [
+        span
+        for request in received
+        for resource_spans in request.resource_spans
+        for scope_spans in resource_spans.scope_spans
+        for span in scope_spans.spans
+    ]
+    assert sorted(s.name for s in spans) == ["luanette.dispatch", "luanette.script.execute"]
+    assert {s.trace_id.hex() for s in spans} == {TRACE}
+    service = {
+        a.key: a.value.string_value for r in received for rs in r.resource_spans for a in rs.resource.attributes
+    }
+    assert service["service.name"] == "luanette"

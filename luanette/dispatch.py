@@ -27,6 +27,7 @@ from luanette.stdlib.log import LogNamespace
 from luanette.stdlib.otel import OtelNamespace
 from luanette.store import ScriptRecord
 from luanette.telemetry import Span, Telemetry, script_attributes, span_ids
+from luanette.triggers import TriggerError, Triggers
 
 log = structlog.get_logger("luanette.dispatch")
 
@@ -93,7 +94,9 @@ class Dispatcher:
         publisher: Publisher,
         on_shutdown: Callable[[str], None],
         telemetry: Telemetry,
+        triggers: Triggers | None = None,
     ) -> None:
+        self.triggers = triggers
         self.config = config
         self._telemetry = telemetry
         self.jobs = jobs
@@ -124,6 +127,7 @@ class Dispatcher:
             t.JobCancel: self.job_cancel,
             t.ReadResource: self.read_resource,
             t.ListResources: self.list_resources,
+            t.TimelineEvent: self.timeline_event,
         }
 
     async def dispatch(self, payload: t.Payload, ctx: RequestContext) -> t.Payload:
@@ -134,7 +138,7 @@ class Dispatcher:
             return error("unsupported", f"luanette does not serve '{tag}' requests", {"type": tag})
         try:
             return await handler(payload, ctx)
-        except JobError as e:
+        except (JobError, TriggerError) as e:
             return error(e.code, str(e))
         except cas.InvalidHash as e:
             return error("invalid_params", f"not a script hash: {e}")
@@ -252,6 +256,11 @@ class Dispatcher:
     async def job_cancel(self, p: t.JobCancel, ctx: RequestContext) -> t.Payload:
         info = self.jobs.cancel(p.job_id)
         return t.Success(result={"cancelled": True, "job_id": p.job_id, "status": info.status.value})
+
+    async def timeline_event(self, p: t.TimelineEvent, ctx: RequestContext) -> t.Payload:
+        if self.triggers is None:
+            return t.Success(result={"job_id": None, "rule": None, "matched": False})
+        return t.Success(result=await self.triggers.handle(p))
 
     async def read_resource(self, p: t.ReadResource, ctx: RequestContext) -> t.Payload:
         if p.uri == STATS_URI:

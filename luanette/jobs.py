@@ -135,6 +135,10 @@ class Jobs:
             for live in list(self._live.values()):
                 live.cancel.cancel("the daemon is shutting down")
 
+    def is_live(self, job_id: str) -> bool:
+        """Whether ``job_id`` is queued or running in this process."""
+        return job_id in self._live
+
     @property
     def active(self) -> int:
         """Jobs queued or running in this process."""

@@ -847,30 +847,22 @@ class _Bridge:
 
     def __init__(self, run: RunContext, namespaces: Sequence[Namespace]) -> None:
         self._run = run
-        self.qualnames = ["print"]
         self._calls: list[Callable[..., Any]] = [self._print]
         # computed on a function's first call: most runs call few of their functions,
         # and inspect.signature costs more than the rest of binding one
         self._signatures: dict[int, inspect.Signature | None] = {0: None}  # print: always one line
-        spec = []
-        preludes: list[bytes | str] = []
-        taken: set[str] = set()
+        shape = []
         for namespace in namespaces:
-            _check_namespace_name(namespace.name, taken)
-            prelude = getattr(namespace, "lua_prelude", None)
-            if prelude:
-                preludes += [namespace.name, _prelude_bytecode(namespace.name, prelude)]
-            for name, call in namespace.functions(run).items():
-                if not name.isidentifier():
-                    raise ValueError(f"{namespace.name}: {name!r} is not a Lua identifier")
-                qualname = f"{namespace.name}.{name}"
-                self.qualnames.append(qualname)
-                self._calls.append(call)
-                spec.append("*" + qualname if inspect.iscoroutinefunction(call) else qualname)
-        # the sandbox setup's list of functions: "ns.fn ns.other *ns.waits" ("*" = async)
-        self.spec = " ".join(spec).encode()
-        # [name, bytecode, name, bytecode, ...] for the sandbox setup, or None
-        self.preludes = to_lua(preludes) if preludes else None
+            functions = namespace.functions(run)
+            shape.append((type(namespace), namespace.name, tuple(functions)))
+            self._calls.extend(functions.values())
+        key = tuple(shape)
+        layout = _layouts.get(key)
+        if layout is None:
+            layout = _layouts[key] = _Layout.of(namespaces, [names for _, _, names in shape], self._calls)
+        self.qualnames = layout.qualnames
+        self.spec = layout.spec
+        self.preludes = layout.preludes
 
     def call_sync(self, index: int, packed: bytes) -> tuple[bool, bytes]:
         """Called from Lua (worker thread): (True, result) or (False, Lua error message)."""
@@ -913,6 +905,44 @@ class _Bridge:
             return f"{qualname}: {exc.message}".encode()
         self._run.logger.exception("lua.namespace_error", function=qualname)
         return f"internal error in {qualname}".encode()
+
+
+class _Layout(msgspec.Struct, frozen=True):
+    """What the sandbox setup needs to know of a run's namespaces.
+
+    The same namespaces give the same layout run after run, so it is computed once per
+    shape (namespace types, names and function names) and cached: binding forty-odd
+    functions cost ~75 us of event-loop time per job.  A namespace type must therefore
+    give the same function names the same kind (sync or async) on every run.
+    """
+
+    qualnames: list[str]  # by bridge index; 0 is print
+    spec: bytes  # "ns.fn ns.other *ns.waits ..." ("*" = async), bridge indexes 1, 2, ...
+    preludes: bytes | None  # MessagePack [name, bytecode, name, bytecode, ...] or None
+
+    @classmethod
+    def of(cls, namespaces: Sequence[Namespace], names: Sequence[tuple[str, ...]], calls: Sequence[Callable[..., Any]]) -> _Layout:
+        """The layout of ``namespaces``, whose functions are ``names`` (one tuple per
+        namespace) and ``calls`` (all of them in order, after print)."""
+        qualnames, spec = ["print"], []
+        preludes: list[bytes | str] = []
+        taken: set[str] = set()
+        for namespace, function_names in zip(namespaces, names, strict=True):
+            _check_namespace_name(namespace.name, taken)
+            prelude = getattr(namespace, "lua_prelude", None)
+            if prelude:
+                preludes += [namespace.name, _prelude_bytecode(namespace.name, prelude)]
+            for name in function_names:
+                if not name.isidentifier():
+                    raise ValueError(f"{namespace.name}: {name!r} is not a Lua identifier")
+                qualname = f"{namespace.name}.{name}"
+                is_async = inspect.iscoroutinefunction(calls[len(qualnames)])
+                qualnames.append(qualname)
+                spec.append("*" + qualname if is_async else qualname)
+        return cls(qualnames, " ".join(spec).encode(), to_lua(preludes) if preludes else None)
+
+
+_layouts: dict[tuple[Any, ...], _Layout] = {}
 
 
 def _check_namespace_name(name: str, taken: set[str]) -> None:

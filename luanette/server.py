@@ -40,7 +40,7 @@ from luanette.cas import Cas
 from luanette.config import Config
 from luanette.dispatch import Dispatcher, RequestContext, error
 from luanette.jobs import Jobs
-from luanette.scripts import Scripts
+from luanette.scripts import ScriptProblem, Scripts
 from luanette.settings import Settings, load_settings
 from luanette.stdlib.clock import ClockNamespace
 from luanette.stdlib.json import JsonNamespace
@@ -48,6 +48,7 @@ from luanette.stdlib.log import LogNamespace
 from luanette.stdlib.models import model_namespaces
 from luanette.store import Store
 from luanette.telemetry import SpanKind, StatusCode, Telemetry, parent_context
+from luanette.triggers import TriggerError, Triggers
 
 log = structlog.get_logger("luanette.server")
 
@@ -122,6 +123,14 @@ class Server:
             temp_root=state_dir / "temp",
             telemetry=self.telemetry,
         )
+        self.triggers = Triggers(
+            settings.triggers,
+            submit=lambda script_hash, params: self.jobs.submit(script_hash, params, ["trigger"]),
+            find_script=lambda name: getattr(self.store.find_script_by_name(name), "hash", None),
+            is_live=self.jobs.is_live,
+            base_dir=Path(settings.config_dir) if settings.config_dir else None,
+        )
+        self._scripts = scripts
         self.dispatcher = Dispatcher(
             config,
             limits=limits,
@@ -130,6 +139,7 @@ class Server:
             publisher=self.publisher,
             on_shutdown=self.request_shutdown,
             telemetry=self.telemetry,
+            triggers=self.triggers,
         )
         self._socket: zmq.asyncio.Socket | None = None
         self._in_flight: set[RequestContext] = set()
@@ -179,6 +189,7 @@ class Server:
         sock = self._socket
         self.jobs.recover()
         try:
+            await self.load_trigger_scripts()
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._receive_loop, tg)
                 tg.start_soon(self.jobs.run)
@@ -198,6 +209,18 @@ class Server:
             self.publisher.close()
             self.store.close()
             log.info("server.stopped", reason=self.shutdown_reason, **msgspec.to_builtins(self.stats))
+
+    async def load_trigger_scripts(self) -> None:
+        """Store the scripts trigger rules name by file (:meth:`serve` does it too).
+        Raises :class:`TriggerError` for a file that is missing or does not compile."""
+        await self.triggers.load_files(self._store_trigger_script)
+
+    async def _store_trigger_script(self, text: str) -> str:
+        try:
+            record, _ = await self._scripts.save(text, ["trigger"], "luanette")
+        except ScriptProblem as e:
+            raise TriggerError("lua_error", f"a trigger's script_file does not compile: {e.detail.message}") from None
+        return record.hash
 
     async def _prune_periodically(self) -> None:
         while True:

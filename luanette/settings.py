@@ -34,6 +34,8 @@ from typing import Annotated, Any, Final, Literal
 
 import msgspec
 
+from luanette.triggers import TriggerRule
+
 __all__ = [
     "BackendSettings",
     "DEFAULT_BACKENDS",
@@ -180,16 +182,31 @@ class ModelRoutes(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fiel
         return refs
 
 
+class GardenSettings(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
+    """``[garden]``: the chaosgarden shell endpoint ``garden.*`` talks to."""
+
+    endpoint: str | None = None
+    """ZMQ endpoint of chaosgarden's shell ROUTER, e.g. ``tcp://127.0.0.1:5581``; none
+    configured makes every ``garden.*`` call a ``garden_unavailable`` error."""
+    timeout_s: Annotated[float, msgspec.Meta(gt=0, le=600)] = 5.0
+    """Seconds to wait for a reply (and at most the job's deadline)."""
+
+
 class Settings(msgspec.Struct, kw_only=True, frozen=True):
     """The whole config file.  ``Settings()`` is the configuration without a file."""
 
     backends: dict[str, BackendSettings] = msgspec.field(default_factory=lambda: dict(DEFAULT_BACKENDS))
     models: ModelRoutes = ModelRoutes()
+    garden: GardenSettings = GardenSettings()
+    triggers: list[TriggerRule] = []
+    config_dir: str = ""
+    """Directory of the file the settings came from (not a key of the file): relative
+    paths in it, such as ``script_file``, are relative to it."""
 
 
 # ------------------------------------------------------------------------- loading
 
-_TOP_LEVEL: Final = ("backends", "models")
+_TOP_LEVEL: Final = ("backends", "models", "garden", "triggers")
 
 
 def load_settings(path: str | os.PathLike[str] | None) -> Settings:
@@ -206,7 +223,8 @@ def load_settings(path: str | os.PathLike[str] | None) -> Settings:
         raise SettingsError(f"{name}: cannot read: {exc.strerror or exc}") from None
     except tomllib.TOMLDecodeError as exc:
         raise SettingsError(f"{name}: not valid TOML: {exc}") from None
-    return parse_settings(raw, source=name)
+    settings = parse_settings(raw, source=name)
+    return msgspec.structs.replace(settings, config_dir=os.path.dirname(os.path.abspath(name)))
 
 
 def parse_settings(raw: Mapping[str, Any], *, source: str = "config") -> Settings:
@@ -250,7 +268,13 @@ def _parse(raw: Mapping[str, Any]) -> Settings:
             raise _KeyError(key, f"no backend named {name!r} (known: {', '.join(sorted(backends))})")
         if backend.kind != kind:
             raise _KeyError(key, f"backend {name!r} has kind {backend.kind!r}; this function needs kind {kind!r}")
-    return Settings(backends=backends, models=models)
+    garden = _convert(raw.get("garden", {}), GardenSettings, "garden")
+    triggers = _convert(raw.get("triggers", []), list[TriggerRule], "triggers")
+    names = [rule.name for rule in triggers if rule.name]
+    for name in names:
+        if names.count(name) > 1:
+            raise _KeyError("triggers", f"two rules are named {name!r}")
+    return Settings(backends=backends, models=models, garden=garden, triggers=triggers)
 
 
 _AT: Final = re.compile(r"^(?P<message>.*?)(?: - at `\$(?P<path>[^`]*)`)?$", re.S)

@@ -644,6 +644,13 @@ class Store:
         rows = self._read(f"SELECT {_SCRIPT_COLUMNS} FROM scripts WHERE hash = ?", (hash,))
         return _script_from_row(rows[0]) if rows else None
 
+    def find_script_by_name(self, name: str) -> ScriptRecord | None:
+        """The newest indexed script whose describe() name is ``name``, or None."""
+        rows = self._read(
+            f"SELECT {_SCRIPT_COLUMNS} FROM scripts WHERE name = ? ORDER BY created_at DESC, hash LIMIT 1", (name,)
+        )
+        return _script_from_row(rows[0]) if rows else None
+
     def search(
         self,
         tag: str | None = None,

@@ -18,6 +18,7 @@ from luanette.config import DEFAULT_BIND, DEFAULT_PUB, Config
 from luanette.server import Server
 from luanette.settings import Settings, SettingsError, load_settings
 from luanette.telemetry import otlp_url
+from luanette.triggers import TriggerError
 
 
 def parse_size(text: str) -> int:
@@ -113,6 +114,7 @@ async def serve(config: Config, settings: Settings) -> None:
     """Run the server until Shutdown, SIGINT or SIGTERM, then drain and return."""
     server = Server(config, settings=settings)
     server.bind()  # outside the task group, so a busy address is a plain ZMQError
+    await server.load_trigger_scripts()  # and a missing script_file a plain TriggerError
     async with anyio.create_task_group() as tg:
 
         async def watch_signals() -> None:
@@ -140,6 +142,9 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, zmq.ZMQError) as e:  # e.g. the address is in use
         log.error("server.failed", error=str(e), bind=config.bind)
         return 1
+    except TriggerError as e:  # a trigger's script_file is missing or does not compile
+        log.error("server.failed", error=str(e))
+        return 2
     stuck = runtime.stats.abandoned_running
     if stuck:
         # A script stuck inside one C call (a pathological pattern match) cannot be

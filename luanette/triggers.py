@@ -1,0 +1,259 @@
+"""Timeline triggers: chaosgarden's ``timeline_event`` requests start jobs.
+
+A rule (``[[triggers]]`` in the config file, see docs/garden.md) matches an event by
+``event_type`` and metadata fields, names a script (a stored script's name or hash, or
+a file the daemon stores at start-up) and a params template::
+
+    [[triggers]]
+    name = "transition"
+    event_type = "generate_transition"
+    match = { kind = "bridge" }               # metadata fields that must be equal
+    script = "transition"                     # or script_file = "examples/transition.lua"
+    [triggers.params]
+    current_section = "$metadata.from"
+    next_section = "$metadata.to"
+    beats_available = "$metadata.beats"
+    tempo = "$tempo"
+
+Template strings: ``$position_beats``, ``$tempo``, ``$event_type`` and
+``$metadata.<key>`` (dotted for nested keys).  A string that is exactly one placeholder
+takes the value with its JSON type; placeholders inside longer text are replaced by
+their text; ``$$`` is a literal ``$``.
+
+The first rule that matches starts one job and the reply is ``{job_id, rule,
+script_hash}``; an event no rule matches is acknowledged (``{job_id: null}``) and logged.
+
+A rule cannot fire itself in a loop: a job a rule started carries the event's trace
+(its span is a child of the event's), and everything it asks chaosgarden to do carries
+that trace on.  While that job runs, an event of the same trace (by its traceparent) or
+naming the job (metadata ``luanette_job_id``) that matches the same rule is refused
+with ``invalid_state``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, Final
+
+import msgspec
+import structlog
+from opentelemetry import trace
+
+from hooteproto import types as t
+from luanette.cas import InvalidHash, parse_hash
+
+log = structlog.get_logger("luanette.triggers")
+
+EVENT_TYPES: Final = tuple(e.value for e in t.TimelineEventType)
+_PLACEHOLDER: Final = re.compile(r"\$(\$|position_beats|tempo|event_type|metadata((?:\.[A-Za-z0-9_\-]+)+))")
+_ANY_DOLLAR_WORD: Final = re.compile(r"\$(?!\$)([A-Za-z_][A-Za-z0-9_.\-]*)")
+JOB_ID_KEY: Final = "luanette_job_id"
+
+
+class TriggerError(Exception):
+    """An event a rule matched cannot start its job; ``code`` is the reply's error code."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class TriggerRule(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
+    """One ``[[triggers]]`` table."""
+
+    event_type: str
+    """One of section_change, beat_marker, cue_point, generate_transition, or "*"."""
+    name: str = ""
+    """Shown in replies and logs; defaults to ``trigger<N>`` (N from 1, in file order)."""
+    match: dict[str, Any] = {}
+    """Metadata fields (dotted paths) and the values they must have; an array value
+    means any of its items."""
+    script: str | None = None
+    """A stored script: its name (the newest with that name) or its hash."""
+    script_file: str | None = None
+    """A Lua file (relative to the config file) stored when the daemon starts."""
+    params: Any = None
+    """The job's params; strings may hold placeholders (see the module docs)."""
+
+    def __post_init__(self) -> None:
+        if self.event_type != "*" and self.event_type not in EVENT_TYPES:
+            raise ValueError(f"event_type: must be one of {', '.join(EVENT_TYPES)} or '*'")
+        if (self.script is None) == (self.script_file is None):
+            raise ValueError("script: give exactly one of script (a stored name or hash) and script_file")
+        _check_template(self.params, "params")
+
+
+def _check_template(value: Any, where: str) -> None:
+    if isinstance(value, str):
+        for match in _ANY_DOLLAR_WORD.finditer(value):
+            if not _PLACEHOLDER.match(value, match.start()):
+                raise ValueError(
+                    f"{where}: unknown placeholder ${match[1]} (known: $position_beats, $tempo, "
+                    "$event_type, $metadata.<key>; $$ for a literal $)"
+                )
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _check_template(item, f"{where}.{key}")
+    elif isinstance(value, list):
+        for i, item in enumerate(value, 1):
+            _check_template(item, f"{where}[{i}]")
+
+
+_MISSING: Final = object()
+
+
+def _lookup(metadata: Any, dotted: str) -> Any:
+    value = metadata
+    for part in dotted.split("."):
+        if not isinstance(value, dict) or part not in value:
+            return _MISSING
+        value = value[part]
+    return value
+
+
+def expand(template: Any, event: t.TimelineEvent, where: str = "params") -> Any:
+    """``template`` with the event's values in place of its placeholders.
+
+    Raises :class:`TriggerError` (``invalid_params``) for a ``$metadata`` key the event
+    does not have.
+    """
+    if isinstance(template, dict):
+        return {k: expand(v, event, f"{where}.{k}") for k, v in template.items()}
+    if isinstance(template, list):
+        return [expand(v, event, f"{where}[{i}]") for i, v in enumerate(template, 1)]
+    if not isinstance(template, str):
+        return template
+
+    def value(match: re.Match[str]) -> Any:
+        name = match[1]
+        if name == "$":
+            return "$"
+        if name == "position_beats":
+            return event.position_beats
+        if name == "tempo":
+            return event.tempo
+        if name == "event_type":
+            return event.event_type.value
+        found = _lookup(event.metadata, match[2][1:])
+        if found is _MISSING:
+            raise TriggerError("invalid_params", f"{where}: the event's metadata has no {match[2][1:]!r}")
+        return found
+
+    whole = _PLACEHOLDER.fullmatch(template)
+    if whole and whole[1] != "$":
+        return value(whole)
+    return _PLACEHOLDER.sub(lambda m: _text(value(m)), template)
+
+
+def _text(value: Any) -> str:
+    return value if isinstance(value, str) else msgspec.json.encode(value).decode()
+
+
+def matches(rule: TriggerRule, event: t.TimelineEvent) -> bool:
+    """Whether ``event`` has the rule's type and every ``match`` field."""
+    if rule.event_type not in ("*", event.event_type.value):
+        return False
+    for key, wanted in rule.match.items():
+        found = _lookup(event.metadata, key)
+        if found is _MISSING:
+            return False
+        if found != wanted and not (isinstance(wanted, list) and found in wanted):
+            return False
+    return True
+
+
+class Triggers:
+    """The rules of the config file and the jobs they have started.
+
+    ``submit(script_hash, params)`` queues a job (``Jobs.submit``); ``find_script(name)``
+    gives the hash of the newest stored script called ``name`` (or None);
+    ``store_file(text)`` stores a script and returns its hash; ``is_live(job_id)`` tells
+    whether a job is queued or running.
+    """
+
+    def __init__(
+        self,
+        rules: list[TriggerRule],
+        *,
+        submit: Callable[[str, Any], Any],
+        find_script: Callable[[str], str | None],
+        is_live: Callable[[str], bool],
+        base_dir: Path | None = None,
+    ) -> None:
+        self.rules = [
+            rule if rule.name else msgspec.structs.replace(rule, name=f"trigger{i}") for i, rule in enumerate(rules, 1)
+        ]
+        self._submit = submit
+        self._find_script = find_script
+        self._is_live = is_live
+        self._base_dir = base_dir or Path.cwd()
+        self._file_hashes: dict[str, str] = {}
+        # job id -> (rule name, trace id) of the jobs rules started
+        self._started: dict[str, tuple[str, int]] = {}
+
+    async def load_files(self, store_file: Callable[[str], Any]) -> None:
+        """Store every ``script_file`` (at start-up; once); a missing file is an error."""
+        for rule in self.rules:
+            if rule.script_file is None or rule.name in self._file_hashes:
+                continue
+            path = (self._base_dir / rule.script_file).resolve()
+            try:
+                text = path.read_text()
+            except (OSError, UnicodeDecodeError) as e:
+                raise TriggerError("not_found", f"trigger {rule.name!r}: cannot read {path}: {e}") from None
+            self._file_hashes[rule.name] = await store_file(text)
+            log.info("trigger.script_stored", rule=rule.name, path=str(path), hash=self._file_hashes[rule.name])
+
+    def _script_hash(self, rule: TriggerRule) -> str:
+        if rule.script_file is not None:
+            found = self._file_hashes.get(rule.name)
+            if found is None:
+                raise TriggerError("not_found", f"trigger {rule.name!r}: {rule.script_file} was not stored at start-up")
+            return found
+        assert rule.script is not None
+        try:
+            return parse_hash(rule.script)
+        except InvalidHash:
+            pass
+        found = self._find_script(rule.script)
+        if found is None:
+            raise TriggerError("not_found", f"trigger {rule.name!r}: no stored script named {rule.script!r}")
+        return found
+
+    def _loop(self, rule: TriggerRule, event: t.TimelineEvent, trace_id: int) -> str | None:
+        """The running job of ``rule`` that this event comes from, if any."""
+        named = event.metadata.get(JOB_ID_KEY) if isinstance(event.metadata, Mapping) else None
+        for job_id, (rule_name, job_trace) in list(self._started.items()):
+            if not self._is_live(job_id):
+                del self._started[job_id]
+                continue
+            if rule_name == rule.name and (job_id == named or (trace_id and job_trace == trace_id)):
+                return job_id
+        return None
+
+    async def handle(self, event: t.TimelineEvent) -> dict[str, Any]:
+        """Start the job of the first rule matching ``event``; the reply's result.
+
+        Raises :class:`TriggerError` when the matched rule cannot start it.
+        """
+        rule = next((r for r in self.rules if matches(r, event)), None)
+        if rule is None:
+            log.info("trigger.unmatched", event_type=event.event_type.value, position_beats=event.position_beats)
+            return {"job_id": None, "rule": None, "matched": False}
+        trace_id = trace.get_current_span().get_span_context().trace_id
+        looping = self._loop(rule, event, trace_id)
+        if looping is not None:
+            raise TriggerError(
+                "invalid_state",
+                f"trigger {rule.name!r} did not fire: this event comes from its own job {looping}, "
+                "which is still running (a trigger cannot fire itself in a loop)",
+            )
+        script_hash = self._script_hash(rule)
+        params = expand(rule.params, event)
+        info = await self._submit(script_hash, params)
+        self._started[info.job_id] = (rule.name, trace_id)
+        log.info("trigger.fired", rule=rule.name, job_id=info.job_id, script_hash=script_hash,
+                 event_type=event.event_type.value)
+        return {"job_id": info.job_id, "rule": rule.name, "script_hash": script_hash, "matched": True}

@@ -115,7 +115,7 @@ async def test_list_tools_names_every_served_request_with_a_schema(client):
         "ping", "register", "shutdown", "list_tools", "lua_eval",
         "script_store", "script_search", "lua_describe",
         "job_execute", "job_status", "job_list", "job_poll", "job_cancel",
-        "read_resource", "list_resources",
+        "read_resource", "list_resources", "timeline_event",
     }  # fmt: skip
     schema = tools["lua_eval"].input_schema
     assert schema["type"] == "object"

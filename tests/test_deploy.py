@@ -1,0 +1,131 @@
+"""docker-compose.yml and the Dockerfile, checked against what the code accepts.
+
+No Docker engine runs here, so the file is parsed: every command line must parse with
+our own CLIs' argument parsers, ports and volumes must line up with the flags, and the
+settings file the daemon is given must load, its endpoints naming compose services.
+"""
+
+from __future__ import annotations
+
+import shlex
+import urllib.parse
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from luanette.cli import client as cli_client
+from luanette.cli import daemon as cli_daemon
+from luanette.settings import load_settings
+from luanette.sim import cli as sim_cli
+
+ROOT = Path(__file__).resolve().parents[1]
+OUR_IMAGE = "luanette:dev"
+PARSERS = {
+    "luanette": cli_daemon.build_parser,
+    "luanette-sim": sim_cli.build_parser,
+    "luanette-cli": cli_client.build_parser,
+}
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict[str, Any]:
+    return yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+
+
+def dockerfile() -> list[tuple[str, str]]:
+    """(instruction, rest) of each Dockerfile instruction, continuation lines joined."""
+    text = (ROOT / "Dockerfile").read_text().replace("\\\n", " ")
+    steps = []
+    for line in text.splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            word, _, rest = line.partition(" ")
+            steps.append((word.upper(), rest.strip()))
+    return steps
+
+
+def parse(command: list[str]) -> tuple[str, Any]:
+    """The program and its parsed arguments (argparse exits on anything it refuses)."""
+    program, *args = command
+    assert program in PARSERS, f"{program} is not one of our programs"
+    return program, PARSERS[program]().parse_args(args)
+
+
+def published(service: dict[str, Any]) -> set[int]:
+    return {int(str(p).split(":")[-1].split("/")[0]) for p in service.get("ports", [])}
+
+
+def mounts(service: dict[str, Any]) -> dict[str, str]:
+    """container path -> volume name."""
+    return {v.split(":")[1]: v.split(":")[0] for v in service.get("volumes", [])}
+
+
+def test_the_stack_has_its_four_services(compose):
+    services = compose["services"]
+    assert set(services) == {"luanette", "models", "garden", "jaeger"}
+    for name in ("luanette", "models", "garden"):
+        assert services[name]["image"] == OUR_IMAGE and services[name]["build"] == "."
+    assert set(compose["volumes"]) == {"cas", "state"}
+
+
+def test_every_command_parses_with_our_parsers(compose):
+    for name, service in compose["services"].items():
+        if service.get("image") == OUR_IMAGE:
+            parse(service["command"])
+    cmd = next(rest for word, rest in dockerfile() if word == "CMD")
+    parse(yaml.safe_load(cmd))  # the exec form is a JSON array, which YAML reads
+
+
+def test_the_daemon_flags_line_up_with_ports_volumes_and_services(compose):
+    services = compose["services"]
+    luanette = services["luanette"]
+    _, args = parse(luanette["command"])
+    bind = urllib.parse.urlsplit(args.bind)
+    pub = urllib.parse.urlsplit(args.pub)
+    assert bind.hostname == pub.hostname == "0.0.0.0"  # reachable from the host
+    assert {bind.port, pub.port} <= published(luanette)
+    volumes = mounts(luanette)
+    assert volumes[args.cas_root] == "cas" and volumes[args.state_dir] == "state"
+    assert mounts(services["garden"]).get(args.cas_root) == "cas"  # the shared CAS
+    otlp = urllib.parse.urlsplit(args.otlp_endpoint)
+    assert otlp.hostname == "jaeger" and otlp.port in published(services["jaeger"])
+    assert services["jaeger"]["environment"]["COLLECTOR_OTLP_ENABLED"] == "true"
+    assert set(luanette["depends_on"]) == {"models", "garden", "jaeger"}
+
+
+def test_the_settings_file_names_the_compose_services(compose):
+    services = compose["services"]
+    _, daemon_args = parse(services["luanette"]["command"])
+    workdir = next(rest for word, rest in dockerfile() if word == "WORKDIR")
+    copies = {rest.split()[-1].rstrip("/") for word, rest in dockerfile() if word == "COPY"}
+    config = Path(daemon_args.config)
+    assert str(config.parent) == f"{workdir}/deploy" and "./deploy" in copies and "./examples" in copies
+    settings = load_settings(ROOT / "deploy" / config.name)
+
+    _, models_args = parse(services["models"]["command"])
+    assert models_args.host == "0.0.0.0" and models_args.port in published(services["models"])
+    used = {name for _, name, _ in settings.models.references()} | {"orpheus_children", "orpheus_mono"}
+    for name in used:  # every backend a model namespace calls is the simulator
+        url = urllib.parse.urlsplit(settings.backends[name].url)
+        assert (url.hostname, url.port) == ("models", models_args.port), name
+
+    _, garden_args = parse(services["garden"]["command"])
+    garden_bind = urllib.parse.urlsplit(garden_args.bind)
+    garden = urllib.parse.urlsplit(settings.garden.endpoint)
+    assert garden.hostname == "garden" and garden.port == garden_bind.port
+    assert garden_bind.port in published(services["garden"])
+
+    # the trigger's script ships in the image, where the daemon will look for it
+    (rule,) = settings.triggers
+    assert rule.event_type == "generate_transition"
+    assert (ROOT / "deploy" / rule.script_file).resolve() == ROOT / "examples" / "transition.lua"
+
+
+def test_operations_doc_shows_the_stack():
+    text = (ROOT / "docs" / "operations.md").read_text()
+    assert "docker compose up" in text
+    for line in text.splitlines():
+        if line.strip().startswith(("luanette-cli ", "luanette-sim ")):
+            parse(shlex.split(line.strip()))

@@ -32,6 +32,7 @@ from luanette.broadcast import Publisher
 from luanette.cas import CasError
 from luanette.scripts import Scripts
 from luanette.stdlib.cas import CasNamespace
+from luanette.stdlib.job import JobNamespace
 from luanette.stdlib.midi import MidiNamespace
 from luanette.stdlib.otel import OtelNamespace
 from luanette.stdlib.progress import ProgressNamespace
@@ -281,6 +282,7 @@ class Jobs:
                     CasNamespace(cas, temp=temp),
                     MidiNamespace(cas, temp),
                     self._otel,
+                    JobNamespace(live.job_id, live.script_hash),
                 ],
                 chunk_name=name or "script",
                 log=jlog,

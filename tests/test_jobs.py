@@ -409,3 +409,10 @@ async def test_a_burst_past_the_queue_gets_busy_never_internal(make_server):
         assert len(accepted) >= 20
         done = (await c.request(t.JobPoll(job_ids=accepted, timeout_ms=20000, mode=t.PollMode.ALL), timeout=30)).result
         assert len(done["completed"]) == len(accepted) and not done["timed_out"]
+
+
+async def test_a_job_knows_its_own_id_and_script(client):
+    digest = await store(client, "return {job.id(), job.script_hash()}")
+    job_id = (await run(client, digest))["job_id"]
+    done = await wait_done(client, job_id)
+    assert done["result"] == [job_id, digest]

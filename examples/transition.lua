@@ -1,4 +1,8 @@
--- The chaosgarden flow of seed 001: bridge two sections with orpheus, return the hash.
+-- The chaosgarden flow of seed 001: a "generate transition" marker on the timeline
+-- starts this job (see [[triggers]] in deploy/luanette.toml). It bridges the two
+-- sections with orpheus and stores the result. Given a `position`, it also shows its
+-- work on the timeline: a latent region that reports started, progress and resolved
+-- (or failed), and then waits in the garden for a person to approve it.
 function describe()
   return {
     name = "transition",
@@ -8,19 +12,49 @@ function describe()
       next_section = { type = "string", required = true, description = "CAS hash" },
       beats_available = { type = "number", default = 8 },
       tempo = { type = "number", default = 120 },
+      position = { type = "number", description = "beat of the marker; with it, a latent region is made" },
     },
-    returns = "{hash, beats, notes} of the transition",
+    returns = "{hash, beats, notes, region_id} of the transition",
   }
 end
 
+-- The timeline side, when there is one: every call is a no-op without a region.
+local timeline = {}
+
+function timeline.open(p)
+  if p.position == nil then return nil end
+  local region = garden.create_region {
+    position = p.position, duration = p.beats_available, behavior = "latent", content_id = job.id(),
+  }
+  garden.latent_started(region, job.id())
+  return region
+end
+
+function timeline.progress(region, fraction, message)
+  progress.update(fraction * 100, message)
+  if region then garden.latent_progress(region, fraction) end
+end
+
 function main(p)
-  progress.update(10, "reading sections")
-  local from, to = midi.info(p.current_section), midi.info(p.next_section)
-  progress.update(30, "bridging")
-  local out = orpheus.bridge({ from = p.current_section, to = p.next_section })
-  local hash = out.variations[1].hash
-  local info = midi.info(hash)
+  local region = timeline.open(p)
+  local ok, result = pcall(function()
+    timeline.progress(region, 0.1, "reading sections")
+    local from, to = midi.info(p.current_section), midi.info(p.next_section)
+    timeline.progress(region, 0.3, "bridging")
+    local out = orpheus.bridge { from = p.current_section, to = p.next_section }
+    local hash = out.variations[1].hash
+    local info = midi.info(hash)
+    timeline.progress(region, 0.9, "handing over")
+    return { hash = hash, beats = info.length_beats, notes = info.notes,
+             from_notes = from.notes, to_notes = to.notes, region_id = region }
+  end)
+  if not ok then
+    if region then garden.latent_failed(region, tostring(result)) end
+    error(result, 0)
+  end
+  if region then
+    garden.latent_resolved(region, { artifact_id = result.hash, content_hash = result.hash, content_type = "midi" })
+  end
   progress.update(100, "done")
-  return { hash = hash, beats = info.length_beats, notes = info.notes,
-           from_notes = from.notes, to_notes = to.notes }
+  return result
 end

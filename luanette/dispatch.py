@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import msgspec
@@ -95,6 +95,7 @@ class Dispatcher:
         on_shutdown: Callable[[str], None],
         telemetry: Telemetry,
         triggers: Triggers | None = None,
+        eval_namespaces: Sequence[runtime.Namespace] = (),
     ) -> None:
         self.triggers = triggers
         self.config = config
@@ -108,7 +109,9 @@ class Dispatcher:
         self._on_shutdown = on_shutdown
         self._eval_slots = asyncio.Semaphore(config.max_evals)
         # stateless: shared by every eval
-        self._eval_namespaces = (LogNamespace(), ClockNamespace(), JsonNamespace(), OtelNamespace(telemetry))
+        self._eval_namespaces = (
+            LogNamespace(), ClockNamespace(), JsonNamespace(), OtelNamespace(telemetry), *eval_namespaces
+        )
         self._evals_waiting = 0
         self._limits = limits
         self._handlers: dict[type, Handler] = {

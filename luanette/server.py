@@ -43,6 +43,8 @@ from luanette.jobs import Jobs
 from luanette.scripts import ScriptProblem, Scripts
 from luanette.settings import Settings, load_settings
 from luanette.stdlib.clock import ClockNamespace
+from luanette.garden import GardenClient
+from luanette.stdlib.garden import garden_namespace
 from luanette.stdlib.json import JsonNamespace
 from luanette.stdlib.log import LogNamespace
 from luanette.stdlib.models import model_namespaces
@@ -111,13 +113,15 @@ class Server:
         settings = settings or load_settings(None)
         self.backends = Backends(settings.backends, telemetry=self.telemetry)
         models = model_namespaces(self.backends, self.cas, settings.models)
+        self.garden = GardenClient(settings.garden, context=self._context, telemetry=self.telemetry)
+        garden = garden_namespace(self.garden)
         scripts = Scripts(self.cas, self.store, limits)
         self.jobs = Jobs(
             store=self.store,
             scripts=scripts,
             publisher=self.publisher,
             limits=limits,
-            namespaces=lambda: [LogNamespace(), ClockNamespace(), JsonNamespace(), *models],
+            namespaces=lambda: [LogNamespace(), ClockNamespace(), JsonNamespace(), *models, garden],
             max_jobs=config.max_jobs,
             queue_size=config.job_queue,
             temp_root=state_dir / "temp",
@@ -140,6 +144,7 @@ class Server:
             on_shutdown=self.request_shutdown,
             telemetry=self.telemetry,
             triggers=self.triggers,
+            eval_namespaces=[garden],
         )
         self._socket: zmq.asyncio.Socket | None = None
         self._in_flight: set[RequestContext] = set()
@@ -199,6 +204,7 @@ class Server:
                 await self._drain()
                 tg.cancel_scope.cancel()
             await self.backends.aclose()
+            await self.garden.aclose()
             if self._owns_telemetry and self.telemetry.exporting:
                 with anyio.move_on_after(self.config.drain_timeout, shield=True):
                     # flushing posts to the collector: a blocking call, so off the loop

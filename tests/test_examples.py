@@ -35,6 +35,8 @@ async def job(c, name: str, params=None) -> dict:
 def test_every_example_is_covered():
     assert {p.name for p in EXAMPLES.glob("*.lua")} == {
         "hello.lua", "midi_process.lua", "multi_variation.lua", "otel_example.lua", "transition.lua",
+        # seed 002's garden.* scripts (transition.lua's garden side: tests/test_garden_flow.py)
+        "start_playback.lua", "build_timeline.lua", "orchestrate_generation.lua", "query_regions.lua",
     }  # fmt: skip
 
 
@@ -103,3 +105,38 @@ async def test_otel_example(make_server):
         for metric in sm.metrics
     }
     assert {"luanette.example.notes", "luanette.example.cpu_ms"} <= names
+
+
+@pytest.fixture
+async def garden_stack(make_server):
+    from luanette.settings import parse_settings
+    from luanette.sim.garden import GardenSimServer
+
+    garden = GardenSimServer()
+    await garden.start()
+    try:
+        running = await make_server(settings=parse_settings({"garden": {"endpoint": garden.endpoint}}))
+        async with Client(running.endpoint) as c:
+            yield c, garden
+    finally:
+        await garden.stop()
+
+
+async def test_seed_002_garden_examples(garden_stack):
+    c, garden = garden_stack
+    status = await job(c, "start_playback.lua")
+    assert status == {"playing": True, "position": 0.0, "tempo": 120.0}
+    assert garden.state.transport()["state"] == "playing"
+
+    regions = await job(c, "build_timeline.lua")
+    (region,) = regions
+    assert region["position"] == 16.0 and region["duration"] == 16.0 and not region["is_latent"]
+
+    generated = await job(c, "orchestrate_generation.lua")
+    assert generated["approved"] is True
+    latent = garden.state.region(generated["region_id"])["latent"]
+    assert latent["status"] == "approved" and latent["content_hash"] == "sha256:abc123..."
+    assert latent["decided_by"] == "00000000-0000-0000-0000-000000000001"
+
+    rows = await job(c, "query_regions.lua")
+    assert [row["id"] for row in rows] == [generated["region_id"]]

@@ -123,9 +123,12 @@ def test_the_settings_file_names_the_compose_services(compose):
     assert (ROOT / "deploy" / rule.script_file).resolve() == ROOT / "examples" / "transition.lua"
 
 
-def test_operations_doc_shows_the_stack():
-    text = (ROOT / "docs" / "operations.md").read_text()
-    assert "docker compose up" in text
-    for line in text.splitlines():
-        if line.strip().startswith(("luanette-cli ", "luanette-sim ")):
-            parse(shlex.split(line.strip()))
+@pytest.mark.parametrize("doc", ["operations.md", "garden.md"])
+def test_command_lines_in_the_docs_parse(doc):
+    text = (ROOT / "docs" / doc).read_text()
+    lines = [line.strip() for line in text.splitlines() if line.strip().startswith(tuple(f"{p} " for p in PARSERS))]
+    assert lines
+    for line in lines:
+        parse(shlex.split(line.split("  #")[0]))
+    if doc == "operations.md":
+        assert "docker compose up" in text

@@ -2,19 +2,27 @@
 
     luanette-sim models --kind orpheus --port 2000
     luanette-sim models --kind all --port 0 --latency-ms 200 --busy-every 5
+    luanette-sim garden --bind tcp://127.0.0.1:5555 --latency-ms 20
+    luanette-sim timeline-event --luanette tcp://127.0.0.1:5580 \
+        --type generate_transition --position 32 --tempo 120 --metadata '{"to": "b"}'
 
-The first line on stdout is ``listening <base URL>`` once the socket is bound, so a
-parent process can start it with ``--port 0`` and read the URL. SIGINT / SIGTERM stop
-it cleanly (exit 0). Further subcommands (``garden``) hang off the same parser.
+The servers (``models``, ``garden``) print ``listening <base URL or endpoint>`` as the
+first stdout line once the socket is bound, so a parent process can start them on port 0
+and read where they are. SIGINT / SIGTERM stop them cleanly (exit 0). Both take
+``--host`` / ``--port``; ``garden`` also takes a whole ZeroMQ ``--bind`` endpoint (e.g.
+``ipc://...``). ``timeline-event`` is one-shot: it prints the reply as JSON and exits 0
+on Success, 1 on Error or no reply.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import signal
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 
 def _fraction(text: str) -> float:
@@ -39,7 +47,7 @@ def _non_negative_float(text: str) -> float:
 
 
 def _add_models(sub: argparse._SubParsersAction) -> None:
-    from luanette.sim.models import KINDS, ORPHEUS_TASKS  # noqa: PLC0415 (lazy: keeps --help fast)
+    from luanette.sim.models import KINDS, ORPHEUS_TASKS  # lazy: keeps --help fast
 
     p = sub.add_parser(
         "models",
@@ -114,6 +122,144 @@ def _run_models(args: argparse.Namespace) -> int:
     return asyncio.run(_serve_models(args))
 
 
+# --- garden --------------------------------------------------------------------------
+
+
+def _add_garden(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "garden",
+        help="simulate the chaosgarden shell socket (regions, transport, latents) over ZeroMQ",
+        description="Bind a ROUTER that answers chaosgarden shell requests (compact "
+        "MsgPack Message frames, or HOOT01 with a JSON Message) from an in-memory "
+        "timeline: transport, regions, the latent lifecycle and approvals. Prints "
+        "'listening <endpoint>' as the first stdout line.",
+    )
+    p.add_argument("--bind", default=None, metavar="ENDPOINT",
+                   help="ZeroMQ endpoint to bind (default tcp://127.0.0.1:0, a free port); "
+                   "not together with --host/--port")
+    p.add_argument("--host", default=None, help="address to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=_non_negative_int, default=None,
+                   help="port to bind; 0 picks a free one (default)")
+    p.add_argument("--latency-ms", type=_non_negative_float, default=0.0,
+                   help="delay added to every reply (non-blocking)")
+    p.add_argument("--drop-every", type=_non_negative_int, default=0, metavar="N",
+                   help="leave every Nth request unanswered and unapplied")
+    p.add_argument("--unresponsive", action="store_true",
+                   help="answer nothing (a hung daemon), for client timeout tests")
+    p.add_argument("--tempo", type=float, default=120.0, help="initial tempo in BPM (default 120)")
+    p.set_defaults(func=_run_garden)
+
+
+def _garden_bind(args: argparse.Namespace) -> str:
+    if args.bind is not None:
+        if args.host is not None or args.port is not None:
+            raise ValueError("give either --bind or --host/--port, not both")
+        return args.bind
+    host = args.host or "127.0.0.1"
+    host = f"[{host}]" if ":" in host else host
+    return f"tcp://{host}:{args.port or 0}"
+
+
+async def _serve_garden(args: argparse.Namespace) -> int:
+    import zmq  # lazy: keeps --help and the other subcommands light
+
+    from luanette.sim.garden import GardenSimServer, GardenState
+
+    try:
+        bind = _garden_bind(args)
+        state = GardenState(tempo=args.tempo)
+    except ValueError as e:
+        print(f"luanette-sim: {e}", file=sys.stderr)
+        return 2
+    server = GardenSimServer(bind, state=state, latency_ms=args.latency_ms,
+                             drop_every=args.drop_every, unresponsive=args.unresponsive)
+    try:
+        await server.start()
+    except zmq.ZMQError as e:
+        print(f"luanette-sim: cannot bind {bind}: {e}", file=sys.stderr)
+        return 1
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    print(f"listening {server.endpoint}", flush=True)
+    print(f"luanette-sim garden: shell ROUTER on {server.endpoint} "
+          f"(latency {args.latency_ms:g} ms)", file=sys.stderr, flush=True)
+    try:
+        await stop.wait()
+    finally:
+        await server.stop()
+    return 0
+
+
+def _run_garden(args: argparse.Namespace) -> int:
+    return asyncio.run(_serve_garden(args))
+
+
+# --- timeline-event ------------------------------------------------------------------
+
+
+def _json_value(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not JSON: {e}") from None
+
+
+def _add_timeline_event(sub: argparse._SubParsersAction) -> None:
+    from hooteproto.codec import Encoding  # lazy, like the others
+    from hooteproto.types import TimelineEventType
+
+    p = sub.add_parser(
+        "timeline-event",
+        help="send one TimelineEvent to a Luanette daemon, as chaosgarden does at a marker",
+        description="Send a hooteproto TimelineEvent over HOOT01 to a Luanette ROUTER "
+        "and print the reply payload as JSON. Exit 0 on Success, 1 on Error or timeout.",
+    )
+    p.add_argument("--luanette", required=True, metavar="ENDPOINT",
+                   help="the Luanette daemon's endpoint, e.g. tcp://127.0.0.1:5580")
+    p.add_argument("--type", dest="event_type", required=True,
+                   choices=[e.value for e in TimelineEventType], help="the event type")
+    p.add_argument("--position", type=float, required=True, metavar="BEATS",
+                   help="timeline position of the event in beats")
+    p.add_argument("--tempo", type=float, default=120.0, help="tempo in BPM (default 120)")
+    p.add_argument("--metadata", type=_json_value, default={}, metavar="JSON",
+                   help="event metadata as JSON (default {})")
+    p.add_argument("--timeout", type=_non_negative_float, default=5.0, metavar="SECONDS",
+                   help="how long to wait for the reply (default 5)")
+    p.add_argument("--traceparent", default=None, help="W3C traceparent to send along")
+    p.add_argument("--encoding", choices=[e.value for e in Encoding], default="compact",
+                   help="body encoding of the request (default compact MsgPack)")
+    p.set_defaults(func=_run_timeline_event)
+
+
+def _run_timeline_event(args: argparse.Namespace) -> int:
+    import msgspec
+
+    from hooteproto.client import RequestTimeout
+    from hooteproto.codec import DecodeError, Encoding
+    from hooteproto.types import Success
+    from luanette.sim.garden import send_timeline_event
+
+    try:
+        reply = asyncio.run(send_timeline_event(
+            args.luanette, args.event_type, args.position, args.tempo, args.metadata,
+            timeout=args.timeout, traceparent=args.traceparent,
+            encoding=Encoding(args.encoding),
+        ))
+    except RequestTimeout as e:
+        print(f"luanette-sim: {e}", file=sys.stderr)
+        return 1
+    except DecodeError as e:
+        print(f"luanette-sim: undecodable reply: {e}", file=sys.stderr)
+        return 1
+    print(msgspec.json.encode(reply).decode(), flush=True)
+    return 0 if isinstance(reply, Success) else 1
+
+
+# --- parser --------------------------------------------------------------------------
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="luanette-sim",
@@ -121,10 +267,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_models(sub)
+    _add_garden(sub)
+    _add_timeline_event(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``luanette-sim`` with ``argv`` (default: the process arguments); returns the
+    exit status."""
     args = build_parser().parse_args(argv)
     return args.func(args)
 

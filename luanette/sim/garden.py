@@ -138,6 +138,8 @@ log = logging.getLogger("luanette.sim.garden")
 
 DEFAULT_BIND = "tcp://127.0.0.1:0"
 DEFAULT_TEMPO = 120.0
+BIND_RETRY = 1.0
+"""Seconds :meth:`GardenSimServer.start` retries an address in use."""
 UNSUPPORTED = "is not supported by the simulator"
 
 # Latent statuses, named as upstream's ``LatentStatus`` (snake_case).
@@ -212,6 +214,8 @@ class GardenState:
     """
 
     def __init__(self, *, tempo: float = DEFAULT_TEMPO) -> None:
+        if not (math.isfinite(tempo) and tempo > 0):
+            raise ValueError(f"tempo must be a finite number of BPM > 0, got {tempo!r}")
         self._lock = threading.RLock()
         self._transport = STOPPED
         self._position = 0.0
@@ -280,7 +284,7 @@ class GardenState:
 
     def _move_region(self, req: g.MoveRegion) -> g.ShellReply:
         region = self._find(req.region_id)
-        region.position = _beat(req.new_position, "new position")
+        region.position = _beat(req.new_position, f"new position of region {req.region_id}")
         return g.Ok()
 
     def _get_regions(self, req: g.GetRegions) -> g.ShellReply:
@@ -537,6 +541,7 @@ class GardenSimServer:
         self.dropped = 0
         """Messages dropped because nothing in them could be answered."""
         self.replies = 0
+        """Replies sent (Heartbeats included)."""
         self._context = context or zmq.asyncio.Context.instance()
         self._socket: zmq.asyncio.Socket | None = None
         self._reader: asyncio.Task | None = None
@@ -544,16 +549,31 @@ class GardenSimServer:
 
     async def start(self) -> GardenSimServer:
         """Bind the ROUTER and start answering. Raises ``zmq.ZMQError`` if the address
-        cannot be bound."""
+        cannot be bound.
+
+        An address in use is retried for up to ``BIND_RETRY`` seconds: libzmq releases a
+        closed socket's port in its I/O thread, a moment *after* ``close``, and tests
+        restart a garden on the endpoint of the one they just stopped (to exercise
+        client reconnects)."""
         sock = self._context.socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 0)
         # Report a peer that went away instead of silently dropping its reply.
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        try:
-            sock.bind(self.bind)
-        except zmq.ZMQError:
-            sock.close(0)
-            raise
+        if "[" in self.bind:
+            # Only for an IPv6 address: with IPV6 on, libzmq reports an IPv4 bind as
+            # tcp://[::ffff:127.0.0.1]:P, which IPv4-only clients cannot connect to.
+            sock.setsockopt(zmq.IPV6, 1)
+        deadline = asyncio.get_running_loop().time() + BIND_RETRY
+        while True:
+            try:
+                sock.bind(self.bind)
+                break
+            except zmq.ZMQError as e:
+                if e.errno == zmq.EADDRINUSE and asyncio.get_running_loop().time() < deadline:
+                    await asyncio.sleep(0.02)
+                    continue
+                sock.close(0)
+                raise
         self._socket = sock
         self.endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
         self._reader = asyncio.create_task(self._receive_loop(), name=f"garden-sim {self.endpoint}")
@@ -818,7 +838,8 @@ async def send_timeline_event(
     ``Error``).
 
     ``event_type`` is a :class:`~hooteproto.types.TimelineEventType` or its wire name
-    (``"generate_transition"``, ...); ``ValueError`` for an unknown name. Raises
+    (``"generate_transition"``, ...); ``ValueError`` for an unknown name. ``metadata``
+    is any JSON value (``None`` sends ``{}``, what trigger rules expect to look into). Raises
     :class:`~hooteproto.client.RequestTimeout` when no reply comes within ``timeout``
     seconds.
     """
@@ -828,7 +849,7 @@ async def send_timeline_event(
         event_type=t.TimelineEventType(event_type),
         position_beats=float(position_beats),
         tempo=float(tempo),
-        metadata=metadata,
+        metadata={} if metadata is None else metadata,
     )
     async with Client(endpoint, encoding=encoding, service="luanette") as client:
         return await client.request(event, timeout=timeout, traceparent=traceparent)

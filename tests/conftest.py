@@ -174,3 +174,24 @@ def cli(endpoint: str, *args: str, timeout: float = 30) -> subprocess.CompletedP
         text=True,
         timeout=timeout,
     )
+
+
+@pytest.fixture
+async def garden():
+    """The chaosgarden simulator on a free loopback port."""
+    from luanette.sim.garden import GardenSimServer
+
+    server = await GardenSimServer().start()
+    try:
+        yield server
+    finally:
+        await server.stop()
+
+
+@pytest.fixture
+async def gclient(garden):
+    """A GardenClient connected to ``garden`` (2 s timeout)."""
+    from luanette.garden import GardenClient, GardenSettings
+
+    async with GardenClient(GardenSettings(endpoint=garden.endpoint, timeout_s=2.0)) as client:
+        yield client

@@ -35,21 +35,6 @@ async def until(condition, timeout: float = 2.0) -> None:
         await asyncio.sleep(0.01)
 
 
-@pytest.fixture
-async def garden():
-    server = await GardenSimServer().start()
-    try:
-        yield server
-    finally:
-        await server.stop()
-
-
-@pytest.fixture
-async def gclient(garden):
-    async with GardenClient(GardenSettings(endpoint=garden.endpoint, timeout_s=2.0)) as client:
-        yield client
-
-
 async def test_request_is_one_compact_frame_and_the_reply_comes_back(garden, gclient):
     state = await gclient.request(g.GetTransportState())
     assert state == g.TransportState(playing=False, position=0.0, tempo=120.0)

@@ -20,21 +20,6 @@ AGENT = "00000000-0000-0000-0000-000000000001"
 TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
 
 
-@pytest.fixture
-async def garden():
-    server = await GardenSimServer().start()
-    try:
-        yield server
-    finally:
-        await server.stop()
-
-
-@pytest.fixture
-async def gclient(garden):
-    async with GardenClient(GardenSettings(endpoint=garden.endpoint, timeout_s=2.0)) as client:
-        yield client
-
-
 async def run(namespace: GardenNamespace, code: str, params: Any = None, **kwargs: Any) -> Any:
     return (await run_script(code, params, namespaces=[namespace], **kwargs)).result
 

@@ -131,6 +131,7 @@ from hooteproto import garden as g
 from hooteproto import types as t
 from hooteproto.codec import DecodeError, Encoding, detect
 from hooteproto.frames import Command, Hoot01
+from luanette.sim.threaded import in_thread
 
 # stdlib logging, not structlog: structlog's default logger prints to stdout, whose
 # first line the CLI reserves for "listening <endpoint>".
@@ -784,39 +785,8 @@ def serve_in_thread(bind: str = DEFAULT_BIND, **switches: Any) -> Iterator[Garde
     request).
     """
     server = GardenSimServer(bind, **switches)
-    started = threading.Event()
-    failure: list[BaseException] = []
-    loop = asyncio.new_event_loop()
-    stop: asyncio.Event | None = None
-
-    async def main() -> None:
-        nonlocal stop
-        stop = asyncio.Event()
-        try:
-            await server.start()
-        except BaseException as e:  # noqa: BLE001 (re-raised in the calling thread)
-            failure.append(e)
-            started.set()
-            return
-        started.set()
-        try:
-            await stop.wait()
-        finally:
-            await server.stop()
-
-    thread = threading.Thread(target=lambda: loop.run_until_complete(main()),
-                              name="luanette-sim-garden", daemon=True)
-    thread.start()
-    started.wait()
-    try:
-        if failure:
-            raise failure[0]
-        yield server
-    finally:
-        if stop is not None and thread.is_alive():
-            loop.call_soon_threadsafe(stop.set)
-        thread.join(10)
-        loop.close()
+    with in_thread(server, "luanette-sim-garden") as running:
+        yield running
 
 
 # --- garden -> Luanette --------------------------------------------------------------

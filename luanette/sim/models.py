@@ -148,7 +148,6 @@ import json
 import math
 import random
 import sys
-import threading
 import time
 import wave
 from collections import Counter, deque
@@ -158,6 +157,8 @@ from typing import Any
 
 import mido
 from aiohttp import web
+
+from luanette.sim.threaded import in_thread
 
 __all__ = [
     "KINDS",
@@ -1050,36 +1051,5 @@ def serve_in_thread(kind: str = "all", *, host: str = "127.0.0.1", port: int = 0
     with its own event loop until the ``with`` block exits."""
     config = SimConfig(kind=kind, **switches)
     server = SimServer(config, host=host, port=port)
-    started = threading.Event()
-    failure: list[BaseException] = []
-    loop = asyncio.new_event_loop()
-    stop: asyncio.Event | None = None
-
-    async def main() -> None:
-        nonlocal stop
-        stop = asyncio.Event()
-        try:
-            await server.start()
-        except BaseException as e:
-            failure.append(e)
-            started.set()
-            return
-        started.set()
-        try:
-            await stop.wait()
-        finally:
-            await server.stop()
-
-    thread = threading.Thread(target=lambda: loop.run_until_complete(main()),
-                              name="luanette-sim", daemon=True)
-    thread.start()
-    started.wait()
-    try:
-        if failure:
-            raise failure[0]
-        yield server
-    finally:
-        if stop is not None and thread.is_alive():
-            loop.call_soon_threadsafe(stop.set)
-        thread.join(10)
-        loop.close()
+    with in_thread(server, "luanette-sim") as running:
+        yield running

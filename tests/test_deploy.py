@@ -132,3 +132,17 @@ def test_command_lines_in_the_docs_parse(doc):
         parse(shlex.split(line.split("  #")[0]))
     if doc == "operations.md":
         assert "docker compose up" in text
+
+
+def test_every_serve_flag_is_in_the_quickstart_table():
+    import re
+
+    text = (ROOT / "docs" / "quickstart.md").read_text()
+    documented = set(re.findall(r"^\| `(--[a-z-]+)", text, re.M))
+    serve = next(
+        action.choices["serve"]
+        for action in cli_daemon.build_parser()._actions
+        if getattr(action, "choices", None) and "serve" in action.choices
+    )
+    flags = {opt for action in serve._actions for opt in action.option_strings if opt.startswith("--")} - {"--help"}
+    assert flags == documented

@@ -30,6 +30,7 @@ import difflib
 import functools
 import inspect
 import itertools
+import os
 import queue
 import re
 import threading
@@ -1112,28 +1113,69 @@ class _ThreadPool:
     to ``max_threads`` (further steps wait their turn), and end after ``idle_s`` idle.
     """
 
-    def __init__(self, max_threads: int, idle_s: float) -> None:
+    def __init__(self, max_threads: int, idle_s: float, eager_threads: int, grow_after_s: float) -> None:
         self._max_threads = max_threads
+        self._eager_threads = min(eager_threads, max_threads)
+        self._grow_after_s = grow_after_s
         self._idle_s = idle_s
         self._lock = threading.Lock()
         self._threads = 0
         self._idle: list[queue.SimpleQueue[Callable[[], None]]] = []  # inboxes, last idle last
         self._backlog: collections.deque[Callable[[], None]] = collections.deque()
+        self._busy_since: dict[int, float] = {}  # thread ident -> when its current step began
+        self._check_pending = False
 
-    def submit(self, job: Callable[[], None]) -> None:
-        """Run ``job`` (which must not raise) in one of the threads."""
+    @property
+    def threads(self) -> int:
+        """Threads alive now."""
+        return self._threads
+
+    def submit(self, job: Callable[[], None], loop: asyncio.AbstractEventLoop) -> None:
+        """Run ``job`` (which must not raise) in one of the threads.
+
+        Up to ``eager_threads`` threads start at once.  Past that a step waits, and the
+        pool grows (up to ``max_threads``) only while some thread has been on one step
+        for ``grow_after_s``: a long, CPU-bound script then does not hold the others
+        up, while a burst of short steps (a thousand jobs starting together) stays on
+        a few threads, which on a few cores is as fast.  Call from ``loop``'s thread.
+        """
         with self._lock:
             if self._idle:
                 inbox = self._idle.pop()
-            elif self._threads < self._max_threads:
+            elif self._threads < self._eager_threads:
                 self._threads += 1
                 inbox = None
             else:
                 self._backlog.append(job)
+                self._check_later(loop)
                 return
         if inbox is not None:
             inbox.put(job)
             return
+        self._start(job)
+
+    def _check_later(self, loop: asyncio.AbstractEventLoop) -> None:
+        # (lock held) one pending growth check at a time
+        if not self._check_pending and self._threads < self._max_threads:
+            self._check_pending = True
+            loop.call_later(self._grow_after_s, self._grow, loop)
+
+    def _grow(self, loop: asyncio.AbstractEventLoop) -> None:
+        started = []
+        with self._lock:
+            self._check_pending = False
+            now = time.monotonic()
+            stuck = sum(1 for since in self._busy_since.values() if now - since >= self._grow_after_s)
+            while stuck and self._backlog and self._threads < self._max_threads:
+                started.append(self._backlog.popleft())
+                self._threads += 1
+                stuck -= 1
+            if self._backlog:
+                self._check_later(loop)
+        for job in started:
+            self._start(job)
+
+    def _start(self, job: Callable[[], None]) -> None:
         try:
             threading.Thread(target=self._work, args=(job,), name="luanette-lua", daemon=True).start()
         except BaseException:
@@ -1142,13 +1184,17 @@ class _ThreadPool:
             raise
 
     def _work(self, job: Callable[[], None]) -> None:
+        me = threading.get_ident()
         inbox: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         while True:
+            with self._lock:  # (a plain store could resize the dict while _grow reads it)
+                self._busy_since[me] = time.monotonic()
             job()
             with self._lock:
                 if self._backlog:
                     job = self._backlog.popleft()
                     continue
+                del self._busy_since[me]
                 self._idle.append(inbox)
             try:
                 job = inbox.get(timeout=self._idle_s)
@@ -1165,7 +1211,11 @@ class _ThreadPool:
 # More threads than this buy no speed on a few cores (measured: 4, 16 and 64 give the
 # same wall time for 1,000 concurrent runs on 2 cores) and the daemon promises a small
 # thread count; 16 leaves room for steps abandoned inside a C call that never returns.
-_threads = _ThreadPool(max_threads=16, idle_s=10.0)
+# Two threads a core start at once; more only while a thread has been on one step for
+# 5 ms (a long, CPU-bound script), so bursts of short steps stay on a few threads.
+_threads = _ThreadPool(
+    max_threads=16, idle_s=10.0, eager_threads=max(2, 2 * (os.cpu_count() or 1)), grow_after_s=0.005
+)
 
 
 def _in_thread(
@@ -1173,7 +1223,7 @@ def _in_thread(
 ) -> asyncio.Future[_T]:
     """Run ``fn(*args)`` in a pool thread, in a copy of the caller's context."""
     future: asyncio.Future[_T] = loop.create_future()
-    _threads.submit(functools.partial(_thread_job, loop, future, contextvars.copy_context(), fn, args))
+    _threads.submit(functools.partial(_thread_job, loop, future, contextvars.copy_context(), fn, args), loop)
     return future
 
 

@@ -60,6 +60,7 @@ class Scripts:
         self.cas = cas
         self.store = store
         self._sources: collections.OrderedDict[str, str] = collections.OrderedDict()
+        self._loading: dict[str, anyio.Event] = {}
         self._file_threads = anyio.CapacityLimiter(4)
         self._limits = msgspec.structs.replace(limits, timeout_s=min(limits.timeout_s, DESCRIBE_TIMEOUT_S))
 
@@ -92,10 +93,23 @@ class Scripts:
         Content under a hash never changes, so recent sources are kept in memory: a
         script run as a thousand jobs is read from disk once.
         """
-        cached = self._sources.get(script_hash)
-        if cached is not None:
-            self._sources.move_to_end(script_hash)
-            return cached
+        while True:
+            cached = self._sources.get(script_hash)
+            if cached is not None:
+                self._sources.move_to_end(script_hash)
+                return cached
+            loading = self._loading.get(script_hash)
+            if loading is None:
+                break
+            await loading.wait()  # a burst of jobs of one script: one read serves them all
+        self._loading[script_hash] = done = anyio.Event()
+        try:
+            return await self._read_source(script_hash)
+        finally:
+            del self._loading[script_hash]
+            done.set()
+
+    async def _read_source(self, script_hash: str) -> str:
         data = await anyio.to_thread.run_sync(
             lambda: self.cas.retrieve(script_hash, max_bytes=MAX_SCRIPT_BYTES), limiter=self._file_threads
         )

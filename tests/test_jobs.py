@@ -416,3 +416,29 @@ async def test_a_job_knows_its_own_id_and_script(client):
     job_id = (await run(client, digest))["job_id"]
     done = await wait_done(client, job_id)
     assert done["result"] == [job_id, digest]
+
+
+async def test_a_burst_of_jobs_reads_its_script_from_the_cas_once(tmp_path):
+    import asyncio
+
+    from luanette import runtime
+    from luanette.cas import Cas
+    from luanette.scripts import Scripts
+    from luanette.store import Store
+
+    class CountingCas(Cas):
+        reads = 0
+
+        def retrieve(self, *args, **kwargs):
+            CountingCas.reads += 1
+            return super().retrieve(*args, **kwargs)
+
+    cas = CountingCas(tmp_path / "cas")
+    with Store.open(tmp_path / "state") as db:
+        scripts = Scripts(cas, db, runtime.Limits())
+        digest = cas.store(b"return 1", "text/x-lua")
+        sources = await asyncio.gather(*[scripts.source(digest) for _ in range(50)])
+        assert sources == ["return 1"] * 50 and CountingCas.reads == 1
+        missing = "0" * 32
+        results = await asyncio.gather(*[scripts.source(missing) for _ in range(3)], return_exceptions=True)
+        assert all(isinstance(r, Exception) for r in results)  # each waiter learns it is missing

@@ -6,6 +6,7 @@ loaded two-core machine while still failing if a stop does not happen.
 
 from __future__ import annotations
 
+import asyncio
 import statistics
 import threading
 import time
@@ -607,39 +608,65 @@ async def test_many_concurrent_io_scripts_share_few_threads() -> None:
     assert time.monotonic() - started < 1.5
 
 
-def test_thread_pool_caps_threads_queues_the_rest_and_lets_idle_threads_end() -> None:
-    pool = runtime._ThreadPool(max_threads=2, idle_s=0.1)
-    lock = threading.Lock()
-    ran: list[int] = []
-    running = 0
-    most_running = 0
+class _Jobs:
+    """Jobs for the pool tests: each sleeps ``seconds``; records concurrency and threads."""
 
-    def job() -> None:
-        nonlocal running, most_running
-        with lock:
-            running += 1
-            most_running = max(most_running, running)
-        time.sleep(0.01)
-        with lock:
-            running -= 1
-            ran.append(threading.get_ident())
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.lock = threading.Lock()
+        self.ran: list[int] = []
+        self.running = self.most_running = 0
 
+    def __call__(self) -> None:
+        with self.lock:
+            self.running += 1
+            self.most_running = max(self.most_running, self.running)
+        time.sleep(self.seconds)
+        with self.lock:
+            self.running -= 1
+            self.ran.append(threading.get_ident())
+
+    async def wait_for(self, count: int) -> None:
+        give_up = time.monotonic() + 5
+        while len(self.ran) < count and time.monotonic() < give_up:
+            await asyncio.sleep(0.005)
+        assert len(self.ran) == count
+
+
+async def test_thread_pool_caps_threads_queues_the_rest_and_lets_idle_threads_end() -> None:
+    loop = asyncio.get_running_loop()
+    pool = runtime._ThreadPool(max_threads=2, idle_s=0.1, eager_threads=2, grow_after_s=0.005)
+    job = _Jobs(0.01)
     for _ in range(10):
-        pool.submit(job)
-    started = time.monotonic()
-    while len(ran) < 10 and time.monotonic() - started < 5:
-        time.sleep(0.01)
-    assert len(ran) == 10
-    assert most_running == 2 and len(set(ran)) == 2
+        pool.submit(job, loop)
+    await job.wait_for(10)
+    assert job.most_running == 2 and len(set(job.ran)) == 2
 
     # an idle thread takes the next job; after idle_s without one, the threads end
-    pool.submit(job)
-    while len(ran) < 11 and time.monotonic() - started < 5:
-        time.sleep(0.01)
-    assert ran[-1] in ran[:10]
-    while pool._threads and time.monotonic() - started < 5:
-        time.sleep(0.02)
-    assert pool._threads == 0 and not pool._idle
+    pool.submit(job, loop)
+    await job.wait_for(11)
+    assert job.ran[-1] in job.ran[:10]
+    give_up = time.monotonic() + 5
+    while pool.threads and time.monotonic() < give_up:
+        await asyncio.sleep(0.02)
+    assert pool.threads == 0 and not pool._idle
+
+
+async def test_thread_pool_serves_short_bursts_with_few_threads_and_grows_for_long_steps() -> None:
+    loop = asyncio.get_running_loop()
+    pool = runtime._ThreadPool(max_threads=4, idle_s=0.2, eager_threads=1, grow_after_s=0.05)
+    short = _Jobs(0.0005)
+    for _ in range(20):  # 10 ms of work in all: done by one thread before growth is due
+        pool.submit(short, loop)
+    await short.wait_for(20)
+    assert len(set(short.ran)) == 1 and short.most_running == 1
+
+    long = _Jobs(0.3)
+    for _ in range(4):  # each waits 50 ms, then gets a thread of its own
+        pool.submit(long, loop)
+    await long.wait_for(4)
+    assert long.most_running == 4 and len(set(long.ran)) == 4
+    assert pool.threads <= 4
 
 
 # -------------------------------------------------------------------- measurements

@@ -104,13 +104,22 @@ async def _serve_models(args: argparse.Namespace) -> int:
     except OSError as e:
         print(f"luanette-sim: cannot bind {args.host}:{args.port}: {e}", file=sys.stderr)
         return 1
+    return await _until_signalled(
+        server, server.url,
+        f"luanette-sim models: kind={config.kind} routes under {server.url} "
+        f"(and {', '.join(server.url_for(k) for k in config.kinds)})",
+    )
+
+
+async def _until_signalled(server: Any, address: str, banner: str) -> int:
+    """Print ``listening <address>`` (the first stdout line) and ``banner`` (stderr),
+    serve until SIGINT/SIGTERM, stop ``server``; exit status 0."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    print(f"listening {server.url}", flush=True)
-    print(f"luanette-sim models: kind={config.kind} routes under {server.url} "
-          f"(and {', '.join(server.url_for(k) for k in config.kinds)})", file=sys.stderr, flush=True)
+    print(f"listening {address}", flush=True)
+    print(banner, file=sys.stderr, flush=True)
     try:
         await stop.wait()
     finally:
@@ -178,18 +187,10 @@ async def _serve_garden(args: argparse.Namespace) -> int:
     except zmq.ZMQError as e:
         print(f"luanette-sim: cannot bind {bind}: {e}", file=sys.stderr)
         return 1
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    print(f"listening {server.endpoint}", flush=True)
-    print(f"luanette-sim garden: shell ROUTER on {server.endpoint} "
-          f"(latency {args.latency_ms:g} ms)", file=sys.stderr, flush=True)
-    try:
-        await stop.wait()
-    finally:
-        await server.stop()
-    return 0
+    return await _until_signalled(
+        server, server.endpoint,
+        f"luanette-sim garden: shell ROUTER on {server.endpoint} (latency {args.latency_ms:g} ms)",
+    )
 
 
 def _run_garden(args: argparse.Namespace) -> int:

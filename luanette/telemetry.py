@@ -52,8 +52,6 @@ __all__ = [
     "SpanKind",
     "StatusCode",
     "Telemetry",
-    "current_ids",
-    "current_traceparent",
     "otlp_url",
     "parent_context",
     "script_attributes",
@@ -94,22 +92,12 @@ def traceparent_of(span: Span) -> str | None:
     return f"00-{sc.trace_id:032x}-{sc.span_id:016x}-{int(sc.trace_flags):02x}"
 
 
-def current_traceparent() -> str | None:
-    """W3C traceparent of the current span, if any."""
-    return traceparent_of(trace.get_current_span())
-
-
 def span_ids(span: Span) -> dict[str, str]:
     """``{trace_id, span_id}`` of ``span`` as hex, for log records ({} if invalid)."""
     sc = span.get_span_context()
     if not sc.is_valid:
         return {}
     return {"trace_id": f"{sc.trace_id:032x}", "span_id": f"{sc.span_id:016x}"}
-
-
-def current_ids() -> dict[str, str]:
-    """:func:`span_ids` of the current span."""
-    return span_ids(trace.get_current_span())
 
 
 def script_attributes(code_or_hash: str, name: str | None, job_id: str | None = None) -> dict[str, str]:

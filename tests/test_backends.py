@@ -29,12 +29,24 @@ import pytest
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from luanette import runtime
-from luanette.backends import BackendRejected, Backends, BackendUnavailable, UnknownBackend
+from luanette.backends import (
+    BackendRejected,
+    Backends,
+    BackendUnavailable,
+    UnknownBackend,
+)
 from luanette.cas import Cas
-from luanette.settings import DEFAULT_BACKENDS, Settings, SettingsError, load_settings, parse_settings
+from luanette.settings import (
+    DEFAULT_BACKENDS,
+    Settings,
+    SettingsError,
+    load_settings,
+    parse_settings,
+)
 from luanette.sim import run_models
 from luanette.stdlib.models import model_namespaces
 from luanette.telemetry import Telemetry, parent_context
+from tests.test_sim_models import notes_of as sim_notes_of
 
 TP = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "configuration.md"
@@ -78,13 +90,7 @@ def phrase(pitches, *, tempo=100.0, step=480, tpb=480, channel=0, velocities=Non
 
 def notes_of(data: bytes) -> list[tuple[int, int, int]]:
     """(absolute tick, pitch, channel) of every sounding note, in order."""
-    mid = mido.MidiFile(file=io.BytesIO(data))
-    out, now = [], 0
-    for msg in mido.merge_tracks(mid.tracks):
-        now += msg.time
-        if msg.type == "note_on" and msg.velocity > 0:
-            out.append((now, msg.note, msg.channel))
-    return out
+    return sim_notes_of(mido.MidiFile(file=io.BytesIO(data)))
 
 
 def tempo_of(data: bytes) -> float:

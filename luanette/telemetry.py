@@ -25,7 +25,7 @@ import re
 import threading
 import types
 import urllib.parse
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any, Final
 
 from opentelemetry import context as otel_context

@@ -108,7 +108,7 @@ def _twin_type(tp: Any) -> Any:
     if new_args == args:
         return tp
     if origin in (typing.Union, types.UnionType):
-        return typing.Union[new_args]
+        return typing.Union[new_args]  # noqa: UP007 (a union built from a tuple at run time)
     return origin[new_args]
 
 
@@ -201,7 +201,7 @@ class Codec(Generic[T]):
 
     def __init__(self, tp: Any) -> None:
         self.type = tp
-        self._decoders = {
+        self._decoders: dict[Encoding, msgspec.msgpack.Decoder[Any] | msgspec.json.Decoder[Any]] = {
             Encoding.COMPACT: msgspec.msgpack.Decoder(_twin_type(tp)),
             Encoding.NAMED: msgspec.msgpack.Decoder(tp),
             Encoding.JSON: msgspec.json.Decoder(tp),
@@ -212,19 +212,22 @@ class Codec(Generic[T]):
         if encoding is None:
             encoding = detect(buf)
         try:
-            value = self._decoders[encoding].decode(buf)
+            value: T = self._decoders[encoding].decode(buf)
         except msgspec.ValidationError as e:
             raise DecodeError(str(e), path=_path_of(str(e))) from None
         except (msgspec.DecodeError, ValueError, TypeError, OverflowError) as e:
             raise DecodeError(f"malformed {encoding.value} body: {e}") from None
-        return to_canonical(value) if encoding is Encoding.COMPACT else value
+        if encoding is Encoding.COMPACT:
+            # T is a struct type or a union of them, so this is one of T's structs again
+            return typing.cast(T, to_canonical(typing.cast(msgspec.Struct, value)))
+        return value
 
     def encode(self, obj: T, encoding: Encoding) -> bytes:
         """Encode ``obj`` (a canonical or compact instance) in ``encoding``."""
         if encoding is Encoding.JSON:
             return _JSON_ENCODER.encode(obj)
         if encoding is Encoding.COMPACT:
-            obj = to_compact(obj)  # type: ignore[arg-type]
+            return _MSGPACK_ENCODER.encode(to_compact(typing.cast(msgspec.Struct, obj)))
         return _MSGPACK_ENCODER.encode(obj)
 
 

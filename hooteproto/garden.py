@@ -29,7 +29,7 @@ import enum
 import math
 import struct
 import uuid
-from typing import Any, Union
+from typing import Any
 
 import msgspec
 
@@ -177,7 +177,7 @@ class EmitTrigger(Model):
     event_type: str
 
 
-BehaviorValue = Union[PlayContent, Latent, ApplyProcessing, EmitTrigger]
+BehaviorValue = PlayContent | Latent | ApplyProcessing | EmitTrigger
 
 
 class Behavior(Model, omit_defaults=True, forbid_unknown_fields=True):
@@ -208,9 +208,14 @@ class Behavior(Model, omit_defaults=True, forbid_unknown_fields=True):
     @classmethod
     def of(cls, value: BehaviorValue) -> Behavior:
         """Wrap a variant body (:class:`PlayContent`, :class:`Latent`, ...)."""
-        for name, body_type in _BEHAVIOR_BODIES.items():
-            if isinstance(value, body_type):
-                return cls(**{name: value})
+        if isinstance(value, PlayContent):
+            return cls(play_content=value)
+        if isinstance(value, Latent):
+            return cls(latent=value)
+        if isinstance(value, ApplyProcessing):
+            return cls(apply_processing=value)
+        if isinstance(value, EmitTrigger):
+            return cls(emit_trigger=value)
         raise TypeError(f"not a Behavior variant: {type(value).__name__}")
 
     @property
@@ -222,14 +227,6 @@ class Behavior(Model, omit_defaults=True, forbid_unknown_fields=True):
     def value(self) -> BehaviorValue:
         """The variant body."""
         return getattr(self, self.kind)
-
-
-_BEHAVIOR_BODIES: dict[str, type] = {
-    "play_content": PlayContent,
-    "latent": Latent,
-    "apply_processing": ApplyProcessing,
-    "emit_trigger": EmitTrigger,
-}
 
 
 # --- ShellRequest variants -----------------------------------------------------------
@@ -408,15 +405,15 @@ class GetPendingApprovals(Variant, tag="get_pending_approvals"):
     :class:`PendingApprovals`."""
 
 
-ShellRequest = Union[
-    CreateRegion, DeleteRegion, MoveRegion,
-    UpdateLatentStarted, UpdateLatentProgress, UpdateLatentResolved, UpdateLatentFailed,
-    ApproveLatent, RejectLatent,
-    Play, Pause, Stop, Seek, SetTempo,
-    AddNode, RemoveNode, Connect, Disconnect,
-    RegisterParticipant, UpdateParticipant,
-    GetTransportState, GetRegions, GetPendingApprovals,
-]  # fmt: skip
+ShellRequest = (
+    CreateRegion | DeleteRegion | MoveRegion
+    | UpdateLatentStarted | UpdateLatentProgress | UpdateLatentResolved | UpdateLatentFailed
+    | ApproveLatent | RejectLatent
+    | Play | Pause | Stop | Seek | SetTempo
+    | AddNode | RemoveNode | Connect | Disconnect
+    | RegisterParticipant | UpdateParticipant
+    | GetTransportState | GetRegions | GetPendingApprovals
+)  # fmt: skip
 """Every request the garden's shell socket takes; the tag is ``"type"``."""
 
 
@@ -468,9 +465,9 @@ class PendingApprovals(Variant, tag="pending_approvals"):
     approvals: list[PendingApproval]
 
 
-ShellReply = Union[
-    Ok, Error, RegionCreated, NodeAdded, TransportState, Regions, PendingApprovals,
-]  # fmt: skip
+ShellReply = (
+    Ok | Error | RegionCreated | NodeAdded | TransportState | Regions | PendingApprovals
+)  # fmt: skip
 """Every reply on the shell socket; the tag is ``"type"``."""
 
 
@@ -548,7 +545,7 @@ def _round_f32(x: float) -> float:
 def rfc3339_now() -> str:
     """The current UTC time as chrono serializes a ``DateTime<Utc>``: a fraction of 0,
     3 or 6 digits (the fewest that are exact) and a ``Z``."""
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     text = now.strftime("%Y-%m-%dT%H:%M:%S")
     if now.microsecond % 1000:
         text += f".{now.microsecond:06d}"

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import enum
 import uuid
-from typing import Annotated, Any, Union
+from typing import Annotated, Any
 
 import msgspec
 
@@ -330,20 +330,20 @@ class Error(Variant, tag="error"):
     details: Any = None
 
 
-Payload = Union[
-    Register, Ping, Pong, Shutdown,
-    LuaEval, LuaDescribe, ScriptStore, ScriptSearch,
-    JobExecute, JobStatusRequest, JobPoll, JobCancel, JobList,
-    ReadResource, ListResources, GetPrompt, ListPrompts, Complete,
-    TimelineEvent,
-    CasStore, CasInspect, CasGet,
-    ArtifactGet, ArtifactList, ArtifactCreate,
-    GraphQuery, GraphBind,
-    TransportPlay, TransportStop, TransportSeek, TransportStatus,
-    TimelineQuery, TimelineAddMarker,
-    ListTools, ToolList,
-    Success, Error,
-]  # fmt: skip
+Payload = (
+    Register | Ping | Pong | Shutdown
+    | LuaEval | LuaDescribe | ScriptStore | ScriptSearch
+    | JobExecute | JobStatusRequest | JobPoll | JobCancel | JobList
+    | ReadResource | ListResources | GetPrompt | ListPrompts | Complete
+    | TimelineEvent
+    | CasStore | CasInspect | CasGet
+    | ArtifactGet | ArtifactList | ArtifactCreate
+    | GraphQuery | GraphBind
+    | TransportPlay | TransportStop | TransportSeek | TransportStatus
+    | TimelineQuery | TimelineAddMarker
+    | ListTools | ToolList
+    | Success | Error
+)  # fmt: skip
 """Every message a peer may send; the tag is ``"type"``."""
 
 
@@ -401,7 +401,7 @@ class LogLine(Variant, tag="log"):
     source: str
 
 
-Broadcast = Union[ConfigUpdate, ShutdownNotice, ScriptInvalidate, JobStateChanged, Progress, LogLine]
+Broadcast = ConfigUpdate | ShutdownNotice | ScriptInvalidate | JobStateChanged | Progress | LogLine
 """Messages published on the PUB socket, one JSON frame each with ``"type"`` first."""
 
 

@@ -48,7 +48,7 @@ import email.utils
 import math
 import random
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any, Final
 
 import aiohttp
@@ -319,7 +319,7 @@ class Backends:
                     retry_after = _retry_after(resp.headers.get("Retry-After"))
             except aiohttp.ConnectionTimeoutError:
                 raise _Retry(f"connect timed out after {timeout.sock_connect:.3g} s") from None
-            except (asyncio.TimeoutError, TimeoutError):
+            except TimeoutError:  # asyncio.TimeoutError is the same class since 3.11
                 reason = "no answer before the deadline" if by_deadline else f"no answer within {total:.3g} s"
                 raise BackendUnavailable(backend.name, s.url, reason) from None
             except aiohttp.ClientConnectorError as exc:

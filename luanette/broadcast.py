@@ -39,7 +39,7 @@ class Publisher:
         """Bind the PUB socket; returns the bound endpoint. Raises ``zmq.ZMQError``."""
         # A plain (sync) socket in the daemon's context: PUB sends never wait, so there
         # is nothing to await.
-        ctx = zmq.Context.shadow((self._context or zmq.asyncio.Context.instance()).underlying)
+        ctx: zmq.Context = zmq.Context.shadow((self._context or zmq.asyncio.Context.instance()).underlying)
         sock = ctx.socket(zmq.PUB)
         sock.setsockopt(zmq.LINGER, 500)
         try:

@@ -18,10 +18,19 @@ class Config(msgspec.Struct, kw_only=True, frozen=True):
     """Wall-clock seconds a script may run before it is stopped."""
     script_memory: int = 256 * 2**20
     """Bytes of memory one Lua runtime may allocate."""
-    max_evals: int = 16
+    workers: int | None = None
+    """Worker processes that run Lua; ``None``: one per core."""
+    lua_memory_total: int | None = None
+    """Bytes of memory all workers' Lua may use together; each worker's share is this
+    divided by ``workers``, and a worker past its share is recycled between runs.
+    ``None``: half of the machine's RAM."""
+    max_evals: int = 64
     """LuaEval requests running at once; more wait in a queue."""
     eval_queue: int = 256
     """LuaEval requests that may wait; past that a client gets ``busy``."""
+    queue_target_s: float = 0.25
+    """Longest a LuaEval may wait in the queue; one that waited longer is answered
+    ``busy`` without running (its caller has likely given up)."""
     drain_timeout: float = 10.0
     """On shutdown, seconds in-flight work may take before it is cancelled."""
     send_timeout: float = 5.0

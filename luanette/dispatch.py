@@ -7,26 +7,26 @@ stable code (see docs/protocol.md).
 from __future__ import annotations
 
 import asyncio
+import collections
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import msgspec
 import structlog
 
 from hooteproto import types as t
-from luanette import cas, runtime
+from luanette import cas
 from luanette.broadcast import Publisher
 from luanette.config import Config
+from luanette.engine.api import CancelToken, ErrorDetail, Limits, ScriptError
+from luanette.engine.channel import RunInfo
+from luanette.engine.pool import Engine, RunHooks
 from luanette.jobs import JobError, Jobs
 from luanette.scripts import ScriptProblem, Scripts
-from luanette.stdlib.clock import ClockNamespace
-from luanette.stdlib.json import JsonNamespace
-from luanette.stdlib.log import LogNamespace
-from luanette.stdlib.otel import OtelNamespace
 from luanette.store import ScriptRecord
-from luanette.telemetry import Span, Telemetry, script_attributes, span_ids
+from luanette.telemetry import Span, Telemetry, script_attributes, span_ids, traceparent_of
 from luanette.triggers import TriggerError, Triggers
 
 log = structlog.get_logger("luanette.dispatch")
@@ -36,13 +36,17 @@ class RequestContext:
     """What a handler knows about the request besides its payload. Hashed by identity,
     so the server can keep a set of the ones in flight."""
 
-    __slots__ = ("_log", "cancel", "kind", "request_id", "span", "traceparent")
+    __slots__ = ("_log", "cancel", "kind", "received", "request_id", "span", "traceparent")
 
-    def __init__(self, request_id: uuid.UUID, kind: str, traceparent: str | None = None) -> None:
+    def __init__(
+        self, request_id: uuid.UUID, kind: str, traceparent: str | None = None, received: float | None = None
+    ) -> None:
         self.request_id = request_id
         self.kind = kind
         self.traceparent = traceparent
-        self.cancel = runtime.CancelToken()
+        # when the socket loop read the request (time.monotonic()): admission is by time
+        self.received = time.monotonic() if received is None else received
+        self.cancel = CancelToken()
         self.span: Span | None = None  # the request's luanette.dispatch span, once it runs
         self._log: Any = None
 
@@ -88,14 +92,14 @@ class Dispatcher:
         self,
         config: Config,
         *,
-        limits: runtime.Limits,
+        limits: Limits,
         jobs: Jobs,
         scripts: Scripts,
         publisher: Publisher,
         on_shutdown: Callable[[str], None],
         telemetry: Telemetry,
         triggers: Triggers | None = None,
-        eval_namespaces: Sequence[runtime.Namespace] = (),
+        engine: Engine,
     ) -> None:
         self.triggers = triggers
         self.config = config
@@ -107,12 +111,9 @@ class Dispatcher:
         self.started = time.monotonic()
         self.registrations: dict[uuid.UUID, t.WorkerRegistration] = {}
         self._on_shutdown = on_shutdown
+        self._engine = engine
         self._eval_slots = asyncio.Semaphore(config.max_evals)
-        # stateless: shared by every eval
-        self._eval_namespaces = (
-            LogNamespace(), ClockNamespace(), JsonNamespace(), OtelNamespace(telemetry), *eval_namespaces
-        )
-        self._evals_waiting = 0
+        self._evals_waiting: collections.deque[RequestContext] = collections.deque()
         self._limits = limits
         self._handlers: dict[type, Handler] = {
             t.Ping: self.ping,
@@ -168,9 +169,7 @@ class Dispatcher:
         return t.Pong(worker_id=self.worker_id, uptime_secs=int(time.monotonic() - self.started))
 
     async def register(self, p: t.Register, ctx: RequestContext) -> t.Payload:
-        registration = t.WorkerRegistration(
-            **{f: getattr(p, f) for f in t.WorkerRegistration.__struct_fields__}
-        )
+        registration = t.WorkerRegistration(**{f: getattr(p, f) for f in t.WorkerRegistration.__struct_fields__})
         self.registrations[p.worker_id] = registration
         ctx.log.info("worker.registered", worker=p.worker_name, kind=p.worker_type.value)
         return t.Success(result={"registered": True, "worker_id": str(p.worker_id)})
@@ -183,36 +182,58 @@ class Dispatcher:
         return t.ToolList(tools=self.tools())
 
     async def lua_eval(self, p: t.LuaEval, ctx: RequestContext) -> t.Payload:
-        # Inline rather than a context manager: this runs for every eval.
-        if self._eval_slots.locked() and self._evals_waiting >= self.config.eval_queue:
-            return error(
-                "busy",
-                f"{self.config.max_evals} scripts are running and {self.config.eval_queue} "
-                "are waiting; try again shortly",
-            )
-        self._evals_waiting += 1
-        try:
-            await self._eval_slots.acquire()
-        finally:
-            self._evals_waiting -= 1
+        refusal = await self._admit(ctx)
+        if refusal is not None:
+            return refusal
         try:
             with self._telemetry.span("luanette.script.execute") as span:
-                if span.is_recording():
+                recording = span.is_recording()
+                if recording:
                     span.set_attributes(script_attributes(p.code, "eval"))
-                outcome = await runtime.run_script(
+                outcome = await self._engine.run(
                     p.code,
                     p.params,
                     limits=self._limits,
+                    info=RunInfo("eval", traceparent=traceparent_of(span), sampled=recording),
                     cancel=ctx.cancel,
-                    namespaces=self._eval_namespaces,
+                    hooks=RunHooks(lambda: ctx.log.bind(run="eval"), span=span),
                     chunk_name="eval",
-                    log=_DeferredLog(ctx),
                 )
-        except runtime.ScriptError as e:
+        except ScriptError as e:
             return lua_error(e.detail)
         finally:
             self._eval_slots.release()
         return t.Success(result={"result": outcome.result, "duration_ms": outcome.duration_ms})
+
+    async def _admit(self, ctx: RequestContext) -> t.Payload | None:
+        """Take an eval slot, or the ``busy`` reply.  Admission is by time: an eval that
+        waited past the queue's target is refused without running (its caller has likely
+        given up, and running it would only make the next ones wait longer), and while
+        the oldest waiting eval is past the target, new ones are refused at once."""
+        if not self._eval_slots.locked():
+            await self._eval_slots.acquire()  # (a free slot: returns without waiting)
+            return None
+        target = self.config.queue_target_s
+        waiting = self._evals_waiting
+        if len(waiting) >= self.config.eval_queue or (waiting and time.monotonic() - waiting[0].received > target):
+            return self._busy()
+        waiting.append(ctx)
+        try:
+            await self._eval_slots.acquire()
+        finally:
+            waiting.remove(ctx)  # (at or near the head: the scan is short)
+        if time.monotonic() - ctx.received > target:
+            self._eval_slots.release()
+            return self._busy()
+        return None
+
+    def _busy(self) -> t.Error:
+        return error(
+            "busy",
+            f"{self.config.max_evals} scripts are running and more are waiting than can start within "
+            f"{self.config.queue_target_s:g} s; try again shortly",
+            {"retry_after_ms": int(self.config.queue_target_s * 1000)},
+        )
 
     async def script_store(self, p: t.ScriptStore, ctx: RequestContext) -> t.Payload:
         try:
@@ -271,23 +292,12 @@ class Dispatcher:
         return error("not_found", f"no resource {p.uri!r}; see list_resources")
 
     async def list_resources(self, p: t.ListResources, ctx: RequestContext) -> t.Payload:
-        return t.Success(result=[{"uri": STATS_URI, "description": "job counts by state", "mime_type": "application/json"}])
+        return t.Success(
+            result=[{"uri": STATS_URI, "description": "job counts by state", "mime_type": "application/json"}]
+        )
 
 
 STATS_URI = "luanette://jobs/stats"
-
-
-class _DeferredLog:
-    """Stands in for the request's logger: the runtime binds it only when a script logs,
-    so most evals never pay for binding the request id."""
-
-    __slots__ = ("_ctx",)
-
-    def __init__(self, ctx: RequestContext) -> None:
-        self._ctx = ctx
-
-    def bind(self, **values: Any) -> Any:
-        return self._ctx.log.bind(**values)
 
 
 def _script_view(record: ScriptRecord) -> dict[str, Any]:
@@ -301,7 +311,7 @@ def _script_view(record: ScriptRecord) -> dict[str, Any]:
     }
 
 
-def lua_error(detail: runtime.ErrorDetail) -> t.Error:
+def lua_error(detail: ErrorDetail) -> t.Error:
     """The Error reply for a failed script: one readable line, the structure in details."""
     where = f" (line {detail.line})" if detail.line is not None else ""
     hint = f"; {detail.hints[0]}" if detail.hints else ""

@@ -219,7 +219,9 @@ class GardenClient:
             self.stats.unavailable += 1
             raise
 
-    async def _exchange(self, content: ShellRequest, traceparent: str | None, limit: float, endpoint: str) -> ShellReply:
+    async def _exchange(
+        self, content: ShellRequest, traceparent: str | None, limit: float, endpoint: str
+    ) -> ShellReply:
         """One request/reply on the current connection, within ``limit`` seconds."""
         deadline = time.monotonic() + limit
         message = ShellRequestMessage.new(content, session=self.session)
@@ -275,7 +277,8 @@ class GardenClient:
                     f"cannot reach {endpoint}: not connected within {wait:.3g} s (is chaosgarden running?)"
                 )
             try:
-                await conn.socket.poll(int(min(left, _POLL_STEP_S) * 1000) + 1, zmq.POLLOUT)
+                # pyzmq's _future.pyi leaves out poll's flags argument, which the code takes
+                await conn.socket.poll(int(min(left, _POLL_STEP_S) * 1000) + 1, zmq.POLLOUT)  # type: ignore[call-arg]
             except zmq.ZMQError:  # closed meanwhile: reported at the top of the loop
                 pass
             except asyncio.CancelledError:

@@ -12,11 +12,11 @@ so a late result can never relabel a cancelled one (the Rust version's bug).
 
 from __future__ import annotations
 
-import asyncio
+import builtins
 import itertools
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,18 +27,15 @@ from opentelemetry import context as otel_context
 
 from hooteproto.types import JobInfo, JobStateChanged, JobStatus, JobStoreStats, PollMode, Progress
 from luanette import params as params_mod
-from luanette import runtime
 from luanette.broadcast import Publisher
 from luanette.cas import CasError
+from luanette.engine.api import CancelToken, Limits, ScriptError
+from luanette.engine.channel import RunInfo
+from luanette.engine.pool import Engine, RunHooks
 from luanette.scripts import Scripts
-from luanette.stdlib.cas import CasNamespace
-from luanette.stdlib.job import JobNamespace
-from luanette.stdlib.midi import MidiNamespace
-from luanette.stdlib.otel import OtelNamespace
-from luanette.stdlib.progress import ProgressNamespace
 from luanette.stdlib.temp import TempNamespace
 from luanette.store import FINISHED, Store
-from luanette.telemetry import StatusCode, Telemetry, script_attributes, span_ids
+from luanette.telemetry import StatusCode, Telemetry, script_attributes, span_ids, traceparent_of
 
 log = structlog.get_logger("luanette.jobs")
 
@@ -68,7 +65,7 @@ class _Live:
         self.job_id = job_id
         self.script_hash = script_hash
         self.params = params
-        self.cancel = runtime.CancelToken()
+        self.cancel = CancelToken()
         self.progress: dict[str, Any] | None = None
         # the context of the request that queued the job: its span is the job's parent
         self.trace_context = otel_context.get_current()
@@ -92,24 +89,21 @@ class Jobs:
         store: Store,
         scripts: Scripts,
         publisher: Publisher,
-        limits: runtime.Limits,
-        namespaces: Callable[[], Sequence[runtime.Namespace]],
+        limits: Limits,
+        engine: Engine,
         max_jobs: int,
         queue_size: int,
         temp_root: Path,
         telemetry: Telemetry | None = None,
     ) -> None:
         self._telemetry = telemetry or Telemetry()
-        self._otel = OtelNamespace(self._telemetry)
-        # file work of jobs (removing temp trees) in a few threads, not anyio's 40
-        self._file_threads = anyio.CapacityLimiter(4)
+        self._engine = engine
         self._temp_root = temp_root
         self.store = store
         self.scripts = scripts
         self.max_jobs = max_jobs
         self._publisher = publisher
         self._limits = limits
-        self._namespaces = namespaces
         self._live: dict[str, _Live] = {}
         self._send, self._receive = anyio.create_memory_object_stream[_Live](queue_size)
         self._queue_size = queue_size
@@ -169,7 +163,9 @@ class Jobs:
         # The queue itself is the limit (live jobs also count the ones running, and a
         # worker between two jobs would let one more in than the queue can hold).
         if self._send.statistics().current_buffer_used >= self._queue_size:
-            raise JobError("busy", f"{self.max_jobs} jobs are running and {self._queue_size} are queued; try again shortly")
+            raise JobError(
+                "busy", f"{self.max_jobs} jobs are running and {self._queue_size} are queued; try again shortly"
+            )
         job_id = _new_job_id()
         info = self.store.create_job(job_id, script_hash, params, tags, time.time())
         live = _Live(job_id, script_hash, params)
@@ -206,11 +202,11 @@ class Jobs:
         self._cancel_live(live, "cancelled by request")
         return self.status(job_id)
 
-    async def poll(self, job_ids: list[str], timeout_s: float, mode: PollMode) -> PollResult:
+    async def poll(self, job_ids: builtins.list[str], timeout_s: float, mode: PollMode) -> PollResult:
         """Wait up to ``timeout_s`` (capped at 30 s) until any/all of ``job_ids`` finish."""
         deadline = anyio.current_time() + min(max(timeout_s, 0.0), POLL_CAP_S)
         done: dict[str, JobInfo] = {}
-        waiting: list[str] = []
+        waiting: builtins.list[str] = []
         for job_id in dict.fromkeys(job_ids):  # unknown ids are an error, not "pending forever"
             info = self.status(job_id)
             if info.status in FINISHED:
@@ -241,7 +237,9 @@ class Jobs:
                 await self._execute(live)
             except Exception:
                 log.exception("jobs.worker_failed", job_id=live.job_id)
-                self._finish(live, JobStatus.FAILED, error={"kind": "internal", "message": "internal error; see the daemon log"})
+                self._finish(
+                    live, JobStatus.FAILED, error={"kind": "internal", "message": "internal error; see the daemon log"}
+                )
 
     async def _execute(self, live: _Live) -> None:
         if live.cancel.cancelled or not self.store.mark_running(live.job_id, time.time()):
@@ -256,58 +254,45 @@ class Jobs:
             attributes=script_attributes(live.script_hash, name, live.job_id),
         ) as span:
             jlog = log.bind(job_id=live.job_id, script_hash=live.script_hash, **span_ids(span))
-            status = await self._run(live, name, jlog)
+            status = await self._run(live, name, jlog, span)
             span.set_attribute("job.status", status.value)
             if status is JobStatus.FAILED:
                 span.set_status(StatusCode.ERROR, "the script failed")
 
-    async def _run(self, live: _Live, name: str | None, jlog: Any) -> JobStatus:
+    async def _run(self, live: _Live, name: str | None, jlog: Any, span: Any) -> JobStatus:
         try:
             code = await self.scripts.source(live.script_hash)
         except CasError as e:
             self._finish(live, JobStatus.FAILED, error={"kind": "script_missing", "message": str(e)})
             return JobStatus.FAILED
-        temp = TempNamespace(self._temp_root)
-        cas = self.scripts.cas
         try:
-            outcome = await runtime.run_script(
+            outcome = await self._engine.run(
                 code,
                 live.params,
                 limits=self._limits,
+                info=RunInfo(
+                    "job",
+                    job_id=live.job_id,
+                    script_hash=live.script_hash,
+                    traceparent=traceparent_of(span),
+                    sampled=span.is_recording(),
+                ),
                 cancel=live.cancel,
-                namespaces=[
-                    *self._namespaces(),
-                    ProgressNamespace(self._progress_reporter(live)),
-                    temp,
-                    CasNamespace(cas, temp=temp),
-                    MidiNamespace(cas, temp),
-                    self._otel,
-                    JobNamespace(live.job_id, live.script_hash),
-                ],
+                hooks=RunHooks(jlog, span=span, progress=self._progress_reporter(live)),
                 chunk_name=name or "script",
-                log=jlog,
             )
-        except runtime.ScriptError as e:
+        except ScriptError as e:
             status = JobStatus.CANCELLED if e.detail.kind == "cancelled" else JobStatus.FAILED
             self._finish(live, status, error=msgspec.to_builtins(e.detail))
             return status
-        finally:
-            # Whatever the end, the job's files go (off the loop: it may be a big tree).
-            if temp.created:
-                with anyio.CancelScope(shield=True):
-                    await anyio.to_thread.run_sync(temp.close, limiter=self._file_threads)
-            else:
-                temp.close()
         self._finish(live, JobStatus.COMPLETE, result=outcome.result)
         return JobStatus.COMPLETE
 
     def _progress_reporter(self, live: _Live) -> Callable[[float, str | None], None]:
-        call_soon = asyncio.get_running_loop().call_soon_threadsafe
-
         def report(percent: float, message: str | None) -> None:
-            # Lua worker thread: hand the publish to the loop (sockets are not thread-safe).
+            # on the loop: the engine hands over its workers' progress notes there
             live.progress = {"percent": percent, "message": message}
-            call_soon(self._publisher.publish, Progress(job_id=live.job_id, percent=percent, message=message))
+            self._publisher.publish(Progress(job_id=live.job_id, percent=percent, message=message))
 
         return report
 
@@ -316,7 +301,9 @@ class Jobs:
         info = self.store.get(live.job_id)
         if info is not None and info.status is JobStatus.PENDING:
             # Not started: finish it now; the worker will skip it.
-            self._finish(live, JobStatus.CANCELLED, error={"kind": "cancelled", "message": f"{reason} before it started"})
+            self._finish(
+                live, JobStatus.CANCELLED, error={"kind": "cancelled", "message": f"{reason} before it started"}
+            )
 
     def _finish(self, live: _Live, status: JobStatus, *, result: Any = None, error: Any = None) -> None:
         self._live.pop(live.job_id, None)

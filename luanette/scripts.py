@@ -13,10 +13,16 @@ from typing import Any
 
 import anyio
 import msgspec
+import structlog
 
-from luanette import runtime
 from luanette.cas import Cas, CasError
+from luanette.engine.api import CancelToken, ErrorDetail, Limits, ScriptError
+from luanette.engine.channel import RunInfo
+from luanette.engine.errors import syntax_detail
+from luanette.engine.pool import Engine, RunHooks
 from luanette.store import ScriptRecord, Store
+
+_log = structlog.get_logger("luanette.scripts")
 
 MIME = "text/x-lua"
 TYPE_TAG = "type:lua"
@@ -25,11 +31,12 @@ SOURCE_CACHE = 64  # sources kept in memory, each at most CACHED_SOURCE_BYTES
 CACHED_SOURCE_BYTES = 256 * 2**10
 DESCRIBE_TIMEOUT_S = 5.0
 
-# Runs the stored chunk, then its describe(). `main` is cleared so the runtime returns
-# this wrapper's value instead of calling the script's main.
+# Compiles the chunk (a syntax error is answered as such), runs it, then its describe().
+# `main` is cleared so the runtime returns this wrapper's value instead of calling the
+# script's main.
 _DESCRIBE = """
 local chunk, err = load(params.source, "=script", "t")
-if not chunk then error(err, 0) end
+if not chunk then return {syntax = err} end
 chunk()
 main = nil
 if type(describe) ~= "function" then return {found = false} end
@@ -40,7 +47,7 @@ return {found = true, value = describe()}
 class ScriptProblem(Exception):
     """A script could not be stored or described; ``detail`` is the structured error."""
 
-    def __init__(self, detail: runtime.ErrorDetail) -> None:
+    def __init__(self, detail: ErrorDetail) -> None:
         super().__init__(detail.message)
         self.detail = detail
 
@@ -50,14 +57,16 @@ class Described(msgspec.Struct):
 
     found: bool
     value: Any = None
-    problem: runtime.ErrorDetail | None = None
+    problem: ErrorDetail | None = None
+    syntax: ErrorDetail | None = None  # the script does not compile
 
 
 class Scripts:
     """Store, describe, load and search scripts."""
 
-    def __init__(self, cas: Cas, store: Store, limits: runtime.Limits) -> None:
+    def __init__(self, cas: Cas, store: Store, limits: Limits, engine: Engine | None = None) -> None:
         self.cas = cas
+        self._engine = engine
         self.store = store
         self._sources: collections.OrderedDict[str, str] = collections.OrderedDict()
         self._loading: dict[str, anyio.Event] = {}
@@ -70,11 +79,10 @@ class Scripts:
         Raises :class:`ScriptProblem` (kind ``lua_syntax``) for code that does not
         compile; nothing is stored then.
         """
-        problem = runtime.check_syntax(content, "script")
-        if problem is not None:
-            raise ScriptProblem(problem)
-        digest = await anyio.to_thread.run_sync(self.cas.store, content.encode(), MIME)
         described = await self.describe_source(content)
+        if described.syntax is not None:
+            raise ScriptProblem(described.syntax)
+        digest = await anyio.to_thread.run_sync(self.cas.store, content.encode(), MIME)
         info = described.value if described.found and isinstance(described.value, dict) else {}
         record = ScriptRecord(
             hash=digest,
@@ -127,13 +135,25 @@ class Scripts:
     async def describe_source(self, content: str) -> Described:
         """Run ``describe()`` of ``content`` in the sandbox (best effort: a chunk whose
         top level needs params may fail here, which is reported, not raised)."""
+        if self._engine is None:
+            raise RuntimeError("describing a script needs the engine")
         try:
-            outcome = await runtime.run_script(
-                _DESCRIBE, {"source": content}, limits=self._limits, chunk_name="describe"
+            outcome = await self._engine.run(
+                _DESCRIBE,
+                {"source": content},
+                limits=self._limits,
+                info=RunInfo("describe"),
+                cancel=CancelToken(),
+                hooks=RunHooks(_log),
+                chunk_name="describe",
             )
-        except runtime.ScriptError as e:
+        except ScriptError as e:
             return Described(found=False, problem=e.detail)
-        return Described(found=bool(outcome.result.get("found")), value=outcome.result.get("value"))
+        result = outcome.result
+        if isinstance(result.get("syntax"), (str, bytes)):
+            problem = syntax_detail(result["syntax"], "script")
+            return Described(found=False, problem=problem, syntax=problem)
+        return Described(found=bool(result.get("found")), value=result.get("value"))
 
     async def describe(self, script_hash: str) -> Described:
         """``describe()`` of a stored script. Raises ``cas.NotFound``/``InvalidHash``."""

@@ -10,6 +10,7 @@ libzmq reports an unroutable peer instead of dropping the message).
 from __future__ import annotations
 
 import errno
+import os
 import time
 import uuid
 from pathlib import Path
@@ -33,21 +34,17 @@ from hooteproto.codec import (
     peek_envelope_id,
 )
 from hooteproto.frames import Command, Hoot01
-from luanette import runtime
 from luanette.backends import Backends
 from luanette.broadcast import Publisher
 from luanette.cas import Cas
 from luanette.config import Config
 from luanette.dispatch import Dispatcher, RequestContext, error
+from luanette.engine.api import Limits
+from luanette.engine.pool import Engine, EngineConfig
+from luanette.garden import GardenClient
 from luanette.jobs import Jobs
 from luanette.scripts import ScriptProblem, Scripts
 from luanette.settings import Settings, load_settings
-from luanette.stdlib.clock import ClockNamespace
-from luanette.garden import GardenClient
-from luanette.stdlib.garden import garden_namespace
-from luanette.stdlib.json import JsonNamespace
-from luanette.stdlib.log import LogNamespace
-from luanette.stdlib.models import model_namespaces
 from luanette.store import Store
 from luanette.telemetry import SpanKind, StatusCode, Telemetry, parent_context
 from luanette.triggers import TriggerError, Triggers
@@ -60,6 +57,15 @@ NIL_ID = uuid.UUID(int=0)
 def default_state_dir() -> Path:
     """Where the job database lives when ``--state-dir`` is not given."""
     return Path(platformdirs.user_state_dir("luanette"))
+
+
+def default_lua_memory_total() -> int:
+    """Half of the machine's RAM (4 GiB where it cannot be read)."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2
+    except (OSError, ValueError):
+        return 4 * 2**30
+
 
 RECV_BATCH = 64
 PRUNE_EVERY_S = 3600.0
@@ -105,23 +111,37 @@ class Server:
         self.stats = ServerStats()
         self.endpoint: str | None = None
         self._context = context or zmq.asyncio.Context.instance()
-        limits = runtime.Limits(timeout_s=config.script_timeout, memory_bytes=config.script_memory)
         self.cas = Cas.from_config(config.cas_root)
         state_dir = Path(config.state_dir) if config.state_dir else default_state_dir()
         self.store = Store.open(state_dir)
         self.publisher = Publisher(context=self._context)
         settings = settings or load_settings(None)
         self.backends = Backends(settings.backends, telemetry=self.telemetry)
-        models = model_namespaces(self.backends, self.cas, settings.models)
         self.garden = GardenClient(settings.garden, context=self._context, telemetry=self.telemetry)
-        garden = garden_namespace(self.garden)
-        scripts = Scripts(self.cas, self.store, limits)
+        workers = config.workers or os.cpu_count() or 1
+        share = (config.lua_memory_total or default_lua_memory_total()) // workers
+        # one run may not take more than its worker's share of the budget
+        limits = Limits(timeout_s=config.script_timeout, memory_bytes=min(config.script_memory, share))
+        self.engine = Engine(
+            EngineConfig(
+                workers=workers,
+                memory_share=share,
+                temp_root=str(state_dir / "temp"),
+                cas_root=str(self.cas.root),
+                settings=settings,
+                log_json=config.log_json,
+            ),
+            backends=self.backends,
+            garden=self.garden,
+            telemetry=self.telemetry,
+        )
+        scripts = Scripts(self.cas, self.store, limits, self.engine)
         self.jobs = Jobs(
             store=self.store,
             scripts=scripts,
             publisher=self.publisher,
             limits=limits,
-            namespaces=lambda: [LogNamespace(), ClockNamespace(), JsonNamespace(), *models, garden],
+            engine=self.engine,
             max_jobs=config.max_jobs,
             queue_size=config.job_queue,
             temp_root=state_dir / "temp",
@@ -144,7 +164,7 @@ class Server:
             on_shutdown=self.request_shutdown,
             telemetry=self.telemetry,
             triggers=self.triggers,
-            eval_namespaces=[garden],
+            engine=self.engine,
         )
         self._socket: zmq.asyncio.Socket | None = None
         self._in_flight: set[RequestContext] = set()
@@ -189,20 +209,28 @@ class Server:
         """Bind (unless :meth:`bind` was called), answer requests until shut down, drain,
         and return."""
         self._draining = anyio.Event()
-        if self._socket is None:
-            self.bind()
+        endpoint = self.bind() if self._socket is None else self.endpoint
         sock = self._socket
+        assert sock is not None and endpoint is not None
         self.jobs.recover()
+        trigger_error: TriggerError | None = None
         try:
-            await self.load_trigger_scripts()
             async with anyio.create_task_group() as tg:
-                tg.start_soon(self._receive_loop, tg)
-                tg.start_soon(self.jobs.run)
-                tg.start_soon(self._prune_periodically)
-                task_status.started(self.endpoint)
-                await self._draining.wait()
-                await self._drain()
+                await tg.start(self.engine.serve)
+                try:
+                    await self.load_trigger_scripts()
+                except TriggerError as e:  # raised after the group, not wrapped by it
+                    trigger_error = e
+                if trigger_error is None:
+                    tg.start_soon(self._receive_loop, tg)
+                    tg.start_soon(self.jobs.run)
+                    tg.start_soon(self._prune_periodically)
+                    task_status.started(endpoint)
+                    await self._draining.wait()
+                    await self._drain()
                 tg.cancel_scope.cancel()
+            if trigger_error is not None:
+                raise trigger_error
             await self.backends.aclose()
             await self.garden.aclose()
             if self._owns_telemetry and self.telemetry.exporting:
@@ -335,7 +363,9 @@ class Server:
 
     def _start(self, tg: anyio.abc.TaskGroup, reply: _Reply, payload: t.Payload, traceparent: str | None) -> None:
         if self.draining and not isinstance(payload, t.Ping):
-            tg.start_soon(self._reply, reply, error("shutting_down", "the daemon is shutting down; no new work is taken"))
+            tg.start_soon(
+                self._reply, reply, error("shutting_down", "the daemon is shutting down; no new work is taken")
+            )
             return
         ctx = RequestContext(reply.request_id, t.tag_of(type(payload)), traceparent)
         self._in_flight.add(ctx)
@@ -401,7 +431,9 @@ class Server:
 def _annotate(span: Any, ctx: RequestContext, answer: t.Payload) -> None:
     """Attributes of a recorded dispatch span (skipped when it is not recorded: they
     cost more than the span itself)."""
-    span.set_attributes({"rpc.system": "hooteproto", "rpc.method": ctx.kind, "luanette.request_id": str(ctx.request_id)})
+    span.set_attributes(
+        {"rpc.system": "hooteproto", "rpc.method": ctx.kind, "luanette.request_id": str(ctx.request_id)}
+    )
     if isinstance(answer, t.Error):
         span.set_attribute("luanette.error.code", answer.code)
         span.set_status(StatusCode.ERROR, answer.message[:200])

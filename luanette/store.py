@@ -21,6 +21,7 @@ as the wire protocol specifies.
 
 from __future__ import annotations
 
+import builtins  # Store.list shadows list in the class body's annotations
 import math
 import re
 import sqlite3
@@ -93,7 +94,7 @@ class JobRecord(msgspec.Struct, kw_only=True):
             source=self.script_hash,
             result=self.result,
             error=self.error,
-            created_at=_whole(self.created_at),
+            created_at=math.floor(self.created_at),
             started_at=_whole(self.started_at),
             completed_at=_whole(self.completed_at),
         )
@@ -562,7 +563,7 @@ class Store:
             cancelled=counts.get(JobStatus.CANCELLED.value, 0),
         )
 
-    def recover_interrupted(self, at: float) -> list[str]:
+    def recover_interrupted(self, at: float) -> builtins.list[str]:
         """Mark every pending or running job failed with error kind ``interrupted``.
 
         Called once at startup, before any job runs: no job of a previous process can
@@ -657,7 +658,7 @@ class Store:
         creator: str | None = None,
         vibe: str | None = None,
         limit: int = 100,
-    ) -> list[ScriptRecord]:
+    ) -> builtins.list[ScriptRecord]:
         """Scripts matching every given filter: ``tag`` exactly one of the script's tags,
         ``creator`` exactly, and ``vibe`` sharing at least one word (case-insensitive)
         with the script's name, description and tags.

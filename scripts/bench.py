@@ -1,17 +1,47 @@
-#!/usr/bin/env python3
-"""Benchmark Luanette against a raw pyzmq echo measured in the same run.
+"""Benchmark Luanette beside baselines measured in the same run.
 
-Every row is driven by the same client: a synchronous pyzmq DEALER in its own process
-that keeps a fixed number of HOOT01 requests in flight and times each one by its request
-id. The baseline server is a plain synchronous ROUTER that echoes every message, also
-in its own process, so the ratio column measures the daemon alone.
+Load generator: every ZeroMQ row is driven by the same code, ``--clients`` processes
+(default 4) that each keep their share of the in-flight requests outstanding as
+pipelined HOOT01 requests on one DEALER socket, time each reply by its request id and
+decode it (Success, Error "busy", other Error). Their latencies are merged for p50/p99
+and the rate is counted from the common start to the last reply. A row with 1 in flight
+uses one process.
 
-    python scripts/bench.py [--requests N] [--markdown]
+Baselines:
+
+- raw pyzmq echo: a plain synchronous ROUTER that echoes every message, in its own
+  process. The "vs echo" column divides a daemon row by it at the same in-flight count;
+  a daemon row at >= 80% of it is flagged, as the client may then be the bottleneck.
+- libzmq echo: a ROUTER proxied to itself, echoing inside libzmq: the ceiling of the
+  generator itself, which the pyzmq echo server alone cannot show.
+- Redis (when ``redis-server`` is on PATH; started on a free loopback port, persisting
+  nothing, stopped afterwards): PING and ``EVAL "return 2+2" 0`` at 1 and 64 in flight,
+  5x ``--requests`` each, driven by ``redis-benchmark`` (compiled; one connection per
+  in-flight request, ``-P 1``) when installed, else by this generator with a small RESP
+  client (``--redis-python-client`` forces that). "vs Redis" divides Ping and LuaEval by
+  them.
+
+Daemon rows (``luanette serve`` with state and CAS in a temporary directory; ``--workers``
+and ``--daemon-arg`` are passed through): Ping and LuaEval at 1 and 64 in flight, Ping
+while two CPU-bound scripts run, trivial jobs/s, cancel latency, and overload: 640
+LuaEvals in flight (10x the 64 of the peak row) for ``--overload-seconds``, a "busy"
+answer followed at once by the next request, reporting successful evals/s against the
+peak row, the p99 of the successful ones and the busy count. Then the scale row: 1,000
+jobs each waiting 1 s on the model simulator, beside one OS thread per job.
+
+    python scripts/bench.py [--requests N] [--clients K] [--workers N]
+                            [--daemon-arg ARG ...] [--skip SECTION ...] [--markdown]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import csv
+import functools
+import io
+import itertools
+import math
 import multiprocessing as mp
 import os
 import platform
@@ -22,50 +52,385 @@ import sys
 import tempfile
 import threading
 import time
+import traceback
 import uuid
+from array import array
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from queue import Empty
+from typing import Any, Protocol, Self
 
 import msgspec
 import zmq
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from hooteproto import types as t  # noqa: E402
-from hooteproto.codec import Encoding, payload_codec  # noqa: E402
-from hooteproto.frames import Command, ContentType, Hoot01  # noqa: E402
+from hooteproto import types as t
+from hooteproto.codec import Encoding, payload_codec
+from hooteproto.frames import Command, ContentType, Hoot01
+
+EVAL_CODE = "return 2+2"
+OK, BUSY, ERROR = "ok", "busy", "error"  # how a reply is counted
+REPLY_TIMEOUT_MS = 30_000  # a client that waits this long for any reply gives up
+CHILD_DEADLINE_S = 600  # a child process that reports nothing for this long has failed
+CLIENT_BOTTLENECK = 0.8  # a daemon row at this share of echo is limited by the client
+# Overload offers 10x the in-flight requests of the peak LuaEval row (64), i.e. 160 per
+# client process by default; with "busy" answered at once, that offers far more than
+# 10x the peak rate.
+OVERLOAD_IN_FLIGHT = 10 * 64
 
 
-class Row(msgspec.Struct):
-    name: str
-    in_flight: int
-    requests: int
-    seconds: float
-    p50_ms: float
-    p99_ms: float
+# --- small helpers -------------------------------------------------------------------
 
-    @property
-    def rate(self) -> float:
-        return self.requests / self.seconds
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def free_endpoint() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return f"tcp://127.0.0.1:{s.getsockname()[1]}"
+    return f"tcp://127.0.0.1:{free_port()}"
+
+
+def wait_for_port(port: int, proc: subprocess.Popen, what: str, seconds: float = 10.0) -> None:
+    """Return once something accepts connections on ``port``; raise if ``proc`` exits or
+    the time runs out."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with code {proc.returncode} before listening")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.025)
+    raise RuntimeError(f"{what} did not listen on port {port} within {seconds:g} s")
 
 
 def request_frames(payload: t.Payload) -> list[bytes]:
-    return Hoot01(
+    """A HOOT01 request carrying ``payload`` in compact MsgPack, with a fresh id."""
+    message = Hoot01(
         command=Command.REQUEST,
         content_type=ContentType.MSGPACK,
         request_id=uuid.uuid4(),
         service="luanette",
         body=payload_codec.encode(payload, Encoding.COMPACT),
-    ).to_frames()
+    )
+    return message.to_frames()
 
 
-# --- processes -----------------------------------------------------------------------
+def percentile(ordered: Sequence[float], q: float) -> float:
+    """The ``q`` quantile of sorted values (nan when there are none)."""
+    if not ordered:
+        return math.nan
+    return ordered[min(len(ordered) - 1, int(len(ordered) * q))]
+
+
+# --- child processes -----------------------------------------------------------------
+# Every measurement runs in a child process so the parent (which only orchestrates and
+# never opens a ZeroMQ context) cannot steal its CPU or share its GIL. A child reports
+# ("ready" | "result" | "failed", value) on a queue.
+
+
+def _child(target: Callable[..., Any], args: tuple, out: mp.Queue) -> None:
+    try:
+        out.put(("result", target(*args)))
+    except BaseException:  # noqa: BLE001 - the parent re-raises it with the traceback
+        out.put(("failed", traceback.format_exc()))
+
+
+def _collect(out: mp.Queue, procs: list[mp.Process], count: int, kind: str) -> list[Any]:
+    """Wait for ``count`` messages of ``kind`` from ``procs``; raise on a failure."""
+    values: list[Any] = []
+    deadline = time.monotonic() + CHILD_DEADLINE_S
+    while len(values) < count:
+        try:
+            got, value = out.get(timeout=1)
+        except Empty:
+            dead = [p for p in procs if p.exitcode not in (None, 0)]
+            if dead or time.monotonic() > deadline:
+                raise RuntimeError(f"a child process ended without a {kind}") from None
+            continue
+        if got == "failed":
+            raise RuntimeError(f"child process failed:\n{value}")
+        if got == kind:
+            values.append(value)
+    return values
+
+
+def _reap(procs: list[mp.Process]) -> None:
+    for proc in procs:
+        proc.join(5)
+        if proc.is_alive():
+            proc.terminate()
+            proc.join()
+
+
+def in_process(target: Callable[..., Any], *args: Any) -> Any:
+    """Run ``target(*args)`` in its own process and return its result."""
+    out: mp.Queue = mp.Queue()
+    proc = mp.Process(target=_child, args=(target, args, out))
+    proc.start()
+    try:
+        return _collect(out, [proc], 1, "result")[0]
+    finally:
+        _reap([proc])
+
+
+# --- the load generator --------------------------------------------------------------
+
+
+class Plan(msgspec.Struct, frozen=True):
+    """What one measurement offers: ``in_flight`` outstanding requests until ``requests``
+    replies came back, or for ``seconds``."""
+
+    in_flight: int
+    requests: int | None = None
+    seconds: float | None = None
+    warmup: int = 50  # sequential requests per client before timing starts
+
+    def split(self, clients: int) -> list[Plan]:
+        """This plan shared by ``clients`` processes (shares differ by at most one)."""
+        def share(total: int, i: int) -> int:
+            return total // clients + (1 if i < total % clients else 0)
+
+        return [
+            msgspec.structs.replace(
+                self,
+                in_flight=share(self.in_flight, i),
+                requests=None if self.requests is None else share(self.requests, i),
+            )
+            for i in range(clients)
+        ]
+
+
+class Part(msgspec.Struct):
+    """What one client process measured."""
+
+    started: float  # time.perf_counter() is CLOCK_MONOTONIC, comparable across processes
+    ended: float
+    ok: bytes  # latencies of the successful replies, seconds, array("d")
+    busy: int
+    errors: int
+    error_sample: str | None
+
+
+class Load(msgspec.Struct):
+    """The merged result of all client processes of one measurement."""
+
+    clients: int
+    seconds: float
+    latencies: list[float]  # successful replies, sorted
+    busy: int
+    errors: int
+    error_sample: str | None
+
+    @property
+    def rate(self) -> float:
+        return len(self.latencies) / self.seconds
+
+
+class Transport(Protocol):
+    """One client connection: ``send`` one request, ``receive`` at least one reply as
+    (latency seconds, OK | BUSY | ERROR) pairs."""
+
+    error_sample: str | None
+
+    def send(self) -> None: ...
+    def receive(self) -> list[tuple[float, str]]: ...
+    def close(self) -> None: ...
+
+
+class ZmqTransport:
+    """HOOT01 requests over one DEALER socket, each reply matched by its request id."""
+
+    def __init__(self, endpoint: str, payload: t.Payload) -> None:
+        self.template = request_frames(payload)
+        self.context = zmq.Context()
+        self.sock = self.context.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.RCVTIMEO, REPLY_TIMEOUT_MS)
+        self.sock.connect(endpoint)
+        # Ids unique across processes without the cost of uuid4 per request.
+        self.prefix = os.urandom(8)
+        self.counter = itertools.count()
+        self.sent_at: dict[bytes, float] = {}
+        self.error_sample: str | None = None
+
+    def send(self) -> None:
+        rid = self.prefix + next(self.counter).to_bytes(8, "big")
+        frames = self.template.copy()
+        frames[3] = rid
+        self.sent_at[rid] = time.perf_counter()
+        self.sock.send_multipart(frames)
+
+    def receive(self) -> list[tuple[float, str]]:
+        reply = self.sock.recv_multipart()
+        latency = time.perf_counter() - self.sent_at.pop(reply[3])
+        # Every reply is decoded, the echo's too, so each row pays the same client cost.
+        payload = payload_codec.decode(reply[6])
+        if not isinstance(payload, t.Error):
+            return [(latency, OK)]
+        if payload.code == "busy":
+            return [(latency, BUSY)]
+        self.error_sample = f"{payload.code}: {payload.message}"
+        return [(latency, ERROR)]
+
+    def close(self) -> None:
+        self.sock.close(linger=0)
+        self.context.term()
+
+
+def resp_command(*args: str) -> bytes:
+    """A RESP array of bulk strings, as redis-cli sends a command."""
+    parts = [f"*{len(args)}\r\n".encode()]
+    for arg in args:
+        data = arg.encode()
+        parts.append(b"$%d\r\n%s\r\n" % (len(data), data))
+    return b"".join(parts)
+
+
+class RespTransport:
+    """Pipelined RESP requests on one TCP connection (the fallback Redis client when
+    redis-benchmark is missing). Redis answers a connection in order, so a FIFO of send
+    times matches replies. Only one-line replies are parsed, which PING (``+PONG``) and
+    ``EVAL "return 2+2" 0`` (``:4``) give."""
+
+    def __init__(self, port: int, command: Sequence[str]) -> None:
+        self.request = resp_command(*command)
+        self.sock = socket.create_connection(("127.0.0.1", port))
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.sock.settimeout(REPLY_TIMEOUT_MS / 1000)
+        self.sent_at: deque[float] = deque()
+        self.buffer = b""
+        self.error_sample: str | None = None
+
+    def send(self) -> None:
+        self.sent_at.append(time.perf_counter())
+        self.sock.sendall(self.request)
+
+    def receive(self) -> list[tuple[float, str]]:
+        data = self.sock.recv(65536)
+        if not data:
+            raise ConnectionError("redis closed the connection")
+        now = time.perf_counter()
+        *lines, self.buffer = (self.buffer + data).split(b"\r\n")
+        replies = []
+        for line in lines:
+            kind = OK
+            if line.startswith(b"-"):
+                kind, self.error_sample = ERROR, line[1:].decode(errors="replace")
+            replies.append((now - self.sent_at.popleft(), kind))
+        return replies
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def pump(make_transport: Callable[[], Transport], plan: Plan, go: Any, out: mp.Queue) -> Part:
+    """One client process: warm up, say ready, wait for ``go``, then keep
+    ``plan.in_flight`` requests outstanding until the plan is done."""
+    transport = make_transport()
+    try:
+        for _ in range(plan.warmup):  # connection set up, daemon code paths warm
+            transport.send()
+            while not transport.receive():
+                pass
+        out.put(("ready", None))
+        go.wait()
+        return _timed_loop(transport, plan)
+    finally:
+        transport.close()
+
+
+def _timed_loop(transport: Transport, plan: Plan) -> Part:
+    limit = math.inf if plan.requests is None else plan.requests
+    started = now = time.perf_counter()
+    deadline = math.inf if plan.seconds is None else started + plan.seconds
+    ok = array("d")
+    busy = errors = sent = answered = 0
+    while answered < limit and now < deadline:
+        # Refill first: a "busy" answer is followed at once by the next request, so the
+        # load stays offered continuously.
+        while sent - answered < plan.in_flight and sent < limit:
+            transport.send()
+            sent += 1
+        for latency, kind in transport.receive():
+            answered += 1
+            if kind == OK:
+                ok.append(latency)
+            elif kind == BUSY:
+                busy += 1
+            else:
+                errors += 1
+        now = time.perf_counter()
+    return Part(started, now, ok.tobytes(), busy, errors, transport.error_sample)
+
+
+def run_clients(make_transport: Callable[[], Transport], plan: Plan, clients: int) -> Load:
+    """Run ``plan`` over ``clients`` processes started together; merge what they saw."""
+    clients = max(1, min(clients, plan.in_flight))
+    go = mp.Event()
+    out: mp.Queue = mp.Queue()
+    procs = [mp.Process(target=_child, args=(pump, (make_transport, part, go, out), out))
+             for part in plan.split(clients)]
+    for proc in procs:
+        proc.start()
+    try:
+        _collect(out, procs, clients, "ready")
+        go.set()
+        parts: list[Part] = _collect(out, procs, clients, "result")
+    finally:
+        _reap(procs)
+    latencies = array("d")
+    for part in parts:
+        latencies.frombytes(part.ok)
+    return Load(
+        clients=clients,
+        seconds=max(p.ended for p in parts) - min(p.started for p in parts),
+        latencies=sorted(latencies),
+        busy=sum(p.busy for p in parts),
+        errors=sum(p.errors for p in parts),
+        error_sample=next((p.error_sample for p in parts if p.error_sample), None),
+    )
+
+
+# --- rows ----------------------------------------------------------------------------
+
+
+class Row(msgspec.Struct):
+    name: str
+    in_flight: int
+    client: str  # what drove it: "4 procs" or "redis-benchmark"
+    rate: float  # successful replies per second
+    p50_ms: float
+    p99_ms: float
+    note: str = ""
+    busy: int = 0
+    errors: int = 0
+
+
+def row_from(name: str, in_flight: int, load: Load, note: str = "") -> Row:
+    notes = [note] if note else []
+    if load.busy:
+        notes.append(f"{load.busy:,} busy")
+    if load.errors:
+        notes.append(f"{load.errors:,} errors ({load.error_sample})")
+    return Row(name, in_flight, f"{load.clients} proc{'s' if load.clients > 1 else ''}", load.rate,
+               percentile(load.latencies, 0.5) * 1000, percentile(load.latencies, 0.99) * 1000,
+               "; ".join(notes), load.busy, load.errors)
+
+
+def measure(name: str, endpoint: str, payload: t.Payload, requests: int, in_flight: int,
+            clients: int) -> Row:
+    """A HOOT01 row: ``requests`` replies with ``in_flight`` outstanding."""
+    make = functools.partial(ZmqTransport, endpoint, payload)
+    return row_from(name, in_flight, run_clients(make, Plan(in_flight, requests=requests), clients))
+
+
+# --- echo baseline -------------------------------------------------------------------
 
 
 def echo_server(endpoint: str) -> None:
@@ -77,97 +442,135 @@ def echo_server(endpoint: str) -> None:
         sock.send_multipart(sock.recv_multipart())
 
 
-def drive(endpoint: str, payload: t.Payload, total: int, in_flight: int, out: mp.Queue) -> None:
-    """The client for every row: keep ``in_flight`` requests outstanding until ``total``
-    have been answered; report wall time and per-request latencies."""
-    template = request_frames(payload)
+def libzmq_echo_server(endpoint: str) -> None:
+    """The load generator's ceiling: zmq.proxy from a ROUTER to itself sends every
+    message back to its sender inside libzmq, so no Python on the server side limits the
+    rate. A daemon row near the pyzmq echo but far below this one is not client-bound."""
     ctx = zmq.Context()
-    sock = ctx.socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.connect(endpoint)
-    sent_at: dict[bytes, float] = {}
-    latencies: list[float] = []
-    sent = 0
-
-    def send_one() -> None:
-        nonlocal sent
-        rid = uuid.uuid4().bytes
-        frames = list(template)
-        frames[3] = rid
-        sent_at[rid] = time.perf_counter()
-        sock.send_multipart(frames)
-        sent += 1
-
-    # Warm up the connection (and the daemon's code paths) before timing.
-    for _ in range(min(50, total)):
-        send_one()
-        sock.recv_multipart()
-    sent_at.clear()
-    sent = 0
-    started = time.perf_counter()
-    while sent < min(in_flight, total):
-        send_one()
-    while len(latencies) < total:
-        reply = sock.recv_multipart()
-        latencies.append(time.perf_counter() - sent_at.pop(reply[3]))
-        if sent < total:
-            send_one()
-    elapsed = time.perf_counter() - started
-    latencies.sort()
-    out.put((elapsed, latencies[len(latencies) // 2] * 1000, latencies[int(len(latencies) * 0.99)] * 1000))
+    sock = ctx.socket(zmq.ROUTER)
+    sock.bind(endpoint)
+    zmq.proxy(sock, sock)
 
 
-def measure(name: str, endpoint: str, payload: t.Payload, total: int, in_flight: int) -> Row:
-    elapsed, p50, p99 = in_process(drive, endpoint, payload, total, in_flight)
-    return Row(name, in_flight, total, elapsed, p50, p99)
+# --- the daemon ----------------------------------------------------------------------
 
 
-def start_daemon(endpoint: str, *extra: str) -> subprocess.Popen:
-    exe = shutil.which("luanette", path=str(Path(sys.executable).parent)) or "luanette"
-    state = tempfile.mkdtemp(prefix="luanette-bench-")
-    proc = subprocess.Popen([exe, "serve", "--bind", endpoint, "--pub", "none",
-                             "--max-evals", os.environ.get("BENCH_MAX_EVALS", "16"),
-                             "--state-dir", f"{state}/state", "--cas-root", f"{state}/cas", *extra],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    port = int(endpoint.rsplit(":", 1)[1])
-    for _ in range(400):
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return proc
-        time.sleep(0.025)
-    raise RuntimeError("daemon did not start")
+def luanette_exe() -> str:
+    return shutil.which("luanette", path=str(Path(sys.executable).parent)) or "luanette"
+
+
+def serve_supports(flag: str) -> bool:
+    """Whether ``luanette serve --help`` lists ``flag`` (flags come and go while the
+    daemon is restructured; the bench must run before and after)."""
+    result = subprocess.run([luanette_exe(), "serve", "--help"], capture_output=True, text=True,
+                            timeout=60, check=False)
+    return flag in result.stdout.split()
+
+
+class Daemon:
+    """``luanette serve`` as a process, its state and CAS in a temporary directory."""
+
+    def __init__(self, endpoint: str, *args: str) -> None:
+        self.endpoint = endpoint
+        self.state = Path(tempfile.mkdtemp(prefix="luanette-bench-"))
+        self.log = (self.state / "daemon.log").open("wb")
+        self.proc = subprocess.Popen(
+            [luanette_exe(), "serve", "--bind", endpoint, "--pub", "none",
+             "--state-dir", str(self.state / "state"), "--cas-root", str(self.state / "cas"), *args],
+            stdout=subprocess.DEVNULL, stderr=self.log,
+        )
+        try:
+            wait_for_port(int(endpoint.rsplit(":", 1)[1]), self.proc, "luanette serve", 30)
+        except RuntimeError as e:
+            self.stop()
+            tail = self.log_tail()
+            shutil.rmtree(self.state, ignore_errors=True)
+            raise RuntimeError(f"{e}; its log ends:\n{tail}") from None
+
+    def log_tail(self, lines: int = 20) -> str:
+        text = (self.state / "daemon.log").read_text(errors="replace")
+        return "\n".join(text.splitlines()[-lines:])
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+        shutil.rmtree(self.state, ignore_errors=True)
 
 
 SPIN = "local stop = os.clock() + params.s local n = 0 while os.clock() < stop do n = n + 1 end return n"
 
 
-def load_scripts(endpoint: str, seconds: float, count: int, out: mp.Queue) -> None:
+def load_scripts(endpoint: str, seconds: float, count: int, started: Any) -> None:
     """Keep ``count`` CPU-bound scripts running for about ``seconds``."""
-    ctx = zmq.Context()
-    sock = ctx.socket(zmq.DEALER)
+    sock = zmq.Context().socket(zmq.DEALER)
     sock.connect(endpoint)
     for _ in range(count):
         sock.send_multipart(request_frames(t.LuaEval(code=SPIN, params={"s": seconds})))
-    out.put("started")
+    started.set()
     for _ in range(count):
         sock.recv_multipart()
+
+
+def measure_under_scripts(endpoint: str, requests: int) -> Row:
+    """Ping at 1 in flight while another client keeps two CPU-bound scripts running."""
+    started = mp.Event()
+    loader = mp.Process(target=load_scripts, args=(endpoint, 30.0, 2, started))
+    loader.start()
+    try:
+        if not started.wait(30):
+            raise RuntimeError("the CPU-bound scripts were not sent")
+        time.sleep(0.3)  # let them reach the Lua engine
+        return measure("Ping, 2 CPU-bound scripts running", endpoint, t.Ping(), requests, 1, 1)
+    finally:
+        loader.terminate()
+        loader.join()
+        time.sleep(0.5)
+
+
+def measure_overload(endpoint: str, in_flight: int, seconds: float, clients: int, peak: float) -> Row:
+    """Offer ``in_flight`` LuaEvals (10x the peak row's) for ``seconds``; the row's rate
+    and latencies are those of the successful replies, the note compares with ``peak``."""
+    make = functools.partial(ZmqTransport, endpoint, t.LuaEval(code=EVAL_CODE))
+    load = run_clients(make, Plan(in_flight, seconds=seconds, warmup=5), clients)
+    note = f"{load.rate / peak:.0%} of peak"
+    return row_from(f"LuaEval overload, {seconds:g} s", in_flight, load, note)
+
+
+def success(payload: t.Payload) -> Any:
+    """The result of a Success reply; any other reply fails the bench step."""
+    if isinstance(payload, t.Success):
+        return payload.result
+    raise RuntimeError(f"expected Success, got {payload!r}")
 
 
 class Sync:
     """A blocking request/reply helper for the job rows (one request at a time)."""
 
     def __init__(self, endpoint: str) -> None:
-        self.sock = zmq.Context.instance().socket(zmq.DEALER)
+        self.sock: zmq.Socket = zmq.Context.instance().socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.connect(endpoint)
 
-    def ask(self, payload: t.Payload) -> t.Payload:
+    def ask(self, payload: t.Payload) -> Any:
+        """Send ``payload``; return the result of its Success reply."""
         frames = request_frames(payload)
         self.sock.send_multipart(frames)
         while True:
             reply = self.sock.recv_multipart()
             if reply[3] == frames[3]:
-                return payload_codec.decode(reply[6])
+                return success(payload_codec.decode(reply[6]))
 
     def ask_all(self, payloads: list[t.Payload]) -> list[t.Payload]:
         """Send every request at once (pipelined), then collect the replies in order."""
@@ -181,70 +584,110 @@ class Sync:
         return [replies[frames[3]] for frames in sent]
 
 
-def job_throughput(endpoint: str, total: int, out: mp.Queue) -> None:
+def job_throughput(endpoint: str, total: int) -> float:
     """Submit ``total`` jobs of a trivial stored script (64 submissions in flight), then
-    wait for all of them: jobs per second from first submit to last completion."""
+    wait for all of them: seconds from first submit to last completion."""
     sync = Sync(endpoint)
-    digest = sync.ask(t.ScriptStore(content="return 2+2")).result["hash"]
+    digest = sync.ask(t.ScriptStore(content=EVAL_CODE))["hash"]
     frames = request_frames(t.JobExecute(script_hash=digest, params=None))
     started = time.perf_counter()
     ids, sent, answered = [], 0, 0
     while answered < total:
         while sent < total and sent - answered < 64:
             f = list(frames)
-            f[3] = uuid.uuid4().bytes
+            f[3] = os.urandom(16)
             sync.sock.send_multipart(f)
             sent += 1
         reply = payload_codec.decode(sync.sock.recv_multipart()[6])
-        answered += 1
-        if isinstance(reply, t.Error):  # busy: the queue is full; the daemon said so
+        if isinstance(reply, t.Error):  # busy: the queue is full; send that one again
             assert reply.code == "busy", reply
             time.sleep(0.01)
-            sent -= 1  # send that one again
-            answered -= 1
+            sent -= 1
             continue
-        ids.append(reply.result["job_id"])
+        answered += 1
+        ids.append(success(reply)["job_id"])
     pending = ids
     while pending:
-        polled = sync.ask(t.JobPoll(job_ids=pending, timeout_ms=30000, mode=t.PollMode.ALL)).result
+        polled = sync.ask(t.JobPoll(job_ids=pending, timeout_ms=30000, mode=t.PollMode.ALL))
         pending = polled["pending"]
-    out.put(time.perf_counter() - started)
+    return time.perf_counter() - started
 
 
-def cancel_latency(endpoint: str, rounds: int, out: mp.Queue) -> None:
-    """Time from sending JobCancel for a running tight loop to the job reading cancelled."""
+def cancel_latency(endpoint: str, rounds: int) -> list[float]:
+    """Seconds from sending JobCancel for a running tight loop to the job reading
+    cancelled, sorted."""
     sync = Sync(endpoint)
-    digest = sync.ask(t.ScriptStore(content="while true do end")).result["hash"]
+    digest = sync.ask(t.ScriptStore(content="while true do end"))["hash"]
     latencies = []
     for _ in range(rounds):
-        job = sync.ask(t.JobExecute(script_hash=digest, params=None)).result["job_id"]
-        while sync.ask(t.JobStatusRequest(job_id=job)).result["status"] != "running":
+        job = sync.ask(t.JobExecute(script_hash=digest, params=None))["job_id"]
+        while sync.ask(t.JobStatusRequest(job_id=job))["status"] != "running":
             time.sleep(0.005)
         time.sleep(0.05)
         started = time.perf_counter()
         sync.ask(t.JobCancel(job_id=job))
-        done = sync.ask(t.JobPoll(job_ids=[job], timeout_ms=5000, mode=t.PollMode.ALL)).result
+        done = sync.ask(t.JobPoll(job_ids=[job], timeout_ms=5000, mode=t.PollMode.ALL))
         latencies.append(time.perf_counter() - started)
-        assert done["completed"][0]["status"] == "cancelled"
-    latencies.sort()
-    out.put(latencies)
+        assert done["completed"][0]["status"] == "cancelled", done
+    return sorted(latencies)
 
 
-def in_process(target, *args):
-    """Run ``target(*args, out)`` in its own process and return what it put on ``out``."""
-    out: mp.Queue = mp.Queue()
-    proc = mp.Process(target=target, args=(*args, out))
-    proc.start()
-    deadline = time.monotonic() + 600
-    while True:
-        try:
-            value = out.get(timeout=1)
-            break
-        except Empty:
-            if not proc.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError(f"{target.__name__} ended without a result") from None
-    proc.join()
-    return value
+# --- Redis ---------------------------------------------------------------------------
+
+REDIS_FACTOR = 5  # Redis rows send this many times --requests
+REDIS_CASES = (("Redis PING", ("PING",)), ("Redis EVAL `return 2+2` 0", ("EVAL", EVAL_CODE, "0")))
+
+
+class RedisServer:
+    """``redis-server`` on a free loopback port, persisting nothing."""
+
+    def __init__(self, exe: str) -> None:
+        self.port = free_port()
+        self.dir = tempfile.mkdtemp(prefix="luanette-bench-redis-")
+        self.proc = subprocess.Popen(
+            [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--dir", self.dir, "--daemonize", "no"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        wait_for_port(self.port, self.proc, "redis-server")
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.proc.terminate()
+        self.proc.wait(30)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def redis_benchmark_row(exe: str, port: int, name: str, command: Sequence[str], in_flight: int,
+                        requests: int) -> Row:
+    """One redis-benchmark run: ``in_flight`` connections, one request each (-P 1)."""
+    result = subprocess.run(
+        [exe, "-h", "127.0.0.1", "-p", str(port), "-c", str(in_flight), "-n", str(requests),
+         "-P", "1", "--csv", *command],
+        capture_output=True, text=True, timeout=300, check=True,
+    )
+    lines = [line for line in result.stdout.splitlines() if line.startswith('"')]
+    record = list(csv.DictReader(io.StringIO("\n".join(lines))))[-1]
+    # Versions before 6.2 print only the rate; their latency columns are missing.
+    return Row(name, in_flight, "redis-benchmark", float(record["rps"]),
+               float(record.get("p50_latency_ms") or "nan"), float(record.get("p99_latency_ms") or "nan"))
+
+
+def redis_rows(requests: int, clients: int, python_client: bool) -> list[Row]:
+    """PING and EVAL at 1 and 64 in flight against a fresh redis-server."""
+    exe = shutil.which("redis-benchmark")
+    with RedisServer(shutil.which("redis-server") or "redis-server") as redis:
+        rows = []
+        for name, command in REDIS_CASES:
+            for k in (1, 64):
+                if exe and not python_client:
+                    rows.append(redis_benchmark_row(exe, redis.port, name, command, k, requests))
+                else:
+                    make = functools.partial(RespTransport, redis.port, command)
+                    rows.append(row_from(name, k, run_clients(make, Plan(k, requests=requests), clients)))
+        return rows
 
 
 # --- scale: many jobs waiting on a slow service ---------------------------------------
@@ -268,7 +711,7 @@ def start_model_sim(latency_ms: int) -> tuple[subprocess.Popen, str]:
 
 
 def raise_fd_limit(need: int) -> None:
-    import resource  # noqa: PLC0415
+    import resource
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft != resource.RLIM_INFINITY and soft < need:
@@ -276,58 +719,78 @@ def raise_fd_limit(need: int) -> None:
 
 
 def thread_count(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("Threads:"):
-            return int(line.split()[1])
+    with contextlib.suppress(OSError):
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("Threads:"):
+                return int(line.split()[1])
     return 0
 
 
-def scale_daemon(sim_url: str, out: mp.Queue) -> None:
+def process_tree(root: int) -> list[int]:
+    """``root`` and its descendants (the daemon's worker processes), from /proc."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            # The command name may hold spaces and parentheses: parse after the last ')'.
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            children.setdefault(ppid, []).append(int(stat.parent.name))
+    tree, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        tree.append(pid)
+        todo.extend(children.get(pid, ()))
+    return tree
+
+
+def scale_daemon(sim_url: str, daemon_args: Sequence[str]) -> tuple[float, int, int]:
     """SCALE_JOBS jobs through a real daemon (max_jobs and backend concurrency raised):
-    submit them all, poll until all finish; wall time and the daemon's peak threads."""
+    submit them all, poll until all finish; (wall seconds, peak threads, processes) of
+    the daemon with its child processes."""
     raise_fd_limit(8192)
-    state = tempfile.mkdtemp(prefix="luanette-bench-scale-")
-    settings = Path(state) / "luanette.toml"
+    config = Path(tempfile.mkdtemp(prefix="luanette-bench-scale-"))
+    settings = config / "luanette.toml"
     settings.write_text(f'[backends.orpheus]\nurl = "{sim_url}"\nconcurrency = {SCALE_JOBS}\ntimeout_s = 30\n')
     endpoint = free_endpoint()
-    daemon = start_daemon(endpoint, "--config", str(settings), "--max-jobs", str(SCALE_JOBS),
-                          "--job-queue", str(2 * SCALE_JOBS))
     try:
-        sync = Sync(endpoint)
-        digest = sync.ask(t.ScriptStore(content=SCALE_SCRIPT)).result["hash"]
-        peak = [thread_count(daemon.pid)]
-        sampling = threading.Event()
+        with Daemon(endpoint, "--config", str(settings), "--max-jobs", str(SCALE_JOBS),
+                    "--job-queue", str(2 * SCALE_JOBS), *daemon_args) as daemon:
+            sync = Sync(endpoint)
+            digest = sync.ask(t.ScriptStore(content=SCALE_SCRIPT))["hash"]
+            peak = [0, 0]  # threads, processes
+            sampling = threading.Event()
 
-        def sample() -> None:  # the daemon's thread count every 5 ms, beside the client
-            while not sampling.wait(0.005):
-                peak[0] = max(peak[0], thread_count(daemon.pid))
+            def sample() -> None:  # the daemon tree's threads every 10 ms, beside the client
+                while True:
+                    tree = process_tree(daemon.proc.pid)
+                    peak[0] = max(peak[0], sum(thread_count(pid) for pid in tree))
+                    peak[1] = max(peak[1], len(tree))
+                    if sampling.wait(0.01):
+                        return
 
-        sampler = threading.Thread(target=sample)
-        sampler.start()
-        started = time.perf_counter()
-        submitted = sync.ask_all([t.JobExecute(script_hash=digest, params=None) for _ in range(SCALE_JOBS)])
-        ids = [reply.result["job_id"] for reply in submitted]
-        polled = sync.ask(t.JobPoll(job_ids=ids, timeout_ms=30000, mode=t.PollMode.ALL)).result
-        wall = time.perf_counter() - started
-        sampling.set()
-        sampler.join()
+            sampler = threading.Thread(target=sample)
+            sampler.start()
+            started = time.perf_counter()
+            submitted = sync.ask_all([t.JobExecute(script_hash=digest, params=None) for _ in range(SCALE_JOBS)])
+            ids = [success(reply)["job_id"] for reply in submitted]
+            polled = sync.ask(t.JobPoll(job_ids=ids, timeout_ms=30000, mode=t.PollMode.ALL))
+            wall = time.perf_counter() - started
+            sampling.set()
+            sampler.join()
         assert not polled["timed_out"]
         statuses = {job["status"] for job in polled["completed"]}
         assert statuses == {"complete"}, statuses
-        out.put((wall, peak[0]))
+        return wall, peak[0], peak[1]
     finally:
-        daemon.terminate()
-        daemon.wait(30)
-        shutil.rmtree(state, ignore_errors=True)
+        shutil.rmtree(config, ignore_errors=True)
 
 
-def scale_threads(sim_url: str, out: mp.Queue) -> None:
+def scale_threads(sim_url: str) -> tuple[float, int]:
     """The same work the way the Rust version did it: one OS thread per job, each with
     its own Lua runtime whose backend call blocks the thread for the request."""
-    import json  # noqa: PLC0415
-    import urllib.request  # noqa: PLC0415
+    import json
+    import urllib.request
 
-    import lupa.lua54 as lupa  # noqa: PLC0415
+    import lupa.lua54 as lupa
 
     raise_fd_limit(8192)
     threading.stack_size(512 * 1024)
@@ -354,102 +817,276 @@ def scale_threads(sim_url: str, out: mp.Queue) -> None:
         thread.join()
     wall = time.perf_counter() - started
     assert results == ["generate"] * SCALE_JOBS
-    out.put((wall, peak))
+    return wall, peak
 
 
-# --- main ----------------------------------------------------------------------------
+# --- the run -------------------------------------------------------------------------
 
 
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}, {platform.system()} {platform.release()}"
+@dataclass
+class Results:
+    """Everything one run measured; None where a section was skipped."""
+
+    echo: dict[int, Row] = field(default_factory=dict)  # by in-flight count
+    ceiling: dict[int, Row] = field(default_factory=dict)
+    redis: list[Row] = field(default_factory=list)
+    daemon: list[Row] = field(default_factory=list)
+    overload: Row | None = None
+    jobs: tuple[int, float] | None = None  # (jobs, seconds)
+    cancels: list[float] | None = None
+    scale: tuple[float, int, int] | None = None  # daemon: wall, threads, processes
+    threaded: tuple[float, int] | None = None  # one thread per job: wall, threads
+
+    def daemon_row(self, prefix: str, in_flight: int) -> Row:
+        return next(r for r in self.daemon if r.name.startswith(prefix) and r.in_flight == in_flight)
+
+    def redis_row(self, prefix: str, in_flight: int) -> Row | None:
+        return next((r for r in self.redis if r.name.startswith(prefix) and r.in_flight == in_flight), None)
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--requests", type=int, default=20000, help="requests per row (LuaEval uses a fifth)")
-    parser.add_argument("--markdown", action="store_true", help="print a Markdown table")
-    args = parser.parse_args()
-    n = args.requests
+PING, EVAL = "Ping", f"LuaEval `{EVAL_CODE}`"
+REDIS_OF = {PING: "Redis PING", EVAL: "Redis EVAL"}  # the Redis row each compares with
 
-    echo_ep, daemon_ep = free_endpoint(), free_endpoint()
-    echo = mp.Process(target=echo_server, args=(echo_ep,), daemon=True)
-    echo.start()
-    daemon = start_daemon(daemon_ep)
-    rows: list[tuple[Row, Row | None]] = []
-    try:
-        base = {k: measure("raw pyzmq echo", echo_ep, t.Ping(), n, k) for k in (1, 64)}
+
+def measure_echo(results: Results, n: int, clients: int) -> None:
+    """The baselines: the pyzmq echo (the ratio column) and the libzmq echo (the
+    generator's ceiling), each in its own process."""
+    for server, name, into in ((echo_server, "raw pyzmq echo", results.echo),
+                               (libzmq_echo_server, "libzmq echo (generator ceiling)", results.ceiling)):
+        endpoint = free_endpoint()
+        echo = mp.Process(target=server, args=(endpoint,), daemon=True)
+        echo.start()
+        try:
+            for k in (1, 64):
+                into[k] = measure(name, endpoint, t.Ping(), n, k, clients)
+        finally:
+            echo.terminate()
+            echo.join()
+
+
+def measure_daemon(results: Results, args: argparse.Namespace, daemon_args: Sequence[str]) -> None:
+    n, clients, skip = args.requests, args.clients, set(args.skip)
+    endpoint = free_endpoint()
+    with Daemon(endpoint, *daemon_args):
         for k in (1, 64):
-            rows.append((base[k], None))
+            results.daemon.append(measure(PING, endpoint, t.Ping(), n, k, clients))
         for k in (1, 64):
-            rows.append((measure("Ping", daemon_ep, t.Ping(), n, k), base[k]))
-        for k in (1, 64):
-            rows.append((measure("LuaEval `return 2+2`", daemon_ep, t.LuaEval(code="return 2+2"), n // 5, k), base[k]))
-        # Ping latency while two CPU-bound scripts run on the daemon.
-        out: mp.Queue = mp.Queue()
-        loader = mp.Process(target=load_scripts, args=(daemon_ep, 30.0, 2, out))
-        loader.start()
-        out.get(timeout=30)
-        time.sleep(0.3)
-        rows.append((measure("Ping, 2 CPU-bound scripts running", daemon_ep, t.Ping(), n // 4, 1), base[1]))
-        loader.terminate()
-        loader.join()
-        time.sleep(0.5)
-        jobs_total = max(n // 10, 100)  # more than the job queue holds: busy is retried
-        jobs_seconds = in_process(job_throughput, daemon_ep, jobs_total)
-        cancels = in_process(cancel_latency, daemon_ep, 20)
-    finally:
-        daemon.terminate()
-        daemon.wait(30)
-        echo.terminate()
+            results.daemon.append(measure(EVAL, endpoint, t.LuaEval(code=EVAL_CODE), n // 5, k, clients))
+        results.daemon.append(measure_under_scripts(endpoint, n // 4))
+        if "jobs" not in skip:
+            total = max(n // 10, 100)  # more than the job queue holds: busy is retried
+            results.jobs = (total, in_process(job_throughput, endpoint, total))
+            results.cancels = in_process(cancel_latency, endpoint, 20)
+        if "overload" not in skip:  # last: it leaves a queue behind
+            peak = results.daemon_row(EVAL, 64)
+            results.overload = measure_overload(endpoint, OVERLOAD_IN_FLIGHT, args.overload_seconds, clients, peak.rate)
+
+
+def measure_scale(results: Results, daemon_args: Sequence[str]) -> None:
     sim, sim_url = start_model_sim(1000)
     try:
-        scale = in_process(scale_daemon, sim_url)
+        results.scale = in_process(scale_daemon, sim_url, list(daemon_args))
         time.sleep(1)
-        threaded = in_process(scale_threads, sim_url)
+        results.threaded = in_process(scale_threads, sim_url)
     finally:
         sim.terminate()
         sim.wait(10)
 
-    header = ("case", "in flight", "req/s", "p50 ms", "p99 ms", "req/s vs echo")
+
+# --- the report ----------------------------------------------------------------------
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    system = f"{platform.system()} {platform.release()}"
+    return f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}, {system}"
+
+
+def ratio(row: Row, ref: Row | None) -> str:
+    return "" if ref is None else f"{row.rate / ref.rate:.0%}"
+
+
+def table_rows(results: Results) -> list[Row]:
+    """Echo first, then each daemon row followed by the Redis rows it is compared with."""
+    ordered = [results.echo[k] for k in sorted(results.echo)]
+    ordered += [results.ceiling[k] for k in sorted(results.ceiling)]
+    placed: set[int] = set()
+    for row in [*results.daemon, *([results.overload] if results.overload else [])]:
+        ordered.append(row)
+        for prefix in (p for name, p in REDIS_OF.items() if row.name == name):
+            ref = results.redis_row(prefix, row.in_flight)
+            if ref is not None and id(ref) not in placed:
+                ordered.append(ref)
+                placed.add(id(ref))
+    return ordered + [r for r in results.redis if id(r) not in placed]
+
+
+def print_table(results: Results, markdown: bool) -> None:
+    header = ("case", "in flight", "client", "req/s", "p50 ms", "p99 ms", "vs echo", "vs Redis", "notes")
+    daemon_rows = {id(r) for r in [*results.daemon, results.overload] if r is not None}
+    echo_rows = {id(r) for r in results.echo.values()}
     lines = []
-    for row, ref in rows:
-        ratio = "baseline" if ref is None else f"{row.rate / ref.rate:.0%}"
-        lines.append((row.name, str(row.in_flight), f"{row.rate:,.0f}", f"{row.p50_ms:.3f}", f"{row.p99_ms:.3f}", ratio))
-    print(f"machine: {machine()}")
-    print(f"date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, requests per row: {n} (LuaEval {n // 5})")
-    if args.markdown:
+    for row in table_rows(results):
+        is_daemon = id(row) in daemon_rows
+        vs_echo = "baseline" if id(row) in echo_rows else ""
+        vs_redis = ""
+        if is_daemon:
+            vs_echo = ratio(row, results.echo.get(row.in_flight))
+            vs_redis = ratio(row, results.redis_row(REDIS_OF.get(row.name, "-"), row.in_flight))
+        lines.append((row.name, str(row.in_flight), row.client, f"{row.rate:,.0f}", f"{row.p50_ms:.3f}",
+                      f"{row.p99_ms:.3f}", vs_echo, vs_redis, row.note))
+    if markdown:
         print("| " + " | ".join(header) + " |")
         print("|" + "---|" * len(header))
         for line in lines:
             print("| " + " | ".join(line) + " |")
+        return
+    widths = [max(len(x[i]) for x in [header, *lines]) for i in range(len(header))]
+    for line in [header, *lines]:
+        print("  ".join(c.ljust(w) if i in (0, len(line) - 1) else c.rjust(w)
+                        for i, (c, w) in enumerate(zip(line, widths, strict=True))).rstrip())
+
+
+def print_details(results: Results) -> None:
+    if results.jobs:
+        total, seconds = results.jobs
+        print(f"jobs: {total:,} trivial jobs submitted (64 in flight) and completed in {seconds:.2f} s: "
+              f"{total / seconds:,.0f} jobs/s")
+    if results.cancels:
+        c = results.cancels
+        print(f"cancel of a running tight loop, {len(c)} rounds: p50 {c[len(c) // 2] * 1000:.1f} ms, "
+              f"max {c[-1] * 1000:.1f} ms (JobCancel sent -> JobPoll sees cancelled)")
+    if results.overload:
+        o = results.overload
+        print(f"overload: {o.in_flight} LuaEvals in flight (10x the peak row's 64): {o.rate:,.0f} successful/s, "
+              f"p99 of those {o.p99_ms:.1f} ms, {o.busy:,} answered busy, {o.errors:,} other errors")
+    if results.scale and results.threaded:
+        wall, threads, procs = results.scale
+        print(f"scale: {SCALE_JOBS} jobs, each waiting 1 s on the model simulator: daemon {wall:.2f} s wall, "
+              f"peak {threads} threads in {procs} process{'es' if procs > 1 else ''}; one thread per job "
+              f"(Lua + blocking HTTP) {results.threaded[0]:.2f} s wall, peak {results.threaded[1]} threads")
+
+
+def client_warnings(results: Results) -> list[str]:
+    """Daemon rows close to the echo rate: there the client, not the daemon, is measured."""
+    warnings = []
+    for row in results.daemon:
+        echo = results.echo.get(row.in_flight)
+        if echo and row.rate >= CLIENT_BOTTLENECK * echo.rate:
+            ceiling = results.ceiling.get(row.in_flight)
+            beside = f" (libzmq echo: {ceiling.rate:,.0f} req/s)" if ceiling else ""
+            warnings.append(f"WARNING: {row.name} at {row.in_flight} in flight reaches {row.rate / echo.rate:.0%} "
+                            f"of the pyzmq echo rate{beside}: the load generator may be the bottleneck "
+                            f"(try more --clients)")
+        if row.errors:
+            warnings.append(f"WARNING: {row.name} at {row.in_flight} in flight: {row.errors} error replies "
+                            f"({row.note})")
+    return warnings
+
+
+def targets(results: Results) -> list[tuple[str, bool | None, str]]:
+    """(target, met or None when not measured, what was measured)."""
+    out: list[tuple[str, bool | None, str]] = []
+    ping64, eval64, eval1 = results.daemon_row(PING, 64), results.daemon_row(EVAL, 64), results.daemon_row(EVAL, 1)
+    share = eval64.rate / ping64.rate
+    out.append(("LuaEval@64 >= 50% of Ping@64", share >= 0.5,
+                f"{share:.0%} ({eval64.rate:,.0f} vs {ping64.rate:,.0f} req/s)"))
+    out.append(("LuaEval p50 at 1 in flight <= 0.5 ms", eval1.p50_ms <= 0.5, f"{eval1.p50_ms:.3f} ms"))
+    if results.scale:
+        out.append((f"{SCALE_JOBS:,} x 1 s jobs < 2 s wall", results.scale[0] < 2.0, f"{results.scale[0]:.2f} s"))
     else:
-        widths = [max(len(x[i]) for x in [header, *lines]) for i in range(len(header))]
-        for line in [header, *lines]:
-            print("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths))))
+        out.append((f"{SCALE_JOBS:,} x 1 s jobs < 2 s wall", None, "skipped"))
+    if results.jobs:
+        rate = results.jobs[0] / results.jobs[1]
+        out.append(("trivial jobs >= 2,000/s", rate >= 2000, f"{rate:,.0f}/s"))
+    else:
+        out.append(("trivial jobs >= 2,000/s", None, "skipped"))
+    if results.overload:
+        o, share = results.overload, results.overload.rate / eval64.rate
+        out.append(("overload: successful >= 80% of peak, p99 < 1 s", share >= 0.8 and o.p99_ms < 1000,
+                    f"{share:.0%} of {eval64.rate:,.0f}/s, p99 {o.p99_ms:.1f} ms"))
+    else:
+        out.append(("overload: successful >= 80% of peak, p99 < 1 s", None, "skipped"))
+    return out
+
+
+def print_targets(results: Results, markdown: bool) -> None:
+    verdict = {True: "PASS", False: "MISS", None: "n/a"}
+    rows = targets(results)
+    if markdown:
+        print("| target | result | verdict |\n|---|---|---|")
+        for name, met, measured in rows:
+            print(f"| {name} | {measured} | {verdict[met]} |")
+        return
+    width = max(len(name) for name, _, _ in rows)
+    for name, met, measured in rows:
+        print(f"{verdict[met]:4}  {name.ljust(width)}  {measured}")
+
+
+def report(results: Results, args: argparse.Namespace, daemon_args: Sequence[str]) -> None:
+    print(f"machine: {machine()}")
+    print(f"date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; requests per row: {args.requests:,} "
+          f"(LuaEval {args.requests // 5:,}); client processes: {args.clients}; "
+          f"daemon args: {' '.join(daemon_args) or '(defaults)'}")
     print()
-    print(f"jobs: {jobs_total} trivial jobs submitted (64 in flight) and completed in {jobs_seconds:.2f} s: "
-          f"{jobs_total / jobs_seconds:,.0f} jobs/s")
-    print(f"cancel of a running tight loop, {len(cancels)} rounds: p50 {cancels[len(cancels) // 2] * 1000:.1f} ms, "
-          f"max {cancels[-1] * 1000:.1f} ms (JobCancel sent -> JobPoll sees cancelled)")
-    print(f"scale: {SCALE_JOBS} jobs, each waiting 1 s on the model simulator: daemon {scale[0]:.2f} s wall, "
-          f"peak {scale[1]} threads; one thread per job (Lua + blocking HTTP) {threaded[0]:.2f} s wall, "
-          f"peak {threaded[1]} threads")
-    ping64 = next(r for r, ref in rows if r.name == "Ping" and r.in_flight == 64)
-    eval64 = next(r for r, ref in rows if r.name.startswith("LuaEval") and r.in_flight == 64)
-    loaded = rows[-1][0]
+    print_table(results, args.markdown)
     print()
-    print(f"targets: pipelined Ping >= 30% of echo: {ping64.rate / base[64].rate:.0%}; "
-          f"LuaEval >= 10%: {eval64.rate / base[64].rate:.0%}; "
-          f"Ping p99 under load < 10 ms: {loaded.p99_ms:.2f} ms; "
-          f"{SCALE_JOBS} x 1 s jobs < 3 s wall with < 20 threads: {scale[0]:.2f} s, {scale[1]} threads")
+    print_details(results)
+    warnings = client_warnings(results)
+    if warnings:
+        print()
+        print("\n".join(warnings))
+    print()
+    print_targets(results, args.markdown)
+
+
+def daemon_arguments(args: argparse.Namespace) -> list[str]:
+    """The extra ``luanette serve`` arguments: ``--workers`` when this daemon has it."""
+    extra = []
+    if args.workers is not None:
+        if serve_supports("--workers"):
+            extra += ["--workers", str(args.workers)]
+        else:
+            print("note: 'luanette serve' has no --workers; running without it", file=sys.stderr)
+    return extra + list(args.daemon_arg)
+
+
+SECTIONS = ("redis", "jobs", "overload", "scale")
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--requests", type=int, default=20000, help="requests per row (LuaEval uses a fifth)")
+    parser.add_argument("--clients", type=int, default=4, help="client processes sharing the in-flight requests")
+    parser.add_argument("--workers", type=int, help="passed as 'luanette serve --workers N' if the daemon has it")
+    parser.add_argument("--daemon-arg", action="append", default=[], metavar="ARG",
+                        help="an extra 'luanette serve' argument (repeat it; --daemon-arg=--max-evals=4)")
+    parser.add_argument("--overload-seconds", type=float, default=5.0, help="how long the overload row runs")
+    parser.add_argument("--redis-python-client", action="store_true",
+                        help="drive Redis with this script's generator even when redis-benchmark is installed")
+    parser.add_argument("--skip", action="append", default=[], choices=SECTIONS, help="leave a section out")
+    parser.add_argument("--markdown", action="store_true", help="print Markdown tables")
+    return parser.parse_args(argv)
+
+
+def main() -> int:
+    args = parse_args()
+    daemon_args = daemon_arguments(args)
+    results = Results()
+    measure_echo(results, args.requests, args.clients)
+    if "redis" not in args.skip and shutil.which("redis-server"):
+        # Five times the requests: Redis is an order of magnitude faster, and a row of
+        # a few milliseconds would be noise.
+        results.redis = redis_rows(REDIS_FACTOR * args.requests, args.clients, args.redis_python_client)
+    measure_daemon(results, args, daemon_args)
+    if "scale" not in args.skip:
+        measure_scale(results, daemon_args)
+    report(results, args, daemon_args)
     return 0
 
 

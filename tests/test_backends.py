@@ -47,6 +47,7 @@ from luanette.sim import run_models
 from luanette.stdlib.models import model_namespaces
 from luanette.telemetry import Telemetry, parent_context
 from tests.test_sim_models import notes_of as sim_notes_of
+from tests.waiting import TIMED, until
 
 TP = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "configuration.md"
@@ -453,14 +454,16 @@ async def test_service_rejection_is_invalid_params_and_not_retried(sim, env):
     assert sim.stats.model_requests == 1 and backends.stats("orpheus").retries == 0
 
 
-async def test_unreachable_backend_is_pcallable_backend_unavailable(env):
+@TIMED
+async def test_unreachable_backend_is_pcallable_backend_unavailable(env, timed):
     port = closed_port()
     ns, backends = env(settings_for(f"http://127.0.0.1:{port}", retries=2))
     t = time.monotonic()
     r = await run(ERR_SCRIPT % "orpheus.generate, {}", ns)
     assert r == {"ok": False, "err": f"orpheus.generate: backend_unavailable: orpheus at http://127.0.0.1:{port}: "
                                      "connection refused (3 attempts)"}
-    assert time.monotonic() - t < 2
+    if timed:
+        assert time.monotonic() - t < 2
     assert backends.stats("orpheus").requests == 3 and backends.stats("orpheus").failures == 1
     # uncaught, the job fails with the same message
     with pytest.raises(runtime.ScriptError) as exc:
@@ -498,37 +501,47 @@ async def test_retry_after_is_honoured(sim, env):
     assert second.started - first.started >= 0.4
 
 
-async def test_retries_give_up_at_the_deadline(sim, env):
-    sim.config.busy_every, sim.config.retry_after = 1, 0.3  # every request is busy
+@TIMED
+async def test_retries_give_up_at_the_deadline(sim, env, timed):
+    sim.config.busy_every, sim.config.retry_after = 1, 0.5  # every request is busy
     ns, backends = env(settings_for(sim.url, retries=100))
     t = time.monotonic()
-    r = await run(ERR_SCRIPT % "orpheus.generate, {}", ns, timeout=1.0)
+    r = await run(ERR_SCRIPT % "orpheus.generate, {}", ns, timeout=1.5)
     elapsed = time.monotonic() - t
     # the script got the error while it still had time to handle it, not a timeout
-    assert r["ok"] is False and elapsed < 1.0
+    assert r["ok"] is False
     assert r["err"].startswith(f"orpheus.generate: backend_unavailable: orpheus at {sim.url}: busy (HTTP 429")
     assert "the job deadline leaves no time for a retry" in r["err"]
-    assert 3 <= sim.stats.model_requests <= 4  # at 0, 0.3, 0.6 (and 0.9) s; never 100
+    # at 0, 0.5 and 1.0 s at the earliest, so never more than 3 (and never 100); a slow
+    # machine only stretches the gaps
+    assert 1 <= sim.stats.model_requests <= 3
     assert backends.stats("orpheus").requests == sim.stats.model_requests
+    if timed:
+        assert elapsed < 1.5 and sim.stats.model_requests == 3
 
 
-async def test_request_timeout_is_not_retried(sim, env):
+@TIMED
+async def test_request_timeout_is_not_retried(sim, env, timed):
     sim.config.latency_ms = 2000
     ns, _ = env(settings_for(sim.url, timeout_s=0.3))
     t = time.monotonic()
     r = await run(ERR_SCRIPT % "orpheus.generate, {}", ns)
-    assert time.monotonic() - t < 1.5
+    if timed:
+        assert time.monotonic() - t < 1.5
     assert r["err"] == f"orpheus.generate: backend_unavailable: orpheus at {sim.url}: no answer within 0.3 s"
     assert sim.stats.model_requests == 1
 
 
-async def test_job_deadline_bounds_a_slow_request(sim, env):
-    sim.config.latency_ms = 5000
+@TIMED
+async def test_job_deadline_bounds_a_slow_request(sim, env, timed):
+    sim.config.latency_ms = 60_000
     ns, _ = env(settings_for(sim.url))  # timeout_s = 300: the job deadline is what stops it
     t = time.monotonic()
     with pytest.raises(runtime.ScriptError) as exc:
         await run("return orpheus.generate{}", ns, timeout=0.5)
-    assert exc.value.detail.kind == "timeout" and time.monotonic() - t < 1.5
+    assert exc.value.detail.kind == "timeout"
+    if timed:
+        assert time.monotonic() - t < 1.5
 
 
 # ---------------------------------------------------------------- concurrency, tracing
@@ -536,6 +549,7 @@ async def test_job_deadline_bounds_a_slow_request(sim, env):
 
 async def test_concurrency_limit_is_respected(sim, env):
     sim.config.latency_ms = 200
+    sim.config.hold_until = 3  # the first three are surely in flight together
     ns, backends = env(settings_for(sim.url, concurrency=3))
     t = time.monotonic()
     results = await asyncio.gather(*[run("return orpheus.generate{}.hash", ns) for _ in range(9)])
@@ -581,17 +595,19 @@ async def test_backends_api_directly(sim):
         await b.call("orpheus", "/predict", {}, deadline=None)
 
 
-async def test_aclose_ends_calls_in_flight(sim):
-    sim.config.latency_ms = 2000
+@TIMED
+async def test_aclose_ends_calls_in_flight(sim, timed):
+    sim.config.latency_ms = 60_000
     b = Backends(settings_for(sim.url).backends)
-    call = asyncio.create_task(b.call("orpheus", "/predict", {}, deadline=time.monotonic() + 10))
-    while sim.stats.in_flight == 0:
-        await asyncio.sleep(0.01)
+    call = asyncio.create_task(b.call("orpheus", "/predict", {}, deadline=time.monotonic() + 120))
+    await until(lambda: sim.stats.in_flight, "the request reaching the service")
     t = time.monotonic()
     await b.aclose()
     with pytest.raises(BackendUnavailable, match="shutting down"):
         await call
-    assert time.monotonic() - t < 0.5 and sim.stats.model_requests == 1  # no retry after close
+    assert sim.stats.model_requests == 1  # no retry after close
+    if timed:
+        assert time.monotonic() - t < 0.5
 
 
 # ----------------------------------------------------------------------------- scale
@@ -606,17 +622,20 @@ def _raise_fd_limit(need: int) -> None:
 
 
 @pytest.fixture
-def sim_process():
+def sim_process(timed):
     """The simulator as its own process (``luanette-sim models``), as the GPU services
-    are: its CPU time and threads are not the daemon's.  Yields its URL."""
+    are: its CPU time and threads are not the daemon's.  Yields its URL.
+
+    Timed, each request takes 1 s there; otherwise the simulator holds the requests
+    until all 1,000 are in flight together, so "concurrent" is checked, not timed."""
+    switch = ["--latency-ms", "1000"] if timed else ["--hold-until", "1000"]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "luanette.sim.cli", "models", "--kind", "all", "--port", "0",
-         "--latency-ms", "1000"],
+        [sys.executable, "-m", "luanette.sim.cli", "models", "--kind", "all", "--port", "0", *switch],
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
         env=os.environ | {"PYTHONUNBUFFERED": "1"},
     )
     try:
-        ready, _, _ = select.select([proc.stdout], [], [], 20)
+        ready, _, _ = select.select([proc.stdout], [], [], 60)
         assert ready, "the simulator did not start"
         line = proc.stdout.readline()
         assert line.startswith("listening "), line
@@ -653,25 +672,36 @@ async def _sim_stats(url: str) -> dict:
         return await r.json()
 
 
-async def test_scale_http_1000_concurrent_requests(sim_process):
-    """The HTTP side alone: 1,000 requests that each take 1 s on the service."""
+# Far fewer threads than requests: a thread per waiting request would be 1,000.  The
+# tight figure (20) depends on how the Lua pool grows on a busy machine, so it is timed.
+FEW_THREADS = 100
+
+
+@TIMED
+async def test_scale_http_1000_concurrent_requests(sim_process, timed):
+    """The HTTP side alone: 1,000 requests in flight together (timed: each takes 1 s on
+    the service, < 3 s in all, < 20 threads)."""
     _raise_fd_limit(4096)
     s = parse_settings({"backends": {"orpheus": {"url": sim_process, "concurrency": 1000}}})
     async with Backends(s.backends) as b, ThreadSampler() as threads:
         t = time.perf_counter()
         answers = await asyncio.gather(*[
-            b.call("orpheus", "/predict", {"task": "generate", "max_tokens": 3}, deadline=time.monotonic() + 30)
+            b.call("orpheus", "/predict", {"task": "generate", "max_tokens": 3}, deadline=time.monotonic() + 100)
             for _ in range(1000)])
         wall = time.perf_counter() - t
     assert all(a["task"] == "generate" for a in answers)
     stats = await _sim_stats(sim_process)
     assert stats["peak_in_flight"] == 1000 and stats["statuses"] == {"200": 1000}
-    assert wall < 3.0, f"1,000 concurrent requests took {wall:.2f} s"
-    assert threads.peak < 20, f"{threads.peak} threads"
+    assert threads.peak < FEW_THREADS, f"{threads.peak} threads"
+    if timed:
+        assert wall < 3.0, f"1,000 concurrent requests took {wall:.2f} s"
+        assert threads.peak < 20, f"{threads.peak} threads"
 
 
-async def test_scale_1000_jobs_each_waiting_1s(sim_process, cas):
-    """1,000 concurrent scripts, each one 1 s request: < 3 s wall, < 20 threads."""
+@TIMED
+async def test_scale_1000_jobs_each_waiting_1s(sim_process, cas, timed):
+    """1,000 concurrent scripts, each waiting on one request, all in flight together
+    (timed: each request takes 1 s, < 3 s wall, < 20 threads)."""
     _raise_fd_limit(4096)
     s = parse_settings({"backends": {"orpheus": {"url": sim_process, "concurrency": 1000}}})
     async with Backends(s.backends) as b:
@@ -679,10 +709,12 @@ async def test_scale_1000_jobs_each_waiting_1s(sim_process, cas):
         code = 'return backend.call("orpheus", {task = "generate", max_tokens = 3}, {raw = true}).task'
         async with ThreadSampler() as threads:
             t = time.perf_counter()
-            results = await asyncio.gather(*[run(code, ns, timeout=30) for _ in range(1000)])
+            results = await asyncio.gather(*[run(code, ns, timeout=100) for _ in range(1000)])
             wall = time.perf_counter() - t
     assert results == ["generate"] * 1000
     stats = await _sim_stats(sim_process)
     assert stats["peak_in_flight"] == 1000 and stats["model_requests"] == 1000
-    assert wall < 3.0, f"1,000 jobs took {wall:.2f} s"
-    assert threads.peak < 20, f"{threads.peak} threads"
+    assert threads.peak < FEW_THREADS, f"{threads.peak} threads"
+    if timed:
+        assert wall < 3.0, f"1,000 jobs took {wall:.2f} s"
+        assert threads.peak < 20, f"{threads.peak} threads"

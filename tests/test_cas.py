@@ -33,6 +33,7 @@ from luanette.cas import (
     hash_bytes,
     parse_hash,
 )
+from tests.waiting import TIMED
 
 HELLO = b"Hello, World!"
 # BLAKE3("Hello, World!") truncated to 16 bytes.  Hard-coded so a change in hashing
@@ -222,19 +223,35 @@ def test_max_bytes_caps_retrieve(cas: Cas) -> None:
     assert "1024 bytes" in str(info.value)
 
 
-def test_max_bytes_refuses_before_reading(cas: Cas) -> None:
-    # An 8 GiB sparse object: reading it all would take seconds and gigabytes of memory,
-    # so a quick TooLarge shows the cap is checked before the read.
+def _bytes_read_by_this_process() -> int | None:
+    """``rchar`` of /proc/self/io (bytes this process got from read calls), if there is one."""
+    try:
+        text = Path("/proc/self/io").read_text()
+    except OSError:
+        return None
+    return int(next(line.split()[1] for line in text.splitlines() if line.startswith("rchar:")))
+
+
+@TIMED
+def test_max_bytes_refuses_before_reading(cas: Cas, timed: bool) -> None:
+    # An 8 GiB sparse object: reading it all would take seconds and gigabytes of memory.
+    # That nothing near the cap was read shows the cap is checked before the read.
     h = "ab" + "0" * 30
     obj = cas.object_path(h)
     obj.parent.mkdir(parents=True)
     with open(obj, "wb") as f:
         f.truncate(8 << 30)
+    before = _bytes_read_by_this_process()
     start = time.monotonic()
     with pytest.raises(TooLarge) as info:
         cas.retrieve(h, max_bytes=1 << 20)
+    elapsed = time.monotonic() - start
+    after = _bytes_read_by_this_process()
     assert info.value.size == 8 << 30
-    assert time.monotonic() - start < 1.0
+    if before is not None and after is not None:
+        assert after - before < 64 << 10  # reading up to the cap would be 1 MiB
+    if timed:
+        assert elapsed < 1.0
 
 
 # --- store_file -----------------------------------------------------------------------

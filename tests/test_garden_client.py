@@ -17,22 +17,15 @@ from luanette.garden import GardenClient, GardenError, GardenSettings, GardenUna
 from luanette.sim.garden import GardenSimServer
 from luanette.telemetry import Telemetry, span_ids
 from tests.conftest import free_port
+from tests.waiting import TIMED, until
 
-pytestmark = pytest.mark.timeout(30)
+pytestmark = pytest.mark.timeout(90)
 
 TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
 
 
 def latent(job: str) -> g.Behavior:
     return g.Behavior.of(g.Latent(job_id=job))
-
-
-async def until(condition, timeout: float = 2.0) -> None:
-    """Wait until ``condition()`` holds (replies arrive on their own schedule)."""
-    give_up = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < give_up, "condition not met in time"
-        await asyncio.sleep(0.01)
 
 
 async def test_request_is_one_compact_frame_and_the_reply_comes_back(garden, gclient):
@@ -83,29 +76,35 @@ async def test_no_endpoint_configured_is_unavailable_at_once():
             await client.request(g.Play())
 
 
-async def test_nothing_listening_fails_fast_and_the_request_is_never_replayed():
+@TIMED
+async def test_nothing_listening_fails_fast_and_the_request_is_never_replayed(timed):
     endpoint = f"tcp://127.0.0.1:{free_port()}"
-    async with GardenClient(GardenSettings(endpoint=endpoint, timeout_s=5.0), connect_timeout_s=0.3) as client:
+    async with GardenClient(GardenSettings(endpoint=endpoint, timeout_s=60.0), connect_timeout_s=0.3) as client:
         started = time.monotonic()
+        # "cannot reach": the connect wait ended it, not the reply timeout ("no reply")
         with pytest.raises(GardenUnavailable, match=f"cannot reach {endpoint}"):
             await client.request(g.Play())
-        assert time.monotonic() - started < 1.0  # the connect wait, not the 5 s reply timeout
+        if timed:
+            assert time.monotonic() - started < 1.0
         # The garden comes up: the failed "play" must not arrive late (IMMEDIATE=1).
         async with GardenSimServer(endpoint) as garden:
             assert isinstance(await client.request(g.GetTransportState()), g.TransportState)
-            await asyncio.sleep(0.1)
+            await asyncio.sleep(0.1)  # time for a replay to show up (none may)
             assert [type(m.content) for m in garden.received] == [g.GetTransportState]
             assert garden.state.transport()["playing"] is False
 
 
-async def test_no_reply_in_time_is_unavailable_and_the_next_request_gets_a_fresh_socket(garden):
+@TIMED
+async def test_no_reply_in_time_is_unavailable_and_the_next_request_gets_a_fresh_socket(garden, timed):
     async with GardenClient(GardenSettings(endpoint=garden.endpoint, timeout_s=0.3)) as client:
         await client.request(g.Play())
         garden.unresponsive = True
         started = time.monotonic()
         with pytest.raises(GardenUnavailable, match=rf"no reply from {garden.endpoint} within 0\.3 s"):
             await client.request(g.Stop())
-        assert 0.25 < time.monotonic() - started < 1.0
+        assert time.monotonic() - started > 0.25
+        if timed:
+            assert time.monotonic() - started < 1.0
         assert client.stats.timeouts == 1 and client.stats.sockets == 1
         garden.unresponsive = False
         assert isinstance(await client.request(g.GetTransportState()), g.TransportState)
@@ -125,17 +124,21 @@ async def test_simulator_restarted_on_the_same_port_is_reached_again(garden, gcl
 
 
 async def test_a_late_reply_never_answers_another_request(garden):
-    async with GardenClient(GardenSettings(endpoint=garden.endpoint, timeout_s=2.0)) as client:
-        garden.latency_ms = 300
+    async with GardenClient(GardenSettings(endpoint=garden.endpoint, timeout_s=60.0)) as client:
+        await client.request(g.GetTransportState())  # connected: a send now goes out at once
+        garden.hold()
         # The create gives up first; its reply then arrives while the status request
         # still waits on the same socket, and must not be taken for the status.
         create = asyncio.create_task(
-            client.request(g.CreateRegion(position=0.0, duration=1.0, behavior=latent("j")), timeout=0.1)
+            client.request(g.CreateRegion(position=0.0, duration=1.0, behavior=latent("j")), timeout=1.0)
         )
-        await asyncio.sleep(0.02)
+        await asyncio.sleep(0)  # the create's first step sends it
         status = asyncio.create_task(client.request(g.GetTransportState()))
+        await until(lambda: len(garden.received) == 3, "both requests reaching the garden")
+        assert [type(m.content) for m in garden.received[1:]] == [g.CreateRegion, g.GetTransportState]
         with pytest.raises(GardenUnavailable, match="no reply"):
-            await create
+            await create  # its reply is held back: it can only time out
+        garden.release()
         assert isinstance(await status, g.TransportState)
         assert client.stats.late_replies == 1
         # the retired socket closed once its last request finished
@@ -143,14 +146,14 @@ async def test_a_late_reply_never_answers_another_request(garden):
 
 
 async def test_a_cancelled_request_keeps_the_socket_and_its_reply_is_dropped(garden, gclient):
-    garden.latency_ms = 100
+    garden.hold()
     task = asyncio.create_task(gclient.request(g.Play()))
-    await asyncio.sleep(0.03)
+    await until(lambda: len(garden.received) == 1, "the request reaching the garden")
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
-    garden.latency_ms = 0
-    await until(lambda: gclient.stats.late_replies == 1)
+    garden.release()
+    await until(lambda: gclient.stats.late_replies == 1, "the late reply")
     assert isinstance(await gclient.request(g.GetTransportState()), g.TransportState)
     assert gclient.stats.sockets == 1 and gclient.stats.in_flight == 0
 
@@ -177,7 +180,7 @@ async def test_fifty_concurrent_requests_each_get_their_own_reply(garden, gclien
 
 async def test_a_lost_message_fails_only_its_own_request(garden):
     garden.drop_every = 3  # the 3rd request is never answered
-    async with GardenClient(GardenSettings(endpoint=garden.endpoint, timeout_s=0.4)) as client:
+    async with GardenClient(GardenSettings(endpoint=garden.endpoint, timeout_s=1.0)) as client:
         outcomes = await asyncio.gather(*[client.request(g.Play()) for _ in range(5)], return_exceptions=True)
     assert sum(isinstance(o, GardenUnavailable) for o in outcomes) == 1
     assert sum(isinstance(o, g.Ok) for o in outcomes) == 4
@@ -188,7 +191,7 @@ async def test_aclose_fails_waiting_and_later_requests(garden):
     await client.request(g.Play())
     garden.unresponsive = True
     waiting = asyncio.create_task(client.request(g.Stop()))
-    await asyncio.sleep(0.05)
+    await until(lambda: len(garden.received) == 2, "the request reaching the garden")
     await client.aclose()
     with pytest.raises(GardenUnavailable, match="closed"):
         await waiting
@@ -197,7 +200,8 @@ async def test_aclose_fails_waiting_and_later_requests(garden):
     await client.aclose()  # idempotent
 
 
-async def test_unreadable_replies_are_counted_and_never_mistaken_for_answers():
+@TIMED
+async def test_unreadable_replies_are_counted_and_never_mistaken_for_answers(timed):
     # A raw peer (not a garden): it answers the first request with garbage and then the
     # real reply, and the second with a reply of a variant this protocol does not know.
     ctx = zmq.asyncio.Context.instance()
@@ -223,9 +227,11 @@ async def test_unreadable_replies_are_counted_and_never_mistaken_for_answers():
             peer = asyncio.create_task(answer())
             assert isinstance(await client.request(g.Play()), g.Ok)
             started = time.monotonic()
+            # a GardenError at all: failed on the reply, not GardenUnavailable at the timeout
             with pytest.raises(GardenError, match="unreadable reply from the garden"):
                 await client.request(g.GetTransportState())
-            assert time.monotonic() - started < 1.0  # failed at once, not after 5 s
+            if timed:
+                assert time.monotonic() - started < 1.0
             await peer
             assert client.stats.bad_replies == 2 and client.stats.late_replies == 0
     finally:
@@ -236,10 +242,10 @@ async def test_requests_made_while_the_garden_starts_go_through_once_it_is_up():
     endpoint = f"tcp://127.0.0.1:{free_port()}"
 
     async def start_later() -> GardenSimServer:
-        await asyncio.sleep(0.2)
+        await until(lambda: client.stats.in_flight == 50, "all 50 requests waiting for the garden")
         return await GardenSimServer(endpoint).start()
 
-    async with GardenClient(GardenSettings(endpoint=endpoint), connect_timeout_s=1.5) as client:
+    async with GardenClient(GardenSettings(endpoint=endpoint, timeout_s=60.0), connect_timeout_s=30.0) as client:
         starting = asyncio.create_task(start_later())
         replies = await asyncio.gather(*[client.request(g.GetTransportState()) for _ in range(50)])
         garden = await starting

@@ -13,8 +13,9 @@ from luanette.runtime import Limits, ScriptError, run_script
 from luanette.sim.garden import GardenSimServer
 from luanette.stdlib.garden import GardenNamespace, garden_namespace
 from tests.conftest import free_port
+from tests.waiting import TIMED
 
-pytestmark = pytest.mark.timeout(30)
+pytestmark = pytest.mark.timeout(90)
 
 AGENT = "00000000-0000-0000-0000-000000000001"
 TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
@@ -240,9 +241,10 @@ async def test_no_garden_configured_is_a_catchable_garden_unavailable():
         assert result[1] == "garden.play: garden_unavailable: no garden configured (set [garden] endpoint in the config)"
 
 
-async def test_garden_down_is_garden_unavailable_quickly_and_pcall_able():
+@TIMED
+async def test_garden_down_is_garden_unavailable_quickly_and_pcall_able(timed):
     endpoint = f"tcp://127.0.0.1:{free_port()}"
-    async with GardenClient(GardenSettings(endpoint=endpoint, timeout_s=5.0)) as client:
+    async with GardenClient(GardenSettings(endpoint=endpoint, timeout_s=60.0)) as client:
         started = time.monotonic()
         result = await run(garden_namespace(client), """
             local ok, err = pcall(garden.play)
@@ -250,27 +252,33 @@ async def test_garden_down_is_garden_unavailable_quickly_and_pcall_able():
         """)
         elapsed = time.monotonic() - started
     assert result["ok"] is False and result["found"] is True
+    # "cannot reach": the connect wait (0.5 s) ended it, not the reply timeout ("no reply")
     assert result["err"].startswith(f"garden.play: garden_unavailable: cannot reach {endpoint}")
-    assert elapsed < 1.5  # the connect wait (0.5 s), far from the 5 s reply timeout
+    if timed:
+        assert elapsed < 1.5
 
 
-async def test_slow_garden_is_garden_unavailable_after_the_timeout(garden):
-    garden.latency_ms = 1000
+@TIMED
+async def test_slow_garden_is_garden_unavailable_after_the_timeout(garden, timed):
+    garden.latency_ms = 1000 if timed else 3_600_000
     async with GardenClient(GardenSettings(endpoint=garden.endpoint, timeout_s=0.3)) as client:
         started = time.monotonic()
         message = await failure(garden_namespace(client), "garden.status()")
         assert message == f"garden.status: garden_unavailable: no reply from {garden.endpoint} within 0.3 s"
-        assert time.monotonic() - started < 0.9
+        if timed:
+            assert time.monotonic() - started < 0.9
 
 
-async def test_the_job_deadline_bounds_a_garden_call(garden):
+@TIMED
+async def test_the_job_deadline_bounds_a_garden_call(garden, timed):
     garden.unresponsive = True
-    async with GardenClient(GardenSettings(endpoint=garden.endpoint, timeout_s=5.0)) as client:
+    async with GardenClient(GardenSettings(endpoint=garden.endpoint, timeout_s=60.0)) as client:
         started = time.monotonic()
         with pytest.raises(ScriptError) as info:
             await run_script("garden.play()", namespaces=[garden_namespace(client)], limits=Limits(timeout_s=0.4))
-        assert info.value.detail.kind == "timeout"
-        assert time.monotonic() - started < 1.5
+        assert info.value.detail.kind == "timeout"  # the job's deadline, not the garden's 60 s
+        if timed:
+            assert time.monotonic() - started < 1.5
         # the deadline, not the garden, ended the call: the socket is kept
         garden.unresponsive = False
         assert await run(garden_namespace(client), "return garden.play()") is True

@@ -21,6 +21,7 @@ from luanette.stdlib.cas import CasNamespace
 from luanette.stdlib.midi import MidiNamespace
 from luanette.stdlib.paths import MAX_NAME_BYTES, MAX_PATH_BYTES
 from luanette.stdlib.temp import TempNamespace
+from tests.waiting import until
 
 
 def snapshot(root: Path, skip: Path) -> dict[str, tuple[int, bytes | str]]:
@@ -200,8 +201,8 @@ async def test_directory_removed_after_cancel(tmp_path: Path) -> None:
     token = CancelToken()
     code = f"midi.write({EMPTY_MIDI}, temp.path('x.mid')) while true do end"
     try:
-        async def cancel_soon() -> None:
-            await anyio.sleep(0.2)
+        async def cancel_soon() -> None:  # once the file is written and the loop spins
+            await until(lambda: job.root.exists() and any(job.root.rglob("x.mid")), "the file written")
             token.cancel()
 
         async with anyio.create_task_group() as tg:

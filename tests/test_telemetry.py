@@ -29,6 +29,7 @@ from luanette.stdlib.otel import OtelNamespace
 from luanette.telemetry import Telemetry, otlp_url, parent_context
 from tests.test_backends import settings_for
 from tests.test_jobs import run, store, wait_done
+from tests.waiting import until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -54,10 +55,7 @@ class Traced:
 
     async def settle(self, name: str, count: int = 1) -> list[ReadableSpan]:
         """Spans end just after the reply goes: wait for them."""
-        for _ in range(200):
-            if len(self.named(name)) >= count:
-                break
-            await asyncio.sleep(0.01)
+        await until(lambda: len(self.named(name)) >= count, f"{count} {name} span(s)")
         return self.named(name)
 
 

@@ -211,19 +211,26 @@ async def run(args: argparse.Namespace, out: Callable[[str], None]) -> int:
     return 0
 
 
+def _result(reply: t.Payload) -> Any:
+    """The result of a Success reply; an Error (or any other reply) ends the command."""
+    if isinstance(reply, t.Error):
+        raise CliError(f"error [{reply.code}]: {reply.message}", EXIT_ERROR_REPLY)
+    if not isinstance(reply, t.Success):
+        raise CliError(f"unexpected reply: {t.tag_of(type(reply))}", EXIT_ERROR_REPLY)
+    return reply.result
+
+
 async def wait_for_job(client: Client, args: argparse.Namespace, job_id: str, out: Callable[[str], None]) -> int:
     """``run --wait``: show progress on a terminal until the job ends, then its result."""
     live = sys.stderr.isatty() and not args.json
     started = time.monotonic()
     while True:
-        reply = await _ask(client, args, t.JobPoll(job_ids=[job_id], timeout_ms=250, mode=t.PollMode.ALL))
-        if isinstance(reply, t.Error):
-            raise CliError(f"error [{reply.code}]: {reply.message}", EXIT_ERROR_REPLY)
-        if reply.result["completed"]:
-            info = reply.result["completed"][0]
+        polled = _result(await _ask(client, args, t.JobPoll(job_ids=[job_id], timeout_ms=250, mode=t.PollMode.ALL)))
+        if polled["completed"]:
+            info = polled["completed"][0]
             break
         if live:
-            status = (await _ask(client, args, t.JobStatusRequest(job_id=job_id))).result
+            status = _result(await _ask(client, args, t.JobStatusRequest(job_id=job_id)))
             progress = status.get("progress") or {}
             bar = f"{progress.get('percent', 0):5.1f}%" if progress else status["status"]
             note = progress.get("message") or ""
@@ -237,7 +244,9 @@ async def wait_for_job(client: Client, args: argparse.Namespace, job_id: str, ou
         where = f" (line {err['line']})" if err.get("line") is not None else ""
         if args.json:
             return EXIT_ERROR_REPLY
-        raise CliError(f"job {job_id} {info['status']}: {err.get('kind', '')}: {err.get('message', '')}{where}", EXIT_ERROR_REPLY)
+        raise CliError(
+            f"job {job_id} {info['status']}: {err.get('kind', '')}: {err.get('message', '')}{where}", EXIT_ERROR_REPLY
+        )
     if not args.json:
         out(_value(info["result"]))
     return 0

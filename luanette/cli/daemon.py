@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import signal
 import sys
 from collections.abc import Callable
@@ -13,7 +12,7 @@ import anyio
 import structlog
 import zmq
 
-from luanette import logs, runtime
+from luanette import logs
 from luanette.config import DEFAULT_BIND, DEFAULT_PUB, Config
 from luanette.server import Server
 from luanette.settings import Settings, SettingsError, load_settings
@@ -58,6 +57,14 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"wall-clock limit per script (default {d.script_timeout:g})")
     serve.add_argument("--script-memory", type=parse_size, default=d.script_memory, metavar="SIZE",
                        help="memory limit per Lua runtime, e.g. 256M (default 256M)")
+    serve.add_argument("--workers", type=positive(int), default=None, metavar="N",
+                       help="worker processes that run Lua (default: one per core)")
+    serve.add_argument("--lua-memory-total", type=parse_size, default=None, metavar="SIZE",
+                       help="memory all workers' Lua may use together, e.g. 8G; a worker past its "
+                       "share is recycled (default: half the RAM)")
+    serve.add_argument("--queue-target", dest="queue_target_s", type=positive(float), default=d.queue_target_s,
+                       metavar="SECONDS", help="longest an eval may wait for a slot before it is "
+                       f"answered 'busy' (default {d.queue_target_s:g})")
     serve.add_argument("--max-evals", type=positive(int), default=d.max_evals,
                        help=f"LuaEval requests running at once (default {d.max_evals})")
     serve.add_argument("--eval-queue", type=positive(int), default=d.eval_queue,
@@ -114,7 +121,7 @@ async def serve(config: Config, settings: Settings) -> None:
     """Run the server until Shutdown, SIGINT or SIGTERM, then drain and return."""
     server = Server(config, settings=settings)
     server.bind()  # outside the task group, so a busy address is a plain ZMQError
-    await server.load_trigger_scripts()  # and a missing script_file a plain TriggerError
+    failure: TriggerError | None = None
     async with anyio.create_task_group() as tg:
 
         async def watch_signals() -> None:
@@ -123,8 +130,13 @@ async def serve(config: Config, settings: Settings) -> None:
                     server.request_shutdown(f"signal {signal.Signals(sig).name}")
 
         tg.start_soon(watch_signals)
-        await server.serve()
+        try:
+            await server.serve()
+        except TriggerError as e:  # a missing script_file: raised after the group, unwrapped
+            failure = e
         tg.cancel_scope.cancel()
+    if failure is not None:
+        raise failure
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -145,13 +157,6 @@ def main(argv: list[str] | None = None) -> int:
     except TriggerError as e:  # a trigger's script_file is missing or does not compile
         log.error("server.failed", error=str(e))
         return 2
-    stuck = runtime.stats.abandoned_running
-    if stuck:
-        # A script stuck inside one C call (a pathological pattern match) cannot be
-        # interrupted, and interpreter exit would wait for its thread forever.
-        log.warning("server.exit_with_stuck_scripts", threads=stuck)
-        sys.stderr.flush()
-        os._exit(0)
     return 0
 
 

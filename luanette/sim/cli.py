@@ -63,6 +63,9 @@ def _add_models(sub: argparse._SubParsersAction) -> None:
                    help="port to bind; 0 picks a free one (default)")
     p.add_argument("--latency-ms", type=_non_negative_float, default=0.0,
                    help="delay added to every model request (non-blocking)")
+    p.add_argument("--hold-until", type=_non_negative_int, default=0, metavar="N",
+                   help="hold model requests until N are held at once, then let them all go "
+                   "(a barrier for concurrency tests; 0 = off)")
     p.add_argument("--busy-every", type=_non_negative_int, default=0, metavar="N",
                    help="every Nth model request answers 429")
     p.add_argument("--busy-burst", type=_non_negative_int, default=0, metavar="N",
@@ -89,7 +92,8 @@ async def _serve_models(args: argparse.Namespace) -> int:
 
     try:
         config = SimConfig(
-            kind=args.kind, latency_ms=args.latency_ms, busy_every=args.busy_every,
+            kind=args.kind, latency_ms=args.latency_ms, hold_until=args.hold_until,
+            busy_every=args.busy_every,
             busy_burst=args.busy_burst, max_concurrency=args.max_concurrency,
             retry_after=args.retry_after, fail_rate=args.fail_rate,
             fail_status=args.fail_status, seed=args.seed, default_task=args.default_task,
@@ -187,6 +191,7 @@ async def _serve_garden(args: argparse.Namespace) -> int:
     except zmq.ZMQError as e:
         print(f"luanette-sim: cannot bind {bind}: {e}", file=sys.stderr)
         return 1
+    assert server.endpoint is not None  # set by start()
     return await _until_signalled(
         server, server.endpoint,
         f"luanette-sim garden: shell ROUTER on {server.endpoint} (latency {args.latency_ms:g} ms)",

@@ -102,6 +102,7 @@ In-process use
     server.state.pending()                  # [{region_id, artifact_id, content_hash, ...}]
     server.received[-1].metadata            # the ShellRequestMessage as received
     server.latency_ms = 50                  # switches may change while running
+    server.hold(); ...; server.release()    # replies kept back, then sent in order
     await server.stop()
 
 :func:`serve_in_thread` does the same from synchronous code (own thread and loop).
@@ -118,7 +119,7 @@ import logging
 import math
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, Self
 
@@ -289,7 +290,7 @@ class GardenState:
         return g.Ok()
 
     def _get_regions(self, req: g.GetRegions) -> g.ShellReply:
-        regions = self._regions.values()
+        regions: Iterable[_Region] = self._regions.values()
         if req.range is not None:
             start, end = req.range
             regions = [r for r in regions if start <= r.position < end]
@@ -517,6 +518,10 @@ class GardenSimServer:
     requests); ``drop_every`` = N leaves every Nth request unanswered *and unapplied* (a
     lost message); ``unresponsive`` leaves every request unanswered and unapplied (a hung
     daemon). Dropped requests still appear in :attr:`received`.
+
+    :meth:`hold` keeps every reply back (requests are still applied on arrival) until
+    :meth:`release` sends them, in order: a test can then have a request outstanding for
+    as long as it needs, instead of betting on a latency being long enough.
     """
 
     def __init__(
@@ -547,8 +552,23 @@ class GardenSimServer:
         self._socket: zmq.asyncio.Socket | None = None
         self._reader: asyncio.Task | None = None
         self._tasks: set[asyncio.Task] = set()
+        self._released = asyncio.Event()
+        self._released.set()
 
-    async def start(self) -> GardenSimServer:
+    def hold(self) -> None:
+        """Keep replies back until :meth:`release` (Heartbeats are still answered).
+        Call from the server's event loop."""
+        self._released.clear()
+
+    def release(self) -> None:
+        """Send the replies :meth:`hold` kept back, in order, and stop holding."""
+        self._released.set()
+
+    @property
+    def holding(self) -> bool:
+        return not self._released.is_set()
+
+    async def start(self) -> Self:
         """Bind the ROUTER and start answering. Raises ``zmq.ZMQError`` if the address
         cannot be bound.
 
@@ -641,7 +661,7 @@ class GardenSimServer:
             self._drop(f"bad HOOT01 framing: {e}", route)
             return
         if hoot.command is Command.HEARTBEAT:
-            self._spawn(self._send(route + _heartbeat_reply(hoot).to_frames(), 0.0))
+            self._spawn(self._send(route + _heartbeat_reply(hoot).to_frames(), 0.0, held=False))
             return
         if hoot.command is not Command.REQUEST:
             self._drop(f"HOOT01 {hoot.command.name.title()} is not a request", route)
@@ -722,9 +742,11 @@ class GardenSimServer:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _send(self, out: list[bytes], delay: float) -> None:
+    async def _send(self, out: list[bytes], delay: float, *, held: bool = True) -> None:
         if delay > 0:
             await asyncio.sleep(delay)
+        if held:
+            await self._released.wait()
         if self._socket is None:
             return
         try:

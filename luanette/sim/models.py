@@ -117,8 +117,11 @@ Every model request (``/predict``, chat completions; not ``/health``) is numbere
 2. answered 400 at once if the body is invalid;
 3. drawn for failure (``random.Random(seed)``, one draw per request reaching this
    point, so a run is reproducible for a given arrival order);
-4. delayed by ``latency_ms`` (``asyncio.sleep``, never blocks the loop);
-5. answered ``fail_status`` if drawn, otherwise 200.
+4. held, with ``hold_until`` = N, until N model requests are held at once: then all of
+   them go on, and later ones are not held until ``/_sim/reset`` (a barrier that makes
+   "these N requests were in flight together" a fact a test can rely on, not a race);
+5. delayed by ``latency_ms`` (``asyncio.sleep``, never blocks the loop);
+6. answered ``fail_status`` if drawn, otherwise 200.
 
 In-process use
 --------------
@@ -198,6 +201,7 @@ class SimConfig:
 
     kind: str = "all"
     latency_ms: float = 0.0
+    hold_until: int = 0
     busy_every: int = 0
     busy_burst: int = 0
     max_concurrency: int = 0
@@ -216,7 +220,7 @@ class SimConfig:
             raise ValueError(f"kind must be one of {', '.join((*KINDS, 'all'))}, not {self.kind!r}")
         if self.latency_ms < 0:
             raise ValueError("latency_ms must be >= 0")
-        for name in ("busy_every", "busy_burst", "max_concurrency"):
+        for name in ("hold_until", "busy_every", "busy_burst", "max_concurrency"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0")
         if self.retry_after < 0:
@@ -541,6 +545,7 @@ def _orpheus_variation(p: _OrpheusParams, i: int, a: MidiSummary | None,
                        b: MidiSummary | None) -> tuple[bytes, int, float]:
     rng = random.Random(_seed_of(p, i, a and a.notes, b and b.notes))
     lengths = [240, 480, 480, 960] if p.temperature < 1.2 else [120, 240, 480, 720, 960]
+    tempo: float
     if p.task == "generate":
         root, mode = rng.randrange(12), rng.choice(list(MODES))
         pitches = _scale_pitches({(root + s) % 12 for s in MODES[mode]}, 48, 84)
@@ -816,10 +821,13 @@ class _Handlers:
         self.stats = stats
         self.rng = random.Random(config.seed)
         self._rng_seed = config.seed
+        self.held = 0  # model requests waiting at the hold_until barrier
+        self.released = asyncio.Event()  # the barrier opened (until /_sim/reset)
 
     # -- helpers ---------------------------------------------------------------
 
     def _error(self, api: str, e: SimError) -> web.Response:
+        payload: dict[str, Any]
         if api == "openai":
             payload = {"error": {"message": e.message, "type": e.type, "param": e.field,
                                  "code": e.status}}
@@ -885,6 +893,14 @@ class _Handlers:
                 st.bad_requests += 1
                 raise
             fail = cfg.fail_rate > 0 and self.rng.random() < cfg.fail_rate
+            if cfg.hold_until and not self.released.is_set():
+                self.held += 1
+                if self.held >= cfg.hold_until:
+                    self.released.set()
+                try:
+                    await self.released.wait()
+                finally:
+                    self.held -= 1
             if cfg.latency_ms > 0:
                 await asyncio.sleep(cfg.latency_ms / 1000.0)
             if fail:
@@ -955,6 +971,8 @@ class _Handlers:
 
     async def sim_reset(self, request: web.Request) -> web.Response:
         self.stats.reset()
+        if not self.held:  # (requests still held would wait for good)
+            self.released.clear()
         self.rng, self._rng_seed = random.Random(self.config.seed), self.config.seed
         return web.json_response(self.stats.snapshot())
 
@@ -1033,7 +1051,7 @@ async def run_models(kind: str = "all", *, host: str = "127.0.0.1", port: int = 
                      **switches: Any) -> AsyncIterator[SimServer]:
     """Serve the simulator in the current event loop for the ``async with`` body.
 
-    ``switches`` are :class:`SimConfig` fields (latency_ms, busy_every, busy_burst,
+    ``switches`` are :class:`SimConfig` fields (latency_ms, hold_until, busy_every, busy_burst,
     max_concurrency, retry_after, fail_rate, fail_status, seed, default_task, llm_model).
     """
     server = SimServer(SimConfig(kind=kind, **switches), host=host, port=port)

@@ -27,7 +27,7 @@ from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, Final
 
 from luanette.cas import Cas, CasError, NotFound, ReadOnly, TooLarge, parse_hash
-from luanette.runtime import LuaCallError, RunContext
+from luanette.engine.api import LuaCallError, RunContext
 from luanette.stdlib.paths import as_text, lua_type
 
 if TYPE_CHECKING:

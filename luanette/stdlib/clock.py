@@ -17,7 +17,7 @@ from typing import Any
 
 import anyio
 
-from luanette.runtime import LuaCallError, RunContext
+from luanette.engine.api import LuaCallError, RunContext
 
 MAX_SLEEP_MS = 24 * 3600 * 1000
 

@@ -54,8 +54,8 @@ from typing import Any, Final
 
 from hooteproto import garden as g
 from hooteproto.types import tag_of
+from luanette.engine.api import LuaCallError, RunContext
 from luanette.garden import GardenClient, GardenError, GardenUnavailable
-from luanette.runtime import LuaCallError, RunContext
 from luanette.stdlib.paths import lua_type, shown
 
 __all__ = ["BEHAVIORS", "CONTENT_TYPES", "GardenNamespace", "garden_namespace"]
@@ -326,7 +326,9 @@ class GardenNamespace:
             return [_approval(a) for a in reply.approvals]
 
         async def approve(region_id: Any = None, decided_by: Any = None) -> bool:
-            request = g.ApproveLatent(region_id=_uuid(region_id, "region_id"), decided_by=_uuid(decided_by, "decided_by"))
+            request = g.ApproveLatent(
+                region_id=_uuid(region_id, "region_id"), decided_by=_uuid(decided_by, "decided_by")
+            )
             return await self._ok(run, request)
 
         async def reject(region_id: Any = None, decided_by: Any = None, reason: Any = None) -> bool:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from luanette.runtime import RunContext
+from luanette.engine.api import RunContext
 
 
 class JobNamespace:

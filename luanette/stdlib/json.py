@@ -24,7 +24,7 @@ from typing import Any, Final
 
 import msgspec
 
-from luanette.runtime import LuaCallError, RunContext
+from luanette.engine.api import LuaCallError, RunContext
 from luanette.stdlib.paths import as_text, lua_type
 
 MAX_INDENT: Final = 8

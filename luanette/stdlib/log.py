@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from luanette.runtime import LuaCallError, RunContext
+from luanette.engine.api import LuaCallError, RunContext
 
 
 def _message_text(message: Any) -> str:

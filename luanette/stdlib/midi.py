@@ -108,7 +108,7 @@ import mido
 from mido.messages.checks import check_value
 
 from luanette.cas import Cas
-from luanette.runtime import LuaCallError, RunContext
+from luanette.engine.api import LuaCallError, RunContext
 from luanette.stdlib.cas import cas_failure, check_hash
 from luanette.stdlib.paths import as_text, lua_type
 
@@ -257,7 +257,8 @@ def _array(value: Any, what: str) -> list[Any]:
         return value
     if isinstance(value, dict) and not value:
         return []
-    raise LuaCallError(f"{what} must be an array, got {'a table with keys' if isinstance(value, dict) else lua_type(value)}")
+    got = "a table with keys" if isinstance(value, dict) else lua_type(value)
+    raise LuaCallError(f"{what} must be an array, got {got}")
 
 
 def _coerce(value: Any) -> Any:
@@ -826,7 +827,7 @@ class MidiNamespace:
             names = [f"tables[{i}]" for i in range(1, len(tables) + 1)]
         if not tables:
             raise LuaCallError("give at least one MIDI table: midi.merge(a, b, ...)")
-        songs = [self._song(value, name) for value, name in zip(tables, names)]
+        songs = [self._song(value, name) for value, name in zip(tables, names, strict=True)]
         tpb = songs[0].ticks_per_beat
         tracks: list[_Track] = []
         for song in songs:

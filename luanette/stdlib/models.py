@@ -62,7 +62,7 @@ import anyio.to_thread
 
 from luanette.backends import BackendError, Backends, UnknownBackend
 from luanette.cas import Cas, CasError, InvalidHash, NotFound, ReadOnly, TooLarge, parse_hash
-from luanette.runtime import LuaCallError, RunContext
+from luanette.engine.api import LuaCallError, RunContext
 from luanette.settings import ModelRoutes
 from luanette.stdlib.paths import lua_type
 
@@ -93,7 +93,9 @@ def _fail(code: str, message: str) -> LuaCallError:
     return LuaCallError(f"{code}: {message}")
 
 
-def _options(value: Any, allowed: Mapping[str, Callable[[Any, str], Any]], required: tuple[str, ...] = ()) -> dict[str, Any]:
+def _options(
+    value: Any, allowed: Mapping[str, Callable[[Any, str], Any]], required: tuple[str, ...] = ()
+) -> dict[str, Any]:
     """The checked fields of an argument table (``nil`` is an empty table)."""
     if value is None:
         value = {}
@@ -173,7 +175,9 @@ def _hash(value: Any, what: str) -> str:
     if isinstance(value, dict) and "hash" in value:
         value = value["hash"]
     if not isinstance(value, str):
-        raise _fail("invalid_params", f"{what} must be a CAS hash (or a table with a hash field), got {lua_type(value)}")
+        raise _fail(
+            "invalid_params", f"{what} must be a CAS hash (or a table with a hash field), got {lua_type(value)}"
+        )
     try:
         return parse_hash(value)
     except InvalidHash as exc:
@@ -253,7 +257,9 @@ class Models:
         except NotFound:
             raise _fail("not_found", f"{what}: no object {hash} in the CAS") from None
         except TooLarge as exc:
-            raise _fail("invalid_params", f"{what}: object {hash} is {exc.size} bytes, over the limit of {limit} bytes") from None
+            raise _fail(
+                "invalid_params", f"{what}: object {hash} is {exc.size} bytes, over the limit of {limit} bytes"
+            ) from None
         except (CasError, OSError) as exc:
             raise _fail("internal", f"{what}: CAS failure: {exc}") from None
 
@@ -275,7 +281,10 @@ class Models:
             raise _fail("internal", "the CAS is read-only: cannot store the result") from None
         except (CasError, OSError) as exc:
             raise _fail("internal", f"cannot store the result in the CAS: {exc}") from None
-        return [{"hash": h, "mime_type": mime, "size_bytes": len(data)} for h, (data, mime) in zip(hashes, blobs)]
+        return [
+            {"hash": h, "mime_type": mime, "size_bytes": len(data)}
+            for h, (data, mime) in zip(hashes, blobs, strict=True)
+        ]
 
     def _store_all(self, blobs: list[tuple[bytes, str]]) -> list[str]:
         return [self.cas.store(data, mime) for data, mime in blobs]
@@ -367,7 +376,8 @@ class OrpheusNamespace:
             return default
         variants = self.models.routes.orpheus.variants
         if model not in variants:
-            raise _fail("invalid_params", f"model: unknown Orpheus model {model!r} (known: {', '.join(sorted(variants))})")
+            known = ", ".join(sorted(variants))
+            raise _fail("invalid_params", f"model: unknown Orpheus model {model!r} (known: {known})")
         return variants[model]
 
     async def _generate(
@@ -394,7 +404,7 @@ class OrpheusNamespace:
             blobs.append((data, MIDI_MIME))
             tokens.append(v.get("num_tokens"))
         refs = await self.models.store(blobs)
-        for ref, n in zip(refs, tokens):
+        for ref, n in zip(refs, tokens, strict=True):
             if n is not None:
                 ref["num_tokens"] = n
         result: dict[str, Any] = {
@@ -556,7 +566,7 @@ class BackendNamespace:
             self._find_blobs(answer, blobs, places, 0)
             if blobs:
                 refs = await self.models.store(blobs)
-                for (parent, old, new), ref in zip(places, refs):
+                for (parent, old, new), ref in zip(places, refs, strict=True):
                     del parent[old]
                     parent[new] = ref
             return answer

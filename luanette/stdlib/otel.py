@@ -26,7 +26,7 @@ from typing import Any, Final
 
 from opentelemetry import trace
 
-from luanette.runtime import LuaCallError, RunContext
+from luanette.engine.api import LuaCallError, RunContext
 from luanette.stdlib.paths import as_text, lua_type
 from luanette.telemetry import Telemetry, span_ids, traceparent_of
 
@@ -87,13 +87,15 @@ class OtelNamespace:
 
     name = "otel"
 
-    def __init__(self, telemetry: Telemetry) -> None:
+    def __init__(self, telemetry: Telemetry | Any) -> None:
+        # a Telemetry, or anything with its ``histograms`` and ``histogram(name)`` (a
+        # worker's proxy that records in the front)
         self._telemetry = telemetry
 
     def functions(self, run: RunContext) -> Mapping[str, Callable[..., Any]]:
-        # Called on the event loop inside the run's span; the functions run in a worker
-        # thread, where that span is not current, so it is captured here.
-        span = trace.get_current_span()
+        # The run's span; else the span current where the run starts (the functions run
+        # in a Lua thread, where that span is not current, so it is captured here).
+        span = run.span if run.span is not None else trace.get_current_span()
         ids = span_ids(span)
         counts = {"events": 0, "attributes": 0}
 
@@ -119,7 +121,9 @@ class OtelNamespace:
         def record_metric(name: Any, value: Any, attributes: Any = None) -> None:
             text = as_text(name, "name")
             if not _METRIC_NAME.fullmatch(text):
-                raise LuaCallError("name must start with a letter and hold only letters, digits and _ . - / (128 at most)")
+                raise LuaCallError(
+                    "name must start with a letter and hold only letters, digits and _ . - / (128 at most)"
+                )
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise LuaCallError(f"value must be a finite number, got {lua_type(value)}")
             attrs = _attributes(attributes, "attributes")

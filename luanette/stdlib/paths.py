@@ -28,7 +28,7 @@ import stat
 from pathlib import Path
 from typing import Any, Final
 
-from luanette.runtime import LuaCallError
+from luanette.engine.api import LuaCallError
 
 MAX_PATH_BYTES: Final = 1024
 MAX_NAME_BYTES: Final = 255  # NAME_MAX of common filesystems

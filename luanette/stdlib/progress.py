@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from luanette.runtime import LuaCallError, RunContext
+from luanette.engine.api import LuaCallError, RunContext
 
 MIN_INTERVAL_S = 0.1
 

@@ -43,7 +43,7 @@ from typing import Any, Final
 
 import structlog
 
-from luanette.runtime import LuaCallError, RunContext
+from luanette.engine.api import LuaCallError, RunContext
 from luanette.stdlib.paths import check_path, read_regular, write_regular
 
 DIR_PREFIX: Final = "job-"
@@ -173,7 +173,7 @@ class TempNamespace:
 
     def list(self) -> list[str]:
         with self._guard() as directory:
-            found = []
+            found: list[str] = []
             for parent, dirs, files in os.walk(directory):  # does not follow symlinks
                 dirs.sort()
                 found.extend(os.path.join(parent, f) for f in files)

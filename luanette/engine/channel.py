@@ -1,0 +1,124 @@
+"""The messages between the front and its worker processes, and their codec.
+
+The front binds a ROUTER (ipc in the state directory locally; tcp works the same for
+a worker on another machine); each worker connects a DEALER whose identity is its
+name.  Every message is one frame of MessagePack: a tagged msgspec Struct.
+
+Front -> worker: ``Run`` (start a script), ``Cancel``, ``Answer`` (the result of a
+service call), ``Stop`` (finish what runs, then exit).
+Worker -> front: ``Hello`` (ready; how many runs it takes), ``Done`` (a run ended),
+``Call`` (a service only the front holds: a model backend, the garden), ``Note``
+(fire-and-forget: a script's log line, progress, span events), ``Retiring`` (the
+worker grew past its memory share and leaves once its runs are done), ``Beat``.
+
+Runs are numbered by the front (``run``: unique per front process); a message about a
+run the receiver no longer knows is dropped and counted, never an error.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+from luanette.engine.api import ErrorDetail, Limits
+
+
+class Message(msgspec.Struct, tag_field="t", array_like=True, omit_defaults=True):
+    """Base of the channel's messages."""
+
+
+class RunInfo(msgspec.Struct, array_like=True, omit_defaults=True):
+    """What a run's namespaces need to know about it."""
+
+    kind: str  # "eval", "job", "describe": the registry decides the globals from it
+    job_id: str | None = None
+    script_hash: str | None = None
+    traceparent: str | None = None  # of the run's span in the front
+    sampled: bool = False  # whether that span is recorded (otel.* events are worth sending)
+
+
+class Run(Message, tag="run"):
+    """Start a script."""
+
+    run: int
+    code: str
+    params: Any
+    chunk_name: str
+    limits: Limits
+    info: RunInfo
+
+
+class Cancel(Message, tag="cancel"):
+    """Stop a run (its cancel token is set; it answers ``Done`` with kind cancelled)."""
+
+    run: int
+    reason: str
+
+
+class Answer(Message, tag="answer"):
+    """The front's answer to a ``Call``: ``ok`` and the value, or the error."""
+
+    call: int
+    ok: bool
+    value: Any = None
+    error: dict[str, Any] | None = None  # {"type": ..., "message": ..., more by type}
+
+
+class Stop(Message, tag="stop"):
+    """Take no more runs, finish the ones running, then exit."""
+
+
+class Hello(Message, tag="hello"):
+    """A worker is ready."""
+
+    pid: int
+    capacity: int  # runs it takes at once
+
+
+class Done(Message, tag="done"):
+    """A run ended: ``result`` or ``error``."""
+
+    run: int
+    result: Any = None
+    error: ErrorDetail | None = None
+    duration_ms: float = 0.0
+
+
+class Call(Message, tag="call"):
+    """A run needs a service the front holds (``backend.call``, ``garden.request``)."""
+
+    call: int
+    run: int
+    service: str
+    args: list[Any]
+
+
+class Note(Message, tag="note"):
+    """Fire-and-forget news of a run: ``log``, ``progress``, ``event``, ``attribute``,
+    ``metric``."""
+
+    run: int
+    kind: str
+    data: list[Any]
+
+
+class Retiring(Message, tag="retiring"):
+    """The worker takes no more runs (it grew past its memory share)."""
+
+    rss_bytes: int
+
+
+class Beat(Message, tag="beat"):
+    """A worker's heartbeat, with its size."""
+
+    rss_bytes: int
+    runs: int
+
+
+ToWorker = Run | Cancel | Answer | Stop
+ToFront = Hello | Done | Call | Note | Retiring | Beat
+
+encoder = msgspec.msgpack.Encoder()
+to_worker = msgspec.msgpack.Decoder(ToWorker)
+to_front = msgspec.msgpack.Decoder(ToFront)

@@ -1,0 +1,895 @@
+"""The in-process Lua engine: warm sandboxed states, the driver of one run, its threads.
+
+A Lua state (``lupa.lua54.LuaRuntime``) is made once and serves many runs, one at a
+time, as Redis 7 and Luau do: the privileged sandbox chunk (codec.lua + sandbox.lua,
+loaded once per state) is called once per run and builds that run's environment from
+an empty table over copies of the standard libraries, so nothing one run does is
+visible to the next.  A state that saw a timeout, a cancel, the memory limit or any
+other abnormal end is dropped, never reused.  Compiled chunks are cached by their text.
+
+The driver (``run_script``) resumes the script's coroutine in threads of a small pool
+(lupa releases the GIL while Lua runs): a script that does no I/O costs one thread step
+and one call into Lua.  Whenever the script calls an ``async`` namespace function the
+coroutine yields a private I/O request: the driver awaits the Python coroutine on the
+event loop, then resumes the script with the answer.
+
+Stopping: the count hook calls a Python check every ``hook_interval`` instructions; once
+the deadline has passed or the cancel token is set, the hook raises a private sentinel
+error, and every catch point of the sandbox (pcall, xpcall, load, coroutine.resume,
+wrap, close) re-raises it, so a script cannot swallow its own kill.  Waits on I/O are
+cancelled on the loop.  A thread stuck in one long C call is abandoned one second after
+the deadline (or after a cancel); ``stats`` counts those, and the worker process that
+holds it is replaced by its supervisor (``luanette.engine.pool``).
+
+Only the runtime's own bridge functions are Python objects inside Lua, and they are
+upvalues of privileged closures; values cross as MessagePack bytes (``luaconv``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import contextvars
+import functools
+import importlib.resources
+import inspect
+import itertools
+import os
+import queue
+import threading
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from typing import Any, Final, TypeVar
+
+import anyio
+import msgspec
+from lupa.lua54 import LuaError, LuaMemoryError, LuaRuntime
+
+from luanette.engine.api import (
+    SANDBOX_GLOBALS,
+    CancelToken,
+    ErrorDetail,
+    Limits,
+    LogSink,
+    LuaCallError,
+    Namespace,
+    Outcome,
+    RunContext,
+    ScriptError,
+)
+from luanette.engine.errors import (
+    MEMORY_MESSAGE,
+    frames,
+    memory_detail,
+    runtime_detail,
+    stopped_detail,
+    syntax_detail,
+    text,
+    unserializable_detail,
+)
+from luanette.luaconv import LUA_CODEC, from_lua, to_lua
+
+# Seconds a worker thread may overrun the deadline (or a cancel) before it is abandoned.
+ABANDON_GRACE_S: Final = 1.0
+# Chunk name of the privileged code (in compile errors: its bytecode has no debug information).
+_PRIVILEGED_CHUNK: Final = "=luanette"
+# Memory a description of the script's out-of-memory error may use beyond the limit.
+_DESCRIBE_MEMORY_BYTES: Final = 2**20
+# A state serves at most this many runs, then a new one takes over (bounds whatever a
+# long-lived heap accumulates: fragmentation, interned strings).
+MAX_RUNS_PER_STATE: Final = 5_000
+# Idle states kept per process.
+MAX_IDLE_STATES: Final = 32
+# Compiled chunks kept per process (by text), and the largest text cached.
+CHUNK_CACHE: Final = 256
+MAX_CACHED_CHUNK: Final = 256 * 2**10
+
+_T = TypeVar("_T")
+
+
+class RuntimeStats(msgspec.Struct):
+    """Process-wide counters of the runtime (read by telemetry and the worker)."""
+
+    runs: int = 0
+    # worker threads given up on because Lua did not come back (a long C call)
+    abandoned_threads: int = 0
+    # of those, how many are still running
+    abandoned_running: int = 0
+    states_created: int = 0  # Lua states made
+    states_discarded: int = 0  # dropped after an abnormal end
+    chunk_hits: int = 0  # runs whose chunk came compiled from the cache
+
+
+stats = RuntimeStats()
+_stats_lock = threading.Lock()
+
+
+def _count(**deltas: int) -> None:
+    with _stats_lock:
+        for name, delta in deltas.items():
+            setattr(stats, name, getattr(stats, name) + delta)
+
+
+# ------------------------------------------------------------------- the sandbox
+
+
+def _lua_source(name: str) -> bytes:
+    return (importlib.resources.files("luanette.engine") / name).read_bytes()
+
+
+# The codec first, in a function of its own, so its locals are not the sandbox's.
+_PRIVILEGED: Final = b"local codec = (function()\n" + LUA_CODEC + b"end)()\n" + _lua_source("sandbox.lua")
+
+# Run once per state: take string.dump and lupa's helper table away from the real
+# globals (no bytecode for anyone but the engine), load the privileged chunk, and hand
+# back the per-run entry and the chunk compiler.  lupa holds the GIL while it loads the
+# chunk it is given (this small one); the big one loads here, inside Lua, which does not.
+_STATE_INIT: Final = b"""
+local privileged, chunk_name = ...
+local dump, load = string.dump, load
+string.dump = nil
+python = nil
+local run = load(privileged, chunk_name, "b")
+local function compile(code, name)
+  local chunk, err = load(code, name, "t")
+  if not chunk then return nil, err end
+  return dump(chunk)
+end
+return run, compile
+"""
+
+
+def _deny_attributes(obj: Any, name: Any, is_setting: bool) -> Any:
+    # lupa asks this for every attribute access from Lua on a Python object.
+    raise AttributeError("Python attributes are not accessible from Lua")
+
+
+def _compile(source: bytes, chunk_name: bytes) -> bytes:
+    """Lua source as stripped bytecode (no debug information)."""
+    compiler = LuaRuntime(encoding=None, register_eval=False, register_builtins=False)
+    dump = compiler.eval(b"function(source, name) return string.dump(assert(load(source, name, 't')), true) end")
+    bytecode: bytes = dump(source, chunk_name)
+    return bytecode
+
+
+@functools.cache
+def _bytecode(source: bytes) -> bytes:
+    """Privileged Lua compiled once per process, without debug information.
+
+    Loading bytecode is ~3x faster than compiling the text, and without debug information
+    (line numbers, names of locals) the privileged chunk is 40% smaller and loads 40%
+    faster.  The sandbox relies on it: privileged frames are the Lua frames without a
+    current line (see script_where).
+    """
+    return _compile(source, _PRIVILEGED_CHUNK.encode())
+
+
+@functools.cache
+def _prelude_bytecode(name: str, source: bytes) -> bytes:
+    """A namespace's Lua half compiled once per process, stripped (see Namespace)."""
+    return _compile(source, b"=" + name.encode())
+
+
+def _new_lua(memory_bytes: int) -> LuaRuntime:
+    return LuaRuntime(
+        encoding=None,  # Lua strings are bytes in Python: binary data survives
+        register_eval=False,
+        register_builtins=False,
+        unpack_returned_tuples=True,
+        attribute_filter=_deny_attributes,
+        max_memory=memory_bytes,
+    )
+
+
+class _State:
+    """A Lua state with the privileged chunk loaded: ``run`` starts one run, ``compile``
+    turns script text into bytecode (with debug information, for the chunk cache)."""
+
+    __slots__ = ("compile", "lua", "run", "runs")
+
+    def __init__(self) -> None:
+        self.lua = _new_lua(0)
+        self.run, self.compile = self.lua.execute(_STATE_INIT, _bytecode(_PRIVILEGED), _PRIVILEGED_CHUNK.encode())
+        self.runs = 0
+        _count(states_created=1)
+
+
+class _StatePool:
+    """Idle states of this process, the most recently used first (its memory is warm)."""
+
+    def __init__(self, max_idle: int) -> None:
+        self._idle: list[_State] = []
+        self._lock = threading.Lock()
+        self._max_idle = max_idle
+
+    def take(self) -> _State:
+        """An idle state, or a new one."""
+        with self._lock:
+            if self._idle:
+                return self._idle.pop()
+        return _State()
+
+    def give(self, state: _State) -> None:
+        """Return a state whose run ended normally; it serves the next run."""
+        state.runs += 1
+        with self._lock:
+            if state.runs < MAX_RUNS_PER_STATE and len(self._idle) < self._max_idle:
+                self._idle.append(state)
+
+    def clear(self) -> None:
+        """Drop every idle state (their memory goes back with them)."""
+        with self._lock:
+            self._idle.clear()
+
+
+_states = _StatePool(MAX_IDLE_STATES)
+
+
+class _ChunkCache:
+    """Script text -> bytecode, so a script run again is not compiled again."""
+
+    def __init__(self, size: int) -> None:
+        self._chunks: collections.OrderedDict[tuple[bytes, bytes], bytes] = collections.OrderedDict()
+        self._lock = threading.Lock()
+        self._size = size
+
+    def get(self, key: tuple[bytes, bytes]) -> bytes | None:
+        with self._lock:
+            found = self._chunks.get(key)
+            if found is not None:
+                self._chunks.move_to_end(key)
+            return found
+
+    def put(self, key: tuple[bytes, bytes], bytecode: bytes) -> None:
+        with self._lock:
+            self._chunks[key] = bytecode
+            if len(self._chunks) > self._size:
+                self._chunks.popitem(last=False)
+
+
+_chunks = _ChunkCache(CHUNK_CACHE)
+
+
+def release_idle_states() -> None:
+    """Drop the idle Lua states and compiled chunks of this process (a worker does it
+    before it measures whether it has grown past its memory share)."""
+    _states.clear()
+
+
+# ------------------------------------------------------------------ run machinery
+
+
+class _Request(msgspec.Struct, frozen=True):
+    """The script waits for an async namespace function."""
+
+    index: int
+    args: bytes
+
+
+class _Final(msgspec.Struct, frozen=True):
+    """The run is over."""
+
+    result: Any = None
+    error: ErrorDetail | None = None
+
+
+class _Killer:
+    """The count hook's view of a run: a deadline and a cancel token, read as plain values."""
+
+    __slots__ = ("deadline", "reason", "token")
+
+    def __init__(self, deadline: float, token: CancelToken) -> None:
+        self.deadline = deadline
+        self.token = token
+        self.reason: str | None = None
+
+    def check(self) -> bool:
+        """True once the run must stop; called from the Lua hook in the worker thread."""
+        if self.reason is None:
+            if self.token.cancelled:
+                self.reason = "cancelled"
+            elif time.monotonic() >= self.deadline:
+                self.reason = "timeout"
+            else:
+                return False
+        return True
+
+    def expire(self) -> str:
+        """The driver stopped waiting: record and return why."""
+        if self.reason is None:
+            self.reason = "cancelled" if self.token.cancelled else "timeout"
+        return self.reason
+
+    def stop(self) -> None:
+        """The run is over: Lua still running anywhere stops at its next hook."""
+        if self.reason is None:
+            self.reason = "finished"
+
+
+class _Bridge:
+    """The Python callables of one run, called by index from Lua (0 is print)."""
+
+    def __init__(self, run: RunContext, namespaces: Sequence[Namespace]) -> None:
+        self._run = run
+        self._calls: list[Callable[..., Any]] = [self._print]
+        # computed on a function's first call: most runs call few of their functions,
+        # and inspect.signature costs more than the rest of binding one
+        self._signatures: dict[int, inspect.Signature | None] = {0: None}  # print: always one line
+        shape = []
+        for namespace in namespaces:
+            functions = namespace.functions(run)
+            shape.append((type(namespace), namespace.name, tuple(functions)))
+            self._calls.extend(functions.values())
+        key = tuple(shape)
+        layout = _layouts.get(key)
+        if layout is None:
+            layout = _layouts[key] = _Layout.of(namespaces, [names for _, _, names in shape], self._calls)
+        self.qualnames = layout.qualnames
+        self.spec = layout.spec
+        self.preludes = layout.preludes
+
+    def call_sync(self, index: int, packed: bytes) -> tuple[bool, bytes]:
+        """Called from Lua (worker thread): (True, result) or (False, Lua error message)."""
+        try:
+            return True, to_lua(self._calls[index](*self._arguments(index, packed)))
+        except Exception as exc:  # every failure becomes a Lua error
+            try:
+                return False, self._failure(index, exc)
+            except Exception:  # never let a Python exception object reach Lua
+                return False, b"internal error"
+
+    async def call_async(self, request: _Request) -> tuple[bool, bytes]:
+        """Await an async namespace function on the loop for a suspended script."""
+        index = request.index
+        try:
+            return True, to_lua(await self._calls[index](*self._arguments(index, request.args)))
+        except Exception as exc:  # every failure becomes a Lua error
+            return False, self._failure(index, exc)
+
+    def _print(self, line: bytes) -> None:
+        self._run.script_log("info", text(line))
+
+    def _arguments(self, index: int, packed: bytes) -> list[Any]:
+        args: list[Any] = from_lua(packed)
+        while args and args[-1] is None:
+            args.pop()
+        if index not in self._signatures:
+            try:
+                self._signatures[index] = inspect.signature(self._calls[index])
+            except (TypeError, ValueError):  # some builtins have none
+                self._signatures[index] = None
+        signature = self._signatures[index]
+        if signature is not None:
+            try:
+                signature.bind(*args)
+            except TypeError as exc:
+                raise LuaCallError(f"wrong arguments ({exc})") from None
+        return args
+
+    def _failure(self, index: int, exc: Exception) -> bytes:
+        qualname = self.qualnames[index]
+        if isinstance(exc, LuaCallError):
+            return f"{qualname}: {exc.message}".encode()
+        self._run.logger.exception("lua.namespace_error", function=qualname)
+        return f"internal error in {qualname}".encode()
+
+
+class _Layout(msgspec.Struct, frozen=True):
+    """What the sandbox setup needs to know of a run's namespaces.
+
+    The same namespaces give the same layout run after run, so it is computed once per
+    shape (namespace types, names and function names) and cached: binding forty-odd
+    functions cost ~75 us of event-loop time per job.  A namespace type must therefore
+    give the same function names the same kind (sync or async) on every run.
+    """
+
+    qualnames: list[str]  # by bridge index; 0 is print
+    spec: bytes  # "ns.fn ns.other *ns.waits ..." ("*" = async), bridge indexes 1, 2, ...
+    preludes: bytes | None  # MessagePack [name, bytecode, name, bytecode, ...] or None
+
+    @classmethod
+    def of(
+        cls, namespaces: Sequence[Namespace], names: Sequence[tuple[str, ...]], calls: Sequence[Callable[..., Any]]
+    ) -> _Layout:
+        """The layout of ``namespaces``, whose functions are ``names`` (one tuple per
+        namespace) and ``calls`` (all of them in order, after print)."""
+        qualnames, spec = ["print"], []
+        preludes: list[bytes | str] = []
+        taken: set[str] = set()
+        for namespace, function_names in zip(namespaces, names, strict=True):
+            _check_namespace_name(namespace.name, taken)
+            prelude = getattr(namespace, "lua_prelude", None)
+            if prelude:
+                preludes += [namespace.name, _prelude_bytecode(namespace.name, prelude)]
+            for name in function_names:
+                if not name.isidentifier():
+                    raise ValueError(f"{namespace.name}: {name!r} is not a Lua identifier")
+                qualname = f"{namespace.name}.{name}"
+                is_async = inspect.iscoroutinefunction(calls[len(qualnames)])
+                qualnames.append(qualname)
+                spec.append("*" + qualname if is_async else qualname)
+        return cls(qualnames, " ".join(spec).encode(), to_lua(preludes) if preludes else None)
+
+
+_layouts: dict[tuple[Any, ...], _Layout] = {}
+
+
+def _check_namespace_name(name: str, taken: set[str]) -> None:
+    if not name.isidentifier() or name in SANDBOX_GLOBALS or name in taken:
+        raise ValueError(f"namespace name {name!r} is not usable as a Lua global")
+    taken.add(name)
+
+
+class _Session:
+    """One LuaRuntime and its script coroutine.
+
+    Every method runs in a worker thread, never two at once; the session is closed (its
+    runtime released) in the thread that finishes the run.
+    """
+
+    def __init__(
+        self, code: str, params: bytes, chunk_name: str, run: RunContext, bridge: _Bridge, killer: _Killer
+    ) -> None:
+        self._code = code.encode()
+        self._params = params
+        self._chunk_name = chunk_name
+        self._run = run
+        self._bridge = bridge
+        self._killer = killer
+        self._state: _State | None = None
+        self._reusable = False  # the state may serve another run (a normal end)
+        self._out_of_memory = False
+        # entry points into the sandbox, while the script waits for I/O
+        self._step: Callable[..., Any] | None = None
+        self._where: Callable[[], bytes] | None = None
+        self._release: Callable[[], None] | None = None
+
+    def start(self) -> _Request | _Final:
+        """Build the sandbox and run the script until it finishes or waits for I/O."""
+        try:
+            self._state = state = _states.take()
+            state.lua.set_max_memory(self._run.limits.memory_bytes)
+            code, mode = self._chunk(state)
+            reply = state.run(
+                self._killer.check,
+                self._bridge.call_sync,
+                self._bridge.spec,
+                self._bridge.preludes,
+                self._run.limits.hook_interval,
+                self._chunk_name.encode(),
+                code,
+                mode,
+                self._params,
+            )
+            if reply[0] == b"io":
+                self._step, self._where, self._release = reply[3:]
+            return self._reply(*reply[:3])
+        except LuaError as exc:
+            return self._final(self._lua_failure(exc))
+
+    def _chunk(self, state: _State) -> tuple[bytes, bytes]:
+        """The script as cached bytecode when it compiled before, else as text."""
+        if len(self._code) > MAX_CACHED_CHUNK:
+            return self._code, b"t"
+        key = (self._chunk_name.encode(), self._code)
+        bytecode = _chunks.get(key)
+        if bytecode is not None:
+            _count(chunk_hits=1)
+            return bytecode, b"b"
+        compiled = state.compile(self._code, b"=" + key[0])
+        if not isinstance(compiled, bytes):  # (nil, message): the sandbox reports it
+            return self._code, b"t"
+        _chunks.put(key, compiled)
+        return compiled, b"b"
+
+    def resume(self, ok: bool, payload: bytes) -> _Request | _Final:
+        """Give the script the answer to its I/O request and run it on."""
+        assert self._step is not None
+        try:
+            return self._reply(*self._step(ok, payload))
+        except LuaError as exc:
+            return self._final(self._lua_failure(exc))
+
+    @property
+    def closed(self) -> bool:
+        """Whether the state has been released."""
+        return self._state is None
+
+    def close(self) -> None:
+        """Free the script's memory and give the state back, or drop it after an
+        abnormal end (call when Lua is not running)."""
+        if self._release is not None:
+            with contextlib.suppress(LuaError):  # out of memory again: lua_close frees it all anyway
+                self._release()
+        self._step = self._where = self._release = None
+        state, self._state = self._state, None
+        if state is None:
+            return
+        if self._reusable:
+            _states.give(state)
+        else:
+            _count(states_discarded=1)
+
+    def interrupted(self, reason: str, request: _Request) -> _Final:
+        """The driver stopped waiting on the script's I/O: say where it waited, then close."""
+        assert self._where is not None
+        try:
+            stack = frames(from_lua(self._where()))
+        except LuaError:  # out of memory: report without a stack
+            stack = []
+        waiting_for = self._bridge.qualnames[request.index]
+        return self._final(_Final(error=stopped_detail(reason, self._run.cancel, self._run.limits, stack, waiting_for)))
+
+    def stopped(self, reason: str) -> _Final:
+        """The driver gave up on a thread step that did not come back."""
+        return _Final(error=stopped_detail(reason, self._run.cancel, self._run.limits, []))
+
+    def _reply(self, tag: bytes, *values: Any) -> _Request | _Final:
+        if tag == b"io":
+            return _Request(*values)
+        if tag == b"memory":
+            assert self._state is not None
+            self._out_of_memory = True
+            self._state.lua.set_max_memory(self._run.limits.memory_bytes + _DESCRIBE_MEMORY_BYTES)
+            return self._reply(*values[0]())
+        self._release = None  # every other reply is final, and the sandbox released the script
+        # a run that ended by itself leaves a state fit for the next; a killed one,
+        # or one out of memory, does not
+        self._reusable = tag != b"killed" and not self._out_of_memory
+        if tag == b"done":
+            return self._final(_Final(result=from_lua(values[0])))
+        if tag == b"syntax":
+            return self._final(_Final(error=syntax_detail(values[0], self._chunk_name)))
+        if tag == b"unserializable":
+            return self._final(_Final(error=unserializable_detail(values[0])))
+        info = from_lua(values[0])
+        if tag == b"killed":
+            stack = frames(info)
+            detail = stopped_detail(self._killer.expire(), self._run.cancel, self._run.limits, stack)
+        else:
+            detail = runtime_detail(info, self._chunk_name, self._run.limits)
+        return self._final(_Final(error=detail))
+
+    def _lua_failure(self, exc: LuaError) -> _Final:
+        # Only privileged code raises into Python, and only when Lua runs out of memory.
+        if isinstance(exc, LuaMemoryError) or text(exc.args[0]).startswith(MEMORY_MESSAGE):
+            return _Final(error=memory_detail(self._run.limits))
+        raise exc
+
+    def _final(self, final: _Final) -> _Final:
+        self.close()
+        return final
+
+
+class _Worker:
+    """Runs session steps in worker threads; owns the session once the driver abandons one."""
+
+    def __init__(self, session: _Session) -> None:
+        self._session = session
+        self._lock = threading.Lock()
+        self.busy = False
+        self._abandoned = False
+
+    def run(self, step: Callable[..., Any], *args: Any) -> Any:
+        """Worker thread: run one step unless the driver has already given up."""
+        with self._lock:
+            if self._abandoned:
+                return None
+            self.busy = True
+        try:
+            return step(*args)
+        finally:
+            with self._lock:
+                self.busy = False
+                orphaned = self._abandoned
+            if orphaned:
+                _count(abandoned_running=-1)
+                self._session.close()
+
+    def abandon(self) -> None:
+        """Loop thread: the driver stops waiting for the current step."""
+        with self._lock:
+            self._abandoned = True
+            if self.busy:
+                _count(abandoned_threads=1, abandoned_running=1)
+
+
+class _ThreadPool:
+    """Daemon threads that run session steps.
+
+    Handing a step over costs one queue put and one loop wake-up: a quarter of the loop
+    time of anyio.to_thread.run_sync in a cancel scope (limiter, scope and task
+    bookkeeping), which counts at thousands of short runs a second.  The thread that
+    went idle last takes the next step, so the steps of a run tend to share a thread and
+    its malloc arena: glibc merges the blocks a collection freed only for the arena of
+    the thread asking for memory, so a heap built in one thread and collected in another
+    would be merged later, in lua_close, with the GIL held.  Threads start on demand, up
+    to ``max_threads`` (further steps wait their turn), and end after ``idle_s`` idle.
+    """
+
+    def __init__(self, max_threads: int, idle_s: float, eager_threads: int, grow_after_s: float) -> None:
+        self._max_threads = max_threads
+        self._eager_threads = min(eager_threads, max_threads)
+        self._grow_after_s = grow_after_s
+        self._idle_s = idle_s
+        self._lock = threading.Lock()
+        self._threads = 0
+        self._idle: list[queue.SimpleQueue[Callable[[], None]]] = []  # inboxes, last idle last
+        self._backlog: collections.deque[Callable[[], None]] = collections.deque()
+        self._busy_since: dict[int, float] = {}  # thread ident -> when its current step began
+        self._check_pending = False
+
+    @property
+    def threads(self) -> int:
+        """Threads alive now."""
+        return self._threads
+
+    def submit(self, job: Callable[[], None], loop: asyncio.AbstractEventLoop) -> None:
+        """Run ``job`` (which must not raise) in one of the threads.
+
+        Up to ``eager_threads`` threads start at once.  Past that a step waits, and the
+        pool grows (up to ``max_threads``) only while some thread has been on one step
+        for ``grow_after_s``: a long, CPU-bound script then does not hold the others
+        up, while a burst of short steps (a thousand jobs starting together) stays on
+        a few threads, which on a few cores is as fast.  Call from ``loop``'s thread.
+        """
+        with self._lock:
+            if self._idle:
+                inbox = self._idle.pop()
+            elif self._threads < self._eager_threads:
+                self._threads += 1
+                inbox = None
+            else:
+                self._backlog.append(job)
+                self._check_later(loop)
+                return
+        if inbox is not None:
+            inbox.put(job)
+            return
+        self._start(job)
+
+    def _check_later(self, loop: asyncio.AbstractEventLoop) -> None:
+        # (lock held) one pending growth check at a time
+        if not self._check_pending and self._threads < self._max_threads:
+            self._check_pending = True
+            loop.call_later(self._grow_after_s, self._grow, loop)
+
+    def _grow(self, loop: asyncio.AbstractEventLoop) -> None:
+        started = []
+        with self._lock:
+            self._check_pending = False
+            now = time.monotonic()
+            stuck = sum(1 for since in self._busy_since.values() if now - since >= self._grow_after_s)
+            while stuck and self._backlog and self._threads < self._max_threads:
+                started.append(self._backlog.popleft())
+                self._threads += 1
+                stuck -= 1
+            if self._backlog:
+                self._check_later(loop)
+        for job in started:
+            self._start(job)
+
+    def _start(self, job: Callable[[], None]) -> None:
+        try:
+            threading.Thread(target=self._work, args=(job,), name="luanette-lua", daemon=True).start()
+        except BaseException:
+            with self._lock:
+                self._threads -= 1
+            raise
+
+    def _work(self, job: Callable[[], None]) -> None:
+        me = threading.get_ident()
+        inbox: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        while True:
+            with self._lock:  # (a plain store could resize the dict while _grow reads it)
+                self._busy_since[me] = time.monotonic()
+            job()
+            with self._lock:
+                if self._backlog:
+                    job = self._backlog.popleft()
+                    continue
+                del self._busy_since[me]
+                self._idle.append(inbox)
+            try:
+                job = inbox.get(timeout=self._idle_s)
+            except queue.Empty:
+                with self._lock:
+                    if inbox in self._idle:  # still idle: end
+                        self._idle.remove(inbox)
+                        self._threads -= 1
+                        return
+                job = inbox.get()  # a job was handed over as the wait ended
+
+
+# Lua steps of every run in the process; runs beyond this many threads wait their turn.
+# More threads than this buy no speed on a few cores (measured: 4, 16 and 64 give the
+# same wall time for 1,000 concurrent runs on 2 cores) and the daemon promises a small
+# thread count; 16 leaves room for steps abandoned inside a C call that never returns.
+# Two threads a core start at once; more only while a thread has been on one step for
+# 5 ms (a long, CPU-bound script), so bursts of short steps stay on a few threads.
+_threads = _ThreadPool(max_threads=16, idle_s=10.0, eager_threads=max(2, 2 * (os.cpu_count() or 1)), grow_after_s=0.005)
+
+
+def _in_thread(loop: asyncio.AbstractEventLoop, fn: Callable[..., _T], *args: Any) -> asyncio.Future[_T]:
+    """Run ``fn(*args)`` in a pool thread, in a copy of the caller's context."""
+    future: asyncio.Future[_T] = loop.create_future()
+    _threads.submit(functools.partial(_thread_job, loop, future, contextvars.copy_context(), fn, args), loop)
+    return future
+
+
+def _thread_job(
+    loop: asyncio.AbstractEventLoop,
+    future: asyncio.Future[Any],
+    context: contextvars.Context,
+    fn: Callable[..., Any],
+    args: tuple[Any, ...],
+) -> None:
+    outcome: tuple[Any, BaseException | None]
+    try:
+        outcome = context.run(fn, *args), None
+    except BaseException as exc:  # raised again where the future is awaited
+        outcome = None, exc
+    with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits any more
+        loop.call_soon_threadsafe(_resolve, future, *outcome)
+
+
+def _resolve(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
+    if future.done():  # cancelled, or given up on
+        return
+    if error is None:
+        future.set_result(result)
+    else:
+        future.set_exception(error)
+
+
+# Result of a thread step the driver stopped waiting for (deadline + grace passed).
+_ABANDONED: Final = object()
+
+
+class _Driver:
+    """Drives one session from the event loop: thread steps and I/O waits in turn."""
+
+    def __init__(self, session: _Session, bridge: _Bridge, killer: _Killer) -> None:
+        self._session = session
+        self._bridge = bridge
+        self._killer = killer
+        self._worker = _Worker(session)
+        # asyncio only (the daemon's backend)
+        self._loop = asyncio.get_running_loop()
+        self._step: asyncio.Future[Any] | None = None  # the thread step being waited for
+        self._abandon: asyncio.TimerHandle | None = None  # gives up on that step
+        self._io_scope: anyio.CancelScope | None = None  # of the I/O wait in progress
+
+    async def run(self) -> _Final:
+        """Run the script to its end; the runtime is released before returning."""
+        token = self._killer.token
+        # wakes the loop from the cancelling thread
+        listener = functools.partial(self._loop.call_soon_threadsafe, self._on_cancel)
+        token.listen(listener)
+        try:
+            reply = await self._thread_step(self._session.start)
+            while not isinstance(reply, _Final):
+                answer = await self._wait_io(reply)
+                if answer is None:
+                    return await self._thread_step(self._session.interrupted, self._killer.expire(), reply)
+                reply = await self._thread_step(self._session.resume, *answer)
+            return reply
+        finally:
+            token.unlisten(listener)
+            self._killer.stop()
+            # unless the last step closed it, or an abandoned thread will
+            if not (self._session.closed or self._worker.busy):
+                with anyio.CancelScope(shield=True):
+                    await _in_thread(self._loop, self._session.close)
+
+    async def _thread_step(self, step: Callable[..., _T], *args: Any) -> _T | _Final:
+        self._step = _in_thread(self._loop, self._worker.run, step, *args)
+        self._abandon = self._loop.call_at(self._loop_deadline(ABANDON_GRACE_S), _resolve, self._step, _ABANDONED, None)
+        if self._killer.token.cancelled:
+            self._on_cancel()
+        try:
+            result = await self._step
+        except BaseException:
+            self._worker.abandon()  # cancelled from outside: the hook stops the thread
+            raise
+        finally:
+            self._abandon.cancel()
+            self._step = self._abandon = None
+        if result is _ABANDONED:
+            self._worker.abandon()  # deadline + grace passed and Lua did not come back
+            return self._session.stopped(self._killer.expire())
+        return result
+
+    async def _wait_io(self, request: _Request) -> tuple[bool, bytes] | None:
+        with anyio.CancelScope(deadline=self._loop_deadline(0.0)) as self._io_scope:
+            if self._killer.token.cancelled:
+                self._io_scope.cancel()
+            try:
+                return await self._bridge.call_async(request)
+            finally:
+                self._io_scope = None
+        return None
+
+    def _loop_deadline(self, grace: float) -> float:
+        return self._loop.time() + (self._killer.deadline - time.monotonic()) + grace
+
+    def _on_cancel(self) -> None:
+        # Loop thread.  A wait on I/O ends now; a thread step gets the grace to come back.
+        if self._io_scope is not None:
+            self._io_scope.cancel()
+        if self._step is not None and self._abandon is not None:  # a thread step
+            when = self._loop.time() + ABANDON_GRACE_S
+            if when < self._abandon.when():
+                self._abandon.cancel()
+                self._abandon = self._loop.call_at(when, _resolve, self._step, _ABANDONED, None)
+
+
+# ------------------------------------------------------------------------ public API
+
+# Run ids: a per-process prefix (unique across restarts) and a counter.
+_RUN_ID_PREFIX: Final = uuid.uuid4().hex[:12]
+_run_numbers = itertools.count(1)
+
+
+async def run_script(
+    code: str,
+    params: Any = None,
+    *,
+    limits: Limits = Limits(),
+    cancel: CancelToken | None = None,
+    namespaces: Sequence[Namespace] = (),
+    chunk_name: str = "script",
+    log: Any = None,
+    span: Any = None,
+    log_sink: LogSink | None = None,
+) -> Outcome:
+    """Run a Lua script in a fresh sandbox (on a warm state) and return its result.
+
+    ``params`` (JSON-like) is the script's ``params`` global and the argument of
+    ``main(params)``.  The result is main's first return value if the script defines a
+    global function ``main``, else the chunk's first return value, converted by the
+    rules in ``luanette.luaconv``.  ``log`` is a structlog logger whose bound context
+    (e.g. request_id) every script log line carries; ``log_sink``, when given, takes
+    the script's log lines instead.  ``span`` is the run's OpenTelemetry span for
+    ``otel.*`` (default: the span current here).
+
+    Raises ScriptError with an ErrorDetail for syntax and runtime errors, timeouts,
+    cancellation, the memory limit, results that cannot be converted and params that
+    cannot be passed to Lua (kind "invalid_params").
+    """
+    started = time.perf_counter()
+    with _stats_lock:
+        stats.runs += 1
+    token = cancel or CancelToken()
+    run = RunContext(
+        run_id=f"{_RUN_ID_PREFIX}-{next(_run_numbers)}",
+        limits=limits,
+        cancel=token,
+        deadline=time.monotonic() + limits.timeout_s,
+        span=span,
+        log_sink=log_sink,
+        **({"caller_logger": log} if log is not None else {}),
+    )
+    try:
+        packed_params = to_lua(params)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise ScriptError(ErrorDetail("invalid_params", f"params cannot be passed to Lua: {exc}")) from None
+    bridge = _Bridge(run, namespaces)
+    killer = _Killer(run.deadline, token)
+    session = _Session(code, packed_params, chunk_name, run, bridge, killer)
+    final = await _Driver(session, bridge, killer).run()
+    if final.error is not None:
+        raise ScriptError(final.error)
+    return Outcome(final.result, (time.perf_counter() - started) * 1000)
+
+
+def check_syntax(code: str, chunk_name: str = "script") -> ErrorDetail | None:
+    """Compile ``code`` as Lua 5.4 text without running it; the syntax error, if any."""
+    lua = _new_lua(Limits().memory_bytes)
+    try:
+        lua.compile(code.encode(), name="=" + chunk_name, mode="t")
+    except LuaError as exc:  # LuaSyntaxError, or LuaMemoryError for absurd sources
+        return syntax_detail(exc.args[0], chunk_name)
+    return None

@@ -1,0 +1,758 @@
+"""The front's side of the engine: a supervised pool of worker processes.
+
+:class:`Engine` starts ``workers`` worker processes (forked from a preloaded fork
+server, so a replacement is ready in milliseconds), gives each run to the worker with
+the fewest runs, forwards cancels, answers the workers' service calls with the front's
+backends and garden client, and turns their notes into log lines, progress and span
+events.
+
+Supervision: a run whose worker has not answered ``grace_s`` after the run's deadline
+(or after its cancel) is answered as timed out (or cancelled) at once, and its worker is
+*quarantined*: it takes no new runs, a replacement starts at once, and it is killed
+(SIGKILL) as soon as its other runs have ended, or ``stuck_drain_s`` later, whichever
+comes first; runs still on it then end as ``worker_lost``.  A worker that dies (a
+segfault, the OOM killer) fails its runs with ``worker_lost`` and is replaced the same
+way.  A worker that grew past its memory share retires by itself between runs and is
+replaced too.  See docs/architecture.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import itertools
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, Final, cast
+
+import anyio
+import msgspec
+import structlog
+import zmq
+import zmq.asyncio
+from opentelemetry import context as otel_context
+
+from hooteproto import garden as g
+from luanette.backends import BackendError, Backends, UnknownBackend
+from luanette.engine import channel as ch
+from luanette.engine.api import CancelToken, ErrorDetail, Limits, Outcome, ScriptError, emit_script_log
+from luanette.engine.errors import stopped_detail
+from luanette.engine.worker import WorkerConfig
+from luanette.engine.zygote import FrameReader, write_frame
+from luanette.garden import GardenClient, GardenError, GardenUnavailable
+from luanette.settings import Settings
+from luanette.stdlib.temp import DIR_PREFIX as TEMP_DIR_PREFIX
+
+log = structlog.get_logger("luanette.engine")
+
+# Seconds a run may overstay its deadline (or its cancel) before its worker is replaced.
+GRACE_S: Final = 1.0
+# How long a quarantined worker's other runs may go on before it is killed.
+STUCK_DRAIN_S: Final = 5.0
+# Longest a run waits for a worker to take it (at start-up, or while all are replaced).
+WORKER_WAIT_S: Final = 30.0
+# Seconds between restarts of workers that keep dying at once.
+MAX_RESTART_BACKOFF_S: Final = 5.0
+# Seconds a stopping worker may take to finish before it is killed.
+STOP_TIMEOUT_S: Final = 5.0
+
+
+class EngineConfig(msgspec.Struct, kw_only=True, frozen=True):
+    """How the pool is run."""
+
+    workers: int
+    memory_share: int = 0  # bytes of RSS per worker past which it is recycled; 0: never
+    grace_s: float = GRACE_S
+    stuck_drain_s: float = STUCK_DRAIN_S
+    capacity: int = 1024  # runs per worker at once
+    temp_root: str
+    cas_root: str | None = None
+    settings: Settings = Settings()
+    log_json: bool = False
+
+
+class RunHooks:
+    """What the front does with a run's news: its log lines, progress and span."""
+
+    __slots__ = ("_logger", "context", "progress", "span")
+
+    def __init__(
+        self,
+        logger: Any,
+        *,
+        span: Any = None,
+        progress: Callable[[float, str | None], None] | None = None,
+    ) -> None:
+        # a logger, or a function that makes one (most runs never log: bind on first use)
+        self._logger = logger
+        self.span = span
+        self.progress = progress
+        # service calls run in the context where the run started (its span is current)
+        self.context = otel_context.get_current()
+
+    @property
+    def logger(self) -> Any:
+        """The logger of the run's script log lines."""
+        if callable(self._logger) and not hasattr(self._logger, "info"):
+            self._logger = self._logger()
+        return self._logger
+
+
+class EngineStats(msgspec.Struct):
+    """Counters an operator reads (and tests check)."""
+
+    runs: int = 0
+    workers_started: int = 0
+    workers_lost: int = 0  # died without being asked
+    workers_quarantined: int = 0  # replaced because a run did not come back
+    workers_recycled: int = 0  # retired past their memory share
+    late_results: int = 0  # answers for runs already given up on
+    service_calls: int = 0
+
+
+class _Worker:
+    """The front's view of one worker process."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.identity = name.encode()
+        self.pid = 0
+        self.ready = False
+        self.leaving = False  # takes no new runs (quarantined, retiring or stopping)
+        self.runs: set[int] = set()
+        self.capacity = 0
+        self.rss_bytes = 0
+        self.kill_timer: asyncio.TimerHandle | None = None
+        self.quarantined = False  # a run of it did not come back: killed, not stopped
+        self.exited = False
+
+
+class _Pending:
+    """A run the front waits for."""
+
+    __slots__ = ("cancel", "future", "hooks", "limits", "listener", "number", "timer", "worker")
+
+    def __init__(
+        self,
+        number: int,
+        future: asyncio.Future[Outcome],
+        worker: _Worker,
+        hooks: RunHooks,
+        cancel: CancelToken,
+        limits: Limits,
+    ) -> None:
+        self.number = number
+        self.future = future
+        self.worker = worker
+        self.hooks = hooks
+        self.cancel = cancel
+        self.limits = limits
+        self.timer: asyncio.TimerHandle | None = None
+        self.listener: Callable[[], object] | None = None
+
+
+class _Launcher:
+    """The front's end of the worker launcher (``luanette.engine.zygote``): one per event
+    loop, shared by the engines on it (tests run many daemons in one process)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        lifeline, self._lifeline = os.pipe()  # (see luanette.engine.zygote)
+        try:
+            self._process = subprocess.Popen(
+                [sys.executable, "-m", "luanette.engine.zygote", str(lifeline)],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                close_fds=True,
+                pass_fds=(lifeline,),
+            )
+        finally:
+            os.close(lifeline)
+        assert self._process.stdin is not None and self._process.stdout is not None
+        self._requests = self._process.stdin.fileno()
+        self._replies = self._process.stdout.fileno()
+        os.set_blocking(self._replies, False)
+        self._reader = FrameReader()
+        self._starting: collections.deque[asyncio.Future[int]] = collections.deque()
+        self._on_exit: dict[int, Callable[[int], None]] = {}
+        self._exited: dict[int, int] = {}  # exits reported before their pid was watched
+        self.alive = True
+        loop.add_reader(self._replies, self._readable)
+
+    async def spawn(self, config: WorkerConfig, on_exit: Callable[[int], None]) -> int:
+        """Start a worker; ``on_exit(code)`` is called on the loop when it ends."""
+        future: asyncio.Future[int] = self.loop.create_future()
+        self._starting.append(future)
+        write_frame(self._requests, ch.encoder.encode(config))
+        pid = await future
+        if pid in self._exited:
+            self.loop.call_soon(on_exit, self._exited.pop(pid))
+        else:
+            self._on_exit[pid] = on_exit
+        return pid
+
+    def _readable(self) -> None:
+        try:
+            data = os.read(self._replies, 65536)
+        except BlockingIOError:
+            return
+        if not data:
+            self._lost()
+            return
+        for frame in self._reader.feed(data):
+            message = msgspec.msgpack.decode(frame)
+            if message[0] == "started":
+                future = self._starting.popleft()
+                if future.done():  # its spawn was cancelled (a shutdown): nobody will use it
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(message[1], signal.SIGKILL)
+                else:
+                    future.set_result(message[1])
+            elif message[0] == "exited":
+                callback = self._on_exit.pop(message[1], None)
+                if callback is None:
+                    self._exited[message[1]] = message[2]
+                else:
+                    callback(message[2])
+
+    def _lost(self) -> None:
+        # The launcher died: nothing more will be reported; its workers watch their front.
+        self.alive = False
+        self.loop.remove_reader(self._replies)
+        for future in self._starting:
+            if not future.done():
+                future.set_exception(RuntimeError("the worker launcher exited"))
+        log.error("engine.launcher_lost")
+
+    def close(self) -> None:
+        """Stop the launcher (its workers are stopped apart)."""
+        if self.alive:
+            self.loop.remove_reader(self._replies)
+            self.alive = False
+        with contextlib.suppress(Exception):
+            self._process.stdin.close()  # type: ignore[union-attr]
+            os.close(self._lifeline)
+            self._process.wait(5)
+
+
+_launchers: dict[asyncio.AbstractEventLoop, _Launcher] = {}
+
+
+def _launcher() -> _Launcher:
+    loop = asyncio.get_running_loop()
+    launcher = _launchers.get(loop)
+    if launcher is None or not launcher.alive:
+        for other_loop, other in list(_launchers.items()):  # loops that have ended (tests)
+            if other_loop.is_closed():
+                other.alive = False
+                with contextlib.suppress(Exception):
+                    other._process.stdin.close()  # type: ignore[union-attr]
+                del _launchers[other_loop]
+        launcher = _launchers[loop] = _Launcher(loop)
+    return launcher
+
+
+class Engine:
+    """The pool of worker processes. Run :meth:`serve` in a task group; call :meth:`run`
+    from request handlers on the same loop."""
+
+    def __init__(
+        self,
+        config: EngineConfig,
+        *,
+        backends: Backends | None = None,
+        garden: GardenClient | None = None,
+        telemetry: Any = None,
+    ) -> None:
+        self.config = config
+        self.stats = EngineStats()
+        self._backends = backends
+        self._garden = garden
+        self._telemetry = telemetry
+        self._ctx = zmq.asyncio.Context()
+        self._sock: zmq.asyncio.Socket | None = None
+        self._dir: str | None = None
+        self.endpoint: str | None = None
+        self._workers: dict[bytes, _Worker] = {}
+        self._pending: dict[int, _Pending] = {}
+        self._numbers = itertools.count(1)
+        self._names = itertools.count(1)
+        self._ready = asyncio.Event()
+        self._exits = anyio.Event()  # set when a worker exits
+        self._stopping = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._tg: Any = None
+        self._restart_backoff = 0.0
+        self._garden_replies = msgspec.msgpack.Encoder()
+        self._garden_requests = msgspec.msgpack.Decoder(g.ShellRequest)
+
+    # --- lifecycle -------------------------------------------------------------------
+
+    def bind(self) -> str:
+        """Bind the pool socket (ipc in a private temporary directory)."""
+        self._dir = tempfile.mkdtemp(prefix="luanette-pool-")
+        sock = self._ctx.socket(zmq.ROUTER)
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        sock.setsockopt(zmq.SNDHWM, 0)
+        sock.setsockopt(zmq.RCVHWM, 0)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.bind(f"ipc://{self._dir}/pool")
+        self._sock = sock
+        self.endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        return self.endpoint
+
+    async def serve(self, *, task_status: Any = anyio.TASK_STATUS_IGNORED) -> None:
+        """Start the workers and serve them until cancelled; then stop them."""
+        if self._sock is None:
+            self.bind()
+        self._loop = asyncio.get_running_loop()
+        try:
+            async with anyio.create_task_group() as tg:
+                self._tg = tg
+                for _ in range(self.config.workers):  # runs wait for the first to be ready
+                    tg.start_soon(self._spawn)
+                tg.start_soon(self._receive_loop)
+                task_status.started()
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self._stop_all()
+
+    async def _stop_all(self) -> None:
+        self._stopping = True
+        for pending in list(self._pending.values()):
+            self._fail(pending, ErrorDetail("cancelled", "the daemon is shutting down"))
+        for worker in list(self._workers.values()):
+            if worker.ready:
+                self._send(worker, ch.Stop())
+            else:  # not connected yet: a Stop would not reach it, and it holds nothing
+                self._kill(worker)
+        with anyio.move_on_after(STOP_TIMEOUT_S):
+            await self._all_exited()
+        for worker in list(self._workers.values()):
+            self._kill(worker)
+        with anyio.move_on_after(1.0):
+            await self._all_exited()
+        for worker in list(self._workers.values()):
+            self._forget(worker)
+        if self._sock is not None:
+            self._sock.close(0)
+        self._ctx.term()
+        if self._dir is not None:
+            shutil.rmtree(self._dir, ignore_errors=True)
+
+    async def _all_exited(self) -> None:
+        while self._workers:
+            self._exits = anyio.Event()
+            with anyio.move_on_after(0.1):
+                await self._exits.wait()
+            # A launcher that died reports no exits: look for the processes themselves.
+            for worker in list(self._workers.values()):
+                if worker.pid and not _exists(worker.pid):
+                    self._on_exit(worker, -signal.SIGKILL)
+
+    # --- runs ------------------------------------------------------------------------
+
+    async def run(
+        self,
+        code: str,
+        params: Any,
+        *,
+        limits: Limits,
+        info: ch.RunInfo,
+        cancel: CancelToken,
+        hooks: RunHooks,
+        chunk_name: str = "script",
+    ) -> Outcome:
+        """Run a script in a worker. Raises ScriptError as ``run_script`` does, and with
+        kind ``worker_lost`` when its worker died under it."""
+        worker = self._choose()
+        if worker is None:  # starting up, or every worker is full or being replaced
+            worker = await self._wait_for_worker(time.monotonic() + WORKER_WAIT_S, cancel)
+        # the run's time starts now, as it does in the worker
+        deadline = time.monotonic() + limits.timeout_s
+        self.stats.runs += 1
+        number = next(self._numbers)
+        loop = self._loop or asyncio.get_running_loop()
+        pending = _Pending(number, loop.create_future(), worker, hooks, cancel, limits)
+        try:
+            frame = ch.encoder.encode(
+                ch.Run(run=number, code=code, params=params, chunk_name=chunk_name, limits=limits, info=info)
+            )
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise ScriptError(ErrorDetail("invalid_params", f"params cannot be passed to Lua: {exc}")) from None
+        self._pending[number] = pending
+        worker.runs.add(number)
+        self._send_frame(worker, frame)
+        pending.timer = loop.call_at(
+            loop.time() + (deadline - time.monotonic()) + self.config.grace_s, self._overdue, pending
+        )
+        pending.listener = lambda: loop.call_soon_threadsafe(self._on_cancel, pending)
+        cancel.listen(pending.listener)
+        if cancel.cancelled:
+            self._on_cancel(pending)
+        try:
+            return await pending.future
+        finally:
+            cancel.unlisten(pending.listener)
+            if not pending.future.done():  # the caller was cancelled: stop the run too
+                self._send(worker, ch.Cancel(run=number, reason="the request was abandoned"))
+            self._settle(pending)
+
+    def _choose(self) -> _Worker | None:
+        best: _Worker | None = None
+        for worker in self._workers.values():
+            if worker.ready and not worker.leaving and len(worker.runs) < worker.capacity:
+                if best is None or len(worker.runs) < len(best.runs):
+                    best = worker
+        return best
+
+    async def _wait_for_worker(self, deadline: float, cancel: CancelToken) -> _Worker:
+        while True:
+            self._ready.clear()
+            left = deadline - time.monotonic()
+            if left <= 0 or cancel.cancelled or self._stopping:
+                if cancel.cancelled:
+                    raise ScriptError(ErrorDetail("cancelled", "the run was cancelled before a worker took it"))
+                raise ScriptError(
+                    ErrorDetail(
+                        "busy",
+                        f"no worker process could take the script within {WORKER_WAIT_S:g} s",
+                        hints=["the daemon's workers keep failing or are all full; see its log, and try again"],
+                    )
+                )
+            with anyio.move_on_after(min(left, 0.1)):
+                await self._ready.wait()
+            worker = self._choose()
+            if worker is not None:
+                return worker
+
+    def _on_cancel(self, pending: _Pending) -> None:
+        if pending.future.done():
+            return
+        self._send(pending.worker, ch.Cancel(run=pending.number, reason=pending.cancel.reason or "cancelled"))
+        loop = self._loop
+        assert loop is not None
+        when = loop.time() + self.config.grace_s
+        if pending.timer is None or when < pending.timer.when():
+            if pending.timer is not None:
+                pending.timer.cancel()
+            pending.timer = loop.call_at(when, self._overdue, pending)
+
+    def _overdue(self, pending: _Pending) -> None:
+        """The run's worker did not answer in time: answer for it, replace the worker."""
+        if pending.future.done():
+            return
+        reason = "cancelled" if pending.cancel.cancelled else "timeout"
+        detail = stopped_detail(reason, pending.cancel, pending.limits, [])
+        detail = msgspec.structs.replace(
+            detail,
+            message=detail.message + " (it did not stop in time, inside one long library call such as a "
+            "pattern match, so its worker process was replaced)",
+            hints=[
+                *detail.hints,
+                "avoid patterns that backtrack without bound (e.g. '(.-)*x') and very large string.rep results",
+            ],
+        )
+        self._fail(pending, detail)
+        worker = pending.worker
+        self.stats.workers_quarantined += 1
+        log.warning("engine.worker_quarantined", worker=worker.name, run=pending.number, reason=reason)
+        self._retire(worker, kill_after=self.config.stuck_drain_s)
+
+    def _settle(self, pending: _Pending) -> None:
+        self._pending.pop(pending.number, None)
+        if pending.timer is not None:
+            pending.timer.cancel()
+        worker = pending.worker
+        worker.runs.discard(pending.number)
+        if worker.leaving and not worker.runs and not worker.exited:
+            self._leave_now(worker)
+
+    def _fail(self, pending: _Pending, detail: ErrorDetail) -> None:
+        if not pending.future.done():
+            pending.future.set_exception(ScriptError(detail))
+        self._settle(pending)
+
+    # --- workers ---------------------------------------------------------------------
+
+    def _temp_of(self, name: str) -> Path:
+        # named like a job's directory, so a start-up after a crash removes it too
+        return Path(self.config.temp_root) / f"{TEMP_DIR_PREFIX}worker-{name}"
+
+    async def _spawn(self) -> None:
+        if self._stopping:
+            return
+        assert self.endpoint is not None
+        name = f"w{next(self._names)}.{os.getpid()}"
+        config = WorkerConfig(
+            endpoint=self.endpoint,
+            name=name,
+            capacity=self.config.capacity,
+            memory_share=self.config.memory_share,
+            temp_root=str(self._temp_of(name)),
+            cas_root=self.config.cas_root,
+            settings=self.config.settings,
+            log_json=self.config.log_json,
+        )
+        handle = _Worker(name)
+        self._workers[handle.identity] = handle  # before it starts: its Hello may come first
+        try:
+            handle.pid = await _launcher().spawn(config, lambda code: self._on_exit(handle, code))
+        except BaseException:
+            self._workers.pop(handle.identity, None)
+            self._exits.set()
+            raise
+        self.stats.workers_started += 1
+        log.debug("engine.worker_started", worker=name, pid=handle.pid)
+
+    def _replace(self) -> None:
+        if self._stopping or self._tg is None:
+            return
+        backoff = self._restart_backoff
+
+        async def later() -> None:
+            if backoff:
+                await anyio.sleep(backoff)
+            await self._spawn()
+
+        self._tg.start_soon(later)
+
+    def _retire(self, worker: _Worker, *, kill_after: float | None) -> None:
+        """Take no new runs on ``worker``; start its replacement; stop it when its runs
+        are done (or kill it ``kill_after`` seconds from now)."""
+        if worker.leaving:
+            return
+        worker.leaving = True
+        self._replace()
+        worker.quarantined = kill_after is not None
+        if kill_after is not None and self._loop is not None:
+            worker.kill_timer = self._loop.call_later(kill_after, self._kill, worker)
+        if not worker.runs:
+            self._leave_now(worker)
+
+    def _leave_now(self, worker: _Worker) -> None:
+        if worker.quarantined:
+            self._kill(worker)
+        else:
+            self._send(worker, ch.Stop())
+
+    def _kill(self, worker: _Worker) -> None:
+        if not worker.exited and worker.pid:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(worker.pid, signal.SIGKILL)
+
+    def _on_exit(self, worker: _Worker, code: int) -> None:
+        """The worker process ended (the launcher said so)."""
+        worker.exited = True
+        if worker.kill_timer is not None:
+            worker.kill_timer.cancel()
+        expected = worker.leaving or self._stopping
+        log.debug("engine.worker_exited", worker=worker.name, code=code, expected=expected)
+        if not expected:
+            self.stats.workers_lost += 1
+            log.error("engine.worker_lost", worker=worker.name, exitcode=code, runs=len(worker.runs))
+            # a worker that dies before it ever served is likely to die again: back off
+            self._restart_backoff = (
+                min(max(self._restart_backoff * 2, 0.1), MAX_RESTART_BACKOFF_S) if not worker.ready else 0.0
+            )
+        how = f"was killed by signal {-code}" if code is not None and code < 0 else f"exited (code {code})"
+        for number in list(worker.runs):
+            pending = self._pending.get(number)
+            if pending is not None:
+                self._fail(
+                    pending,
+                    ErrorDetail(
+                        "worker_lost",
+                        f"the worker process running the script {how} before the script finished",
+                        hints=[
+                            "if it happens again with this script, it may use more memory than the machine has; "
+                            "otherwise run it again"
+                        ],
+                    ),
+                )
+        self._forget(worker)
+        self._exits.set()
+        if not expected:
+            self._replace()
+
+    def _forget(self, worker: _Worker) -> None:
+        self._workers.pop(worker.identity, None)
+        temp = self._temp_of(worker.name)
+        if temp.exists():
+            shutil.rmtree(temp, ignore_errors=True)
+
+    # --- the socket ------------------------------------------------------------------
+
+    def _send(self, worker: _Worker, message: ch.Message) -> None:
+        self._send_frame(worker, ch.encoder.encode(message))
+
+    def _send_frame(self, worker: _Worker, frame: bytes) -> None:
+        assert self._sock is not None
+        # With NOBLOCK the future is done at once; reading its exception marks it seen.
+        sent = cast("asyncio.Future[Any]", self._sock.send_multipart([worker.identity, frame], flags=zmq.NOBLOCK))
+        problem = sent.exception() if sent.done() else None
+        if problem is not None:  # not connected yet, or gone: its exit is handled apart
+            log.debug("engine.send_failed", worker=worker.name, error=str(problem))
+
+    async def _receive_loop(self) -> None:
+        assert self._sock is not None
+        sock = self._sock
+        while True:
+            identity, frame = await sock.recv_multipart()
+            self._on_message(identity, frame)
+            for _ in range(256):
+                try:
+                    identity, frame = cast(
+                        "asyncio.Future[list[bytes]]", sock.recv_multipart(flags=zmq.NOBLOCK)
+                    ).result()
+                except zmq.Again:
+                    break
+                self._on_message(identity, frame)
+
+    def _on_message(self, identity: bytes, frame: bytes) -> None:
+        worker = self._workers.get(identity)
+        if worker is None:
+            return
+        try:
+            message = ch.to_front.decode(frame)
+        except msgspec.DecodeError:
+            log.warning("engine.bad_message", worker=worker.name, size=len(frame))
+            return
+        if isinstance(message, ch.Done):
+            self._on_done(message)
+        elif isinstance(message, ch.Note):
+            self._on_note(message)
+        elif isinstance(message, ch.Call):
+            self.stats.service_calls += 1
+            pending = self._pending.get(message.run)
+            context = pending.hooks.context if pending is not None else otel_context.get_current()
+            assert self._tg is not None
+            # the call runs as part of its run: the run's span is its parent
+            token = otel_context.attach(context)
+            try:
+                self._tg.start_soon(self._serve_call, worker, message)
+            finally:
+                otel_context.detach(token)
+        elif isinstance(message, ch.Hello):
+            worker.ready = True
+            worker.capacity = message.capacity
+            self._restart_backoff = 0.0
+            self._ready.set()
+        elif isinstance(message, ch.Beat):
+            worker.rss_bytes = message.rss_bytes
+        elif isinstance(message, ch.Retiring):
+            self.stats.workers_recycled += 1
+            log.info("engine.worker_recycled", worker=worker.name, rss=message.rss_bytes)
+            self._retire(worker, kill_after=None)
+
+    def _on_done(self, message: ch.Done) -> None:
+        pending = self._pending.get(message.run)
+        if pending is None:
+            self.stats.late_results += 1
+            return
+        if not pending.future.done():
+            if message.error is not None:
+                pending.future.set_exception(ScriptError(message.error))
+            else:
+                pending.future.set_result(Outcome(message.result, message.duration_ms))
+        self._settle(pending)
+
+    def _on_note(self, message: ch.Note) -> None:
+        if message.kind == "metric":
+            name, value, attributes = message.data
+            if self._telemetry is not None and (
+                name in self._telemetry.histograms or len(self._telemetry.histograms) < 200
+            ):
+                with contextlib.suppress(Exception):
+                    self._telemetry.histogram(name).record(value, attributes)
+            return
+        pending = self._pending.get(message.run)
+        if pending is None:
+            return
+        hooks = pending.hooks
+        with contextlib.suppress(Exception):  # a note is news, never a reason to fail
+            if message.kind == "log":
+                level, text, fields = message.data
+                emit_script_log(hooks.logger, level, text, fields)
+            elif message.kind == "progress" and hooks.progress is not None:
+                hooks.progress(*message.data)
+            elif message.kind == "event" and hooks.span is not None:
+                hooks.span.add_event(message.data[0], message.data[1])
+            elif message.kind == "attribute" and hooks.span is not None:
+                hooks.span.set_attribute(message.data[0], message.data[1])
+
+    async def _serve_call(self, worker: _Worker, message: ch.Call) -> None:
+        try:
+            value = await self._service(message)
+            answer = ch.Answer(call=message.call, ok=True, value=value)
+        except Exception as exc:  # every failure goes back to the script as its error
+            answer = ch.Answer(call=message.call, ok=False, error=_error_of(exc))
+        if not worker.exited:
+            self._send(worker, answer)
+
+    async def _service(self, message: ch.Call) -> Any:
+        if message.service == "backend":
+            if self._backends is None:
+                raise RuntimeError("no backends")
+            name, path, body, left, method = message.args
+            deadline = None if left is None else time.monotonic() + left
+            return await self._backends.call(name, path, body, deadline=deadline, method=method)
+        if message.service == "garden":
+            if self._garden is None:
+                raise GardenUnavailable("no garden configured (set endpoint in the [garden] section of the config)")
+            packed, timeout = message.args
+            reply = await self._garden.request(self._garden_requests.decode(packed), timeout=timeout)
+            return self._garden_replies.encode(reply)
+        raise RuntimeError(f"unknown service {message.service!r}")
+
+    def workers(self) -> list[Mapping[str, Any]]:
+        """The workers now: name, pid, runs, RSS, state."""
+        return [
+            {
+                "name": w.name,
+                "pid": w.pid,
+                "runs": len(w.runs),
+                "rss_bytes": w.rss_bytes,
+                "ready": w.ready,
+                "leaving": w.leaving,
+            }
+            for w in self._workers.values()
+        ]
+
+
+def _exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _error_of(exc: Exception) -> dict[str, Any]:
+    if isinstance(exc, BackendError):
+        return {
+            "type": "backend",
+            "message": str(exc),
+            "code": exc.code,
+            "name": exc.name,
+            "url": exc.url,
+            "reason": exc.reason,
+        }
+    if isinstance(exc, UnknownBackend):
+        return {"type": "unknown_backend", "message": str(exc.args[0]), "name": exc.name}
+    if isinstance(exc, GardenUnavailable):
+        return {"type": "garden_unavailable", "message": str(exc)}
+    if isinstance(exc, GardenError):
+        return {"type": "garden_error", "message": str(exc), "traceback": exc.traceback}
+    log.exception("engine.service_failed")
+    return {"type": "internal", "message": "internal error in the daemon; see its log"}

@@ -1,0 +1,391 @@
+-- The sandbox of one run.  The engine loads this chunk (after codec.lua, without debug
+-- information) once per Lua state and calls it once per run: every local below is
+-- made anew for each run, so nothing a run reaches survives it.  It runs on the main
+-- Lua thread with the real standard library, captures what it needs as locals, builds
+-- the script environment from an empty table and runs the script up to its end or its
+-- first I/O request.  It returns that first reply (see `finish`), or "syntax" and the
+-- message; after an "io" reply come the driver's entry points: `step` (resume the
+-- script), `where` (the script's frames while it waits) and `release` (free the
+-- script's memory before the state is reused or dropped).  Script code runs only in
+-- coroutines created here (each with the count hook) and can reach none of these
+-- locals.  Privileged code never calls a string method with `:` syntax: the string
+-- metatable points at the script's (mutable) copy of `string`.
+local check, call_sync, spec, preludes_packed, hook_interval, chunk_name, code, code_mode, params_packed = ...
+
+local type, next, select, error, tostring = type, next, select, error, tostring
+local rawget, rawequal, setmetatable, pcall, xpcall, load = rawget, rawequal, setmetatable, pcall, xpcall, load
+local collectgarbage = collectgarbage
+local co_create, co_resume, co_yield = coroutine.create, coroutine.resume, coroutine.yield
+local co_status, co_running, co_isyieldable = coroutine.status, coroutine.running, coroutine.isyieldable
+local sethook, getinfo, getmetatable = debug.sethook, debug.getinfo, debug.getmetatable
+local format, sub, rep, gmatch = string.format, string.sub, string.rep, string.gmatch
+local concat, sort = table.concat, table.sort
+local encode, encode_args, decode, failure = codec.encode, codec.encode_args, codec.decode, codec.failure
+local NULL = codec.NULL
+
+-- The state's random generator is shared by its runs: a fresh seed, so one run's
+-- math.randomseed(42) does not decide the next run's numbers.
+math.randomseed()
+
+-- Functions the sandbox's wrappers call with a script's arguments, called as fields so
+-- that an argument error names them ("bad argument #1 to 'setmetatable'"): privileged
+-- code is loaded without debug information, so Lua cannot name the locals it calls.
+local lib = {pcall = pcall, load = load, setmetatable = setmetatable, create = co_create,
+  resume = co_resume, close = coroutine.close}
+
+local KILL = {}    -- error value of a stopped run
+local MEMORY_ERROR = "not enough memory"
+local IO = {}      -- first value yielded to the driver: an I/O request
+local killed = false
+local env = {}
+local script_co
+local main_function  -- the script's main, named in stacks (its caller has no debug information)
+local qualnames = {}  -- "ns.fn" by bridge index
+
+-- Count hook: ask Python whether the run must stop; once it must, keep raising.
+local function hook()
+  if killed or check() then
+    killed = true
+    error(KILL, 0)
+  end
+end
+
+local function hooked(co)
+  sethook(co, hook, "", hook_interval)
+  return co
+end
+
+-- Pass-through for the results of every catch point: a kill is never swallowed.
+local function unless_killed(...)
+  if killed then error(KILL, 0) end
+  return ...
+end
+
+local function c_boundary(qualname)
+  return "attempt to yield across a C-call boundary: " .. qualname .. " waits for I/O, "
+    .. "which cannot happen inside a function called from C (a table.sort comparator, "
+    .. "a string.gsub replacement function, a __tostring metamethod, ...)"
+end
+
+-- The arguments of a call to `qualname` as MessagePack; an encoder failure becomes a
+-- Lua error at the script's call, worded like the function's own errors.
+local function encode_or_raise(qualname, ...)
+  local ok, packed = pcall(encode_args, "passed", ...)
+  if killed then error(KILL, 0) end
+  if ok then return packed end
+  local problem = failure(packed)
+  if problem then error(qualname .. ": " .. problem, 3) end
+  error(packed, 0)  -- out of memory
+end
+
+local function bind_sync(index, qualname)
+  return function(...)
+    local ok, reply = call_sync(index, encode_or_raise(qualname, ...))
+    if not ok then error(reply, 2) end
+    return decode(reply)
+  end
+end
+
+local function bind_async(index, qualname)
+  return function(...)
+    local packed = encode_or_raise(qualname, ...)
+    if not co_isyieldable() then error(c_boundary(qualname), 2) end
+    local ok, reply = co_yield(IO, index, packed)
+    if not ok then error(reply, 2) end
+    return decode(reply)
+  end
+end
+
+-- "chunk:line: " of the innermost script frame calling the function that calls this,
+-- skipping privileged frames (what error() would add if it knew where the script was).
+-- Privileged frames are the Lua frames without a current line: a script's chunks are
+-- text, which always has line information, and privileged code has none.
+local function script_where()
+  local level = 3
+  while true do
+    local info = getinfo(level, "Sl")
+    if not info or info.what == "C" then return "" end
+    if info.currentline >= 0 then return format("%s:%d: ", info.short_src, info.currentline) end
+    level = level + 1
+  end
+end
+
+-- coroutine.resume for scripts: I/O requests of the inner coroutine go on outward to
+-- the driver, and the answer comes back in.
+local function forward(co, ok, first, ...)
+  if killed then error(KILL, 0) end
+  if ok and rawequal(first, IO) then
+    local index = ...
+    if not co_isyieldable() then error(script_where() .. c_boundary(qualnames[index]), 0) end
+    return forward(co, co_resume(co, co_yield(IO, ...)))
+  end
+  return ok, first, ...
+end
+
+local function sb_resume(co, ...)
+  return forward(co, lib.resume(co, ...))
+end
+
+local function sb_create(f)
+  return hooked(lib.create(f))
+end
+
+local function rethrow(ok, ...)
+  if ok then return ... end
+  error((...), 0)
+end
+
+local function sb_wrap(f)
+  local co = sb_create(f)
+  return function(...) return rethrow(sb_resume(co, ...)) end
+end
+
+local function sb_yield(...)
+  if co_running() == script_co then error("attempt to yield from outside a coroutine", 2) end
+  return co_yield(...)
+end
+
+local function sb_xpcall(f, handler, ...)
+  if type(handler) ~= "function" then error("bad argument #2 to 'xpcall' (function expected)", 2) end
+  return unless_killed(xpcall(f, function(e)
+    if killed then return e end
+    return handler(e)
+  end, ...))
+end
+
+-- load: text only, and the sandbox environment unless one is given.
+local function sb_load(chunk, name, _, ...)
+  local chunk_env = env
+  if select("#", ...) > 0 then chunk_env = ... end
+  return unless_killed(lib.load(chunk, name, "t", chunk_env))
+end
+
+local function sb_setmetatable(t, mt)
+  if type(mt) == "table" and rawget(mt, "__gc") ~= nil then
+    error("__gc metamethods are not available in the sandbox", 2)
+  end
+  return lib.setmetatable(t, mt)
+end
+
+local function sb_collectgarbage(option)
+  if option ~= "count" then
+    error("only collectgarbage(\"count\") is available in the sandbox", 2)
+  end
+  return collectgarbage("count")
+end
+
+local function copy(lib)
+  local t = {}
+  for k, v in next, lib do t[k] = v end
+  return t
+end
+
+for _, name in next, {"assert", "error", "ipairs", "next", "pairs", "rawequal", "rawget",
+    "rawlen", "rawset", "select", "getmetatable", "tonumber", "tostring", "type", "_VERSION"} do
+  env[name] = _G[name]
+end
+env.pcall = function(...) return unless_killed(lib.pcall(...)) end
+env.xpcall, env.load, env.setmetatable, env.collectgarbage =
+  sb_xpcall, sb_load, sb_setmetatable, sb_collectgarbage
+env.string, env.table, env.math, env.utf8 = copy(string), copy(table), copy(math), copy(utf8)
+env.os = {clock = os.clock, time = os.time, date = os.date}
+env.coroutine = {
+  create = sb_create, resume = sb_resume, wrap = sb_wrap, yield = sb_yield,
+  close = function(co) return unless_killed(lib.close(co)) end,
+  status = co_status, running = co_running, isyieldable = co_isyieldable,
+}
+env._G = env
+
+local string_meta = getmetatable("")
+string_meta.__index = env.string
+string_meta.__metatable = false
+
+local print_line = bind_sync(0, "print")
+env.print = function(...)
+  local n = select("#", ...)
+  local parts = {...}
+  for i = 1, n do parts[i] = tostring(parts[i]) end
+  return print_line(concat(parts, "\t", 1, n))
+end
+
+-- spec: "ns.fn ns.other *ns.waits ...", bridge indexes 1, 2, 3, ...; "*" marks async
+local index = 0
+for star, namespace, name in gmatch(spec, "(%*?)([^ .]+)%.([^ ]+)") do
+  index = index + 1
+  local qualname = namespace .. "." .. name
+  qualnames[index] = qualname
+  env[namespace] = env[namespace] or {}
+  env[namespace][name] = (star == "*" and bind_async or bind_sync)(index, qualname)
+end
+
+-- Lua halves of namespaces (see Namespace.lua_prelude): bytecode we compiled, run as
+-- sandbox code on the script's environment before the script.
+if preludes_packed then
+  local marks = {NULL = NULL, array = function(t)
+    if t == nil then t = {} end
+    if type(t) ~= "table" or rawequal(t, NULL) then
+      error("bad argument #1 to 'array' (table expected, got " .. type(t) .. ")", 2)
+    end
+    return lib.setmetatable(t, codec.ARRAY)
+  end}
+  local preludes = decode(preludes_packed)
+  for i = 1, #preludes, 2 do
+    lib.load(preludes[i + 1], preludes[i], "b", env)(env[preludes[i]], marks)
+  end
+end
+
+-- Error description (main thread, after the script coroutine died) -------------------
+
+local function quote(v)
+  local kind = type(v)
+  if kind == "string" then return format("%q", sub(v, 1, 200)) end
+  if kind == "number" or kind == "boolean" then return tostring(v) end
+  if kind == "table" then return "{...}" end
+  return kind
+end
+
+-- error({...}) values: raw access only, so no script metamethod runs here.
+local function render(err)
+  local kind = type(err)
+  if kind == "string" then return err end
+  if kind == "number" or kind == "boolean" then return tostring(err) end
+  if kind ~= "table" then return "(error object is a " .. kind .. " value)" end
+  if type(rawget(err, "message")) == "string" then return rawget(err, "message") end
+  local parts = {}
+  for k, v in next, err do
+    if #parts == 20 then break end
+    parts[#parts + 1] = (type(k) == "string" and k or "[" .. quote(k) .. "]") .. " = " .. quote(v)
+  end
+  sort(parts)
+  return "{" .. concat(parts, ", ") .. "}"
+end
+
+local function function_name(info)
+  if info.what == "main" then return "main chunk" end
+  if rawequal(info.func, main_function) then return "main" end
+  -- "?": called by privileged code, which has no names for Lua to give
+  if info.name and info.name ~= "?" then return info.name end
+  return format("function <%s:%d>", info.short_src, info.linedefined)
+end
+
+-- The script's frames: Lua frames with a current line (see script_where).
+local function frames_of(co)
+  local frames, level = {}, 0
+  while #frames < 32 do  -- deep recursion would otherwise report thousands
+    local info = getinfo(co, level, "Slnf")
+    if not info then break end
+    if info.currentline >= 0 then
+      frames[#frames + 1] = {name = function_name(info), line = info.currentline, source = info.short_src}
+    end
+    level = level + 1
+  end
+  return frames
+end
+
+-- Global names and one level of their fields, for "did you mean" hints.
+local function global_names()
+  local names = {}
+  for k, v in next, env do
+    if type(k) == "string" then
+      names[#names + 1] = k
+      if type(v) == "table" and not rawequal(v, NULL) then
+        local fields = 0
+        for field in next, v do
+          if type(field) == "string" and fields < 200 then
+            fields = fields + 1
+            names[#names + 1] = k .. "." .. field
+          end
+        end
+      end
+    end
+    if #names >= 5000 then break end
+  end
+  return names
+end
+
+local function describe(err)
+  local info = {message = render(err), frames = frames_of(script_co)}
+  if not (err == MEMORY_ERROR or killed) then info.names = global_names() end
+  return encode(info, "error", "described", true)
+end
+
+-- The script coroutine ------------------------------------------------------------
+
+-- code is text, or bytecode the engine compiled from the same text (its chunk cache)
+local chunk, syntax_error = load(code, "=" .. chunk_name, code_mode, env)
+if not chunk then return "syntax", syntax_error end
+local params = decode(params_packed)
+env.params = params
+
+-- Script convention: run the chunk; if it defined a global function main, main(params)
+-- gives the result, else the chunk's first return value does.
+local function runner()
+  local result = chunk()
+  local main = rawget(env, "main")
+  if type(main) == "function" then
+    main_function = main
+    result = main(params)
+  end
+  local ok, packed = pcall(encode, result, "result", "returned", false)
+  if killed then error(KILL, 0) end
+  if ok then return packed end
+  local problem = failure(packed)
+  if not problem then error(packed, 0) end  -- out of memory
+  return nil, problem
+end
+script_co = hooked(co_create(runner))
+
+local function where()
+  return encode({frames = frames_of(script_co)}, "error", "described", true)
+end
+
+-- Above this heap size (KiB, ~0.6 ms of lua_close per MiB of small blocks) release()
+-- collects the garbage itself.
+local RELEASE_ABOVE_KB = 1024
+local function blank_64k() return rep(rep(" ", 256), 256) end  -- (rep of 1 byte is slow)
+
+-- lupa frees a runtime with the GIL held, and glibc merges freed small blocks only at
+-- the next large allocation: for a big heap do both here, inside Lua, where the GIL is
+-- released, so the heap does not stall the event loop.  A small heap is left to
+-- lua_close, which frees it faster than a full collection would.
+local function release()
+  script_co, env, chunk, params = nil, nil, nil, nil
+  if collectgarbage("count") > RELEASE_ABOVE_KB then
+    collectgarbage()
+    blank_64k()
+  end
+end
+
+local function over(tag, ...)
+  pcall(release)  -- out of memory here is no reason to fail the run: lua_close frees it all
+  return tag, ...
+end
+
+-- The script ran out of memory, and describing that needs some: the driver raises the
+-- memory limit, then calls this.  (A reserve freed at this point, allocated by every
+-- run, made every run ~10% slower.)
+local function describe_memory_error()
+  collectgarbage()
+  return over("error", describe(MEMORY_ERROR))
+end
+
+-- Replies to the driver: "io", index, args | "done", result | "unserializable", message
+-- | "error", description | "killed", description | "memory", describe_memory_error.
+-- The run is over after any reply but "io" and "memory", so the script's memory is
+-- released before answering.
+local function finish(ok, first, ...)
+  if killed then return over("killed", describe(KILL)) end
+  if not ok and first == MEMORY_ERROR then return "memory", describe_memory_error end
+  if not ok then return over("error", describe(first)) end
+  if co_status(script_co) == "suspended" then return "io", ... end
+  if first then return over("done", first) end
+  return over("unserializable", (...))
+end
+
+local function step(...)
+  return finish(co_resume(script_co, ...))
+end
+
+local tag, io_index, io_args = step()
+if tag == "io" then return tag, io_index, io_args, step, where, release end
+return tag, io_index

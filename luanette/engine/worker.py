@@ -1,0 +1,438 @@
+"""A worker process: runs scripts for the front, many at once, and holds nothing else.
+
+It connects a DEALER to the front's pool socket, says ``Hello``, and serves ``Run``
+messages until told to ``Stop`` (or until the front goes away).  Each run gets the
+globals the registry gives its kind; the services only the front holds (model
+backends, the garden) are proxies that send a ``Call`` and wait for its ``Answer``, so
+per-backend concurrency and the garden client stay daemon-wide.  A script's log lines,
+progress and span events go to the front as ``Note`` messages, where they join the
+request's or job's log context and span.
+
+Memory: after a run, a worker that has grown past its share of the daemon's Lua memory
+budget drops its idle states, and if it is still too big announces ``Retiring``, takes
+no more runs and exits once the ones it has are done; the front starts a replacement.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import contextvars
+import itertools
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, cast
+
+import anyio
+import msgspec
+import structlog
+import zmq
+import zmq.asyncio
+from opentelemetry import trace
+
+from hooteproto import garden as g
+from luanette import logs
+from luanette.backends import BackendError, UnknownBackend
+from luanette.cas import Cas
+from luanette.engine import channel as ch
+from luanette.engine.api import CancelToken, ScriptError
+from luanette.engine.lua import release_idle_states, run_script, stats
+from luanette.garden import GardenError, GardenUnavailable
+from luanette.settings import BackendSettings, GardenSettings, Settings
+from luanette.stdlib.garden import GardenNamespace
+from luanette.stdlib.models import model_namespaces
+from luanette.stdlib.registry import Toolbox, namespaces_for
+
+log = structlog.get_logger("luanette.worker")
+
+# The run whose task (or Lua thread, which runs in a copy of its context) is calling:
+# the service proxies tell the front whose call it is.
+current_run: contextvars.ContextVar[int] = contextvars.ContextVar("current_run", default=0)
+
+# How often an idle worker says it is alive and checks that its front still is.
+BEAT_S = 1.0
+
+
+class WorkerConfig(msgspec.Struct, kw_only=True, frozen=True):
+    """Everything a worker is told when it starts."""
+
+    endpoint: str  # the front's pool socket
+    name: str  # DEALER identity, unique per front
+    capacity: int = 1024  # runs at once
+    memory_share: int = 0  # bytes of RSS past which the worker retires; 0: never
+    temp_root: str
+    cas_root: str | None = None
+    settings: Settings = Settings()
+    log_json: bool = False
+
+
+# --------------------------------------------------------------- front services
+
+
+class _Calls:
+    """Outstanding service calls of this worker, answered by the front."""
+
+    def __init__(self, send: Any) -> None:
+        self._send = send
+        self._numbers = itertools.count(1)
+        self._waiting: dict[int, asyncio.Future[ch.Answer]] = {}
+
+    async def call(self, run: int, service: str, args: list[Any]) -> Any:
+        """Ask the front; the answer's value, or the front's error raised as ours."""
+        number = next(self._numbers)
+        future: asyncio.Future[ch.Answer] = asyncio.get_running_loop().create_future()
+        self._waiting[number] = future
+        try:
+            self._send(ch.Call(call=number, run=run, service=service, args=args))
+            answer = await future
+        finally:
+            self._waiting.pop(number, None)
+        if answer.ok:
+            return answer.value
+        raise _remote_error(answer.error or {})
+
+    def answer(self, answer: ch.Answer) -> None:
+        future = self._waiting.get(answer.call)
+        if future is not None and not future.done():
+            future.set_result(answer)
+
+
+class _RemoteBackendError(BackendError):
+    """A backend error that happened in the front, with its code and text kept."""
+
+    def __init__(self, error: dict[str, Any]) -> None:
+        Exception.__init__(self, error.get("message", "backend error"))
+        self.code = error.get("code", "backend_unavailable")
+        self.name = error.get("name", "")
+        self.url = error.get("url", "")
+        self.reason = error.get("reason", "")
+
+
+class _RemoteUnknownBackend(UnknownBackend):
+    def __init__(self, error: dict[str, Any]) -> None:
+        LookupError.__init__(self, error.get("message", "unknown backend"))
+        self.name = error.get("name", "")
+
+
+def _remote_error(error: dict[str, Any]) -> Exception:
+    kind = error.get("type")
+    message = str(error.get("message", "internal error"))
+    if kind == "backend":
+        return _RemoteBackendError(error)
+    if kind == "unknown_backend":
+        return _RemoteUnknownBackend(error)
+    if kind == "garden_unavailable":
+        return GardenUnavailable(message)
+    if kind == "garden_error":
+        return GardenError(message, error.get("traceback"))
+    return RuntimeError(message)
+
+
+class RemoteBackends:
+    """``Backends`` as the model namespaces use it, calling through the front."""
+
+    def __init__(self, calls: _Calls, settings: dict[str, BackendSettings], run_of: Any) -> None:
+        self._calls = calls
+        self._settings = settings
+        self._run_of = run_of
+
+    def names(self) -> list[str]:
+        return sorted(self._settings)
+
+    def settings(self, name: str) -> BackendSettings:
+        try:
+            return self._settings[name]
+        except KeyError:
+            raise UnknownBackend(name, self.names()) from None
+
+    async def call(
+        self,
+        name: str,
+        path: str,
+        body: Any,
+        *,
+        deadline: float | None,
+        traceparent: str | None = None,
+        method: str = "POST",
+    ) -> Any:
+        left = None if deadline is None else deadline - time.monotonic()
+        return await self._calls.call(self._run_of(), "backend", [name, path, body, left, method])
+
+
+class RemoteGarden:
+    """``GardenClient`` as the garden namespace uses it, calling through the front."""
+
+    def __init__(self, calls: _Calls, settings: GardenSettings, run_of: Any) -> None:
+        self._calls = calls
+        self.settings = settings
+        self._run_of = run_of
+        self._replies = msgspec.msgpack.Decoder(g.ShellReply)
+
+    @property
+    def configured(self) -> bool:
+        return self.settings.endpoint is not None
+
+    async def request(self, content: Any, *, traceparent: str | None = None, timeout: float | None = None) -> Any:
+        packed = await self._calls.call(self._run_of(), "garden", [msgspec.msgpack.encode(content), timeout])
+        return self._replies.decode(packed)
+
+
+class _RemoteSpan(trace.NonRecordingSpan):
+    """The run's span in the front, as ``otel.*`` sees it: its ids here, its events and
+    attributes sent to the front (only when the front records the span)."""
+
+    def __init__(self, context: trace.SpanContext, note: Any, sampled: bool) -> None:
+        super().__init__(context)
+        self._note = note
+        self._sampled = sampled
+
+    def add_event(self, name: str, attributes: Any = None, timestamp: int | None = None) -> None:
+        if self._sampled:
+            self._note("event", [name, dict(attributes or {})])
+
+    def set_attribute(self, key: str, value: Any) -> None:
+        if self._sampled:
+            self._note("attribute", [key, value])
+
+
+class _RemoteHistogram:
+    def __init__(self, name: str, send: Any) -> None:
+        self._name = name
+        self._send = send
+
+    def record(self, value: float, attributes: Any = None) -> None:
+        self._send(ch.Note(run=0, kind="metric", data=[self._name, value, dict(attributes or {})]))
+
+
+class RemoteMetrics:
+    """The daemon's histograms as ``otel.record_metric`` uses them, recorded in the front."""
+
+    def __init__(self, send: Any) -> None:
+        self._send = send
+        self.histograms: dict[str, _RemoteHistogram] = {}
+
+    def histogram(self, name: str) -> _RemoteHistogram:
+        found = self.histograms.get(name)
+        if found is None:
+            found = self.histograms[name] = _RemoteHistogram(name, self._send)
+        return found
+
+
+def span_context_of(traceparent: str | None) -> trace.SpanContext:
+    """The SpanContext a W3C traceparent names (invalid when there is none)."""
+    try:
+        _, trace_id, span_id, flags = (traceparent or "").split("-")
+        return trace.SpanContext(
+            int(trace_id, 16), int(span_id, 16), is_remote=True, trace_flags=trace.TraceFlags(int(flags, 16))
+        )
+    except ValueError:
+        return trace.INVALID_SPAN_CONTEXT
+
+
+# ----------------------------------------------------------------------- worker
+
+
+def rss_bytes() -> int:
+    """This process's resident set size (0 where /proc is not there)."""
+    try:
+        with open("/proc/self/statm", "rb") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+class Worker:
+    """One worker process's runs and its socket."""
+
+    def __init__(self, config: WorkerConfig, lifeline: int | None = None) -> None:
+        self.config = config
+        self._lifeline = lifeline
+        self._ctx = zmq.asyncio.Context()
+        self._sock = self._ctx.socket(zmq.DEALER)
+        self._sock.setsockopt(zmq.IDENTITY, config.name.encode())
+        self._sock.setsockopt(zmq.SNDHWM, 0)  # both ends are ours; runs bound the flow
+        self._sock.setsockopt(zmq.RCVHWM, 0)
+        self._sock.setsockopt(zmq.LINGER, 2000)
+        self._runs: dict[int, CancelToken] = {}
+        self._calls = _Calls(self.send)
+        self._retiring = False
+        self._stopping = False
+        self._idle = anyio.Event()
+        cas = Cas.from_config(config.cas_root)
+        settings = config.settings
+        backends = RemoteBackends(self._calls, dict(settings.backends), current_run.get)
+        garden = GardenNamespace(RemoteGarden(self._calls, settings.garden, current_run.get))  # type: ignore[arg-type]
+        self.toolbox = Toolbox(
+            cas=cas,
+            temp_root=Path(config.temp_root),
+            models=model_namespaces(backends, cas, settings.models),  # type: ignore[arg-type]
+            garden=garden,
+            metrics=RemoteMetrics(self.send),
+        )
+
+    def send(self, message: ch.Message) -> None:
+        """Queue a message to the front (never blocks: the socket has no HWM); from any
+        thread (a sync namespace function runs in a Lua thread)."""
+        if threading.get_ident() != self._loop_thread:
+            self._loop.call_soon_threadsafe(self._send_now, message)
+        else:
+            self._send_now(message)
+
+    def _send_now(self, message: ch.Message) -> None:
+        sent = cast("asyncio.Future[Any]", self._sock.send(ch.encoder.encode(message), flags=zmq.NOBLOCK))
+        if sent.done() and sent.exception() is not None:  # (marks it seen) the front is gone
+            log.debug("worker.send_failed", error=str(sent.exception()))
+
+    async def serve(self) -> None:
+        """Serve runs until stopped, then wait for the ones running and return."""
+        self._loop = asyncio.get_running_loop()
+        self._loop_thread = threading.get_ident()
+        if self._lifeline is not None:
+            self._loop.add_reader(self._lifeline, _front_gone)
+        self._sock.connect(self.config.endpoint)
+        self.send(ch.Hello(pid=os.getpid(), capacity=self.config.capacity))
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._beat)
+            while not (self._stopping or self._retiring):
+                try:
+                    with anyio.fail_after(BEAT_S):
+                        frame = await self._sock.recv()
+                except TimeoutError:
+                    continue
+                self._receive(tg, frame)
+                # drain what is queued without a future per message
+                while True:
+                    try:
+                        frame = cast("asyncio.Future[bytes]", self._sock.recv(flags=zmq.NOBLOCK)).result()
+                    except zmq.Again:
+                        break
+                    self._receive(tg, frame)
+            await self._drain(tg)
+            tg.cancel_scope.cancel()
+        self._sock.close()
+        self._ctx.term()
+
+    async def _drain(self, tg: Any) -> None:
+        # Runs still going get their answers; service calls still need the socket.
+        while self._runs:
+            self._idle = anyio.Event()
+            with anyio.move_on_after(BEAT_S):
+                while self._runs:
+                    try:
+                        frame = await self._sock.recv()
+                    except zmq.ZMQError:
+                        return
+                    self._receive(tg, frame)
+
+    def _receive(self, tg: Any, frame: bytes) -> None:
+        try:
+            message = ch.to_worker.decode(frame)
+        except msgspec.DecodeError:
+            log.warning("worker.bad_message", size=len(frame))
+            return
+        if isinstance(message, ch.Run):
+            token = CancelToken()
+            self._runs[message.run] = token
+            tg.start_soon(self._run, message, token)
+        elif isinstance(message, ch.Cancel):
+            running = self._runs.get(message.run)
+            if running is not None:
+                running.cancel(message.reason)
+        elif isinstance(message, ch.Answer):
+            self._calls.answer(message)
+        elif isinstance(message, ch.Stop):
+            self._stopping = True
+
+    async def _run(self, message: ch.Run, token: CancelToken) -> None:
+        number = message.run
+        info = message.info
+        current_run.set(number)
+
+        def note(kind: str, data: list[Any]) -> None:
+            self.send(ch.Note(run=number, kind=kind, data=data))
+
+        runset = namespaces_for(
+            info.kind,
+            self.toolbox,
+            job_id=info.job_id,
+            script_hash=info.script_hash,
+            progress=lambda percent, text: note("progress", [percent, text]),
+        )
+        try:
+            outcome = await run_script(
+                message.code,
+                message.params,
+                limits=message.limits,
+                cancel=token,
+                namespaces=runset.namespaces,
+                chunk_name=message.chunk_name,
+                log=log.bind(run=number),
+                span=_RemoteSpan(span_context_of(info.traceparent), note, info.sampled),
+                log_sink=lambda level, text, fields: note("log", [level, text, fields]),
+            )
+            done = ch.Done(run=number, result=outcome.result, duration_ms=outcome.duration_ms)
+        except ScriptError as e:
+            done = ch.Done(run=number, error=e.detail)
+        finally:
+            self._runs.pop(number, None)
+            if runset.temp is not None and runset.temp.created:
+                await anyio.to_thread.run_sync(runset.close)
+            else:
+                runset.close()
+        try:
+            self.send(done)
+        except (TypeError, ValueError, OverflowError) as exc:  # a result the channel cannot carry
+            self.send(ch.Done(run=number, error=_unsendable(exc)))
+        if not self._runs:
+            self._idle.set()
+            self._check_memory()
+
+    def _check_memory(self) -> None:
+        share = self.config.memory_share
+        if not share or self._retiring or rss_bytes() <= share:
+            return
+        release_idle_states()
+        rss = rss_bytes()
+        if rss > share:
+            log.info("worker.retiring", rss=rss, share=share)
+            self._retiring = True
+            self.send(ch.Retiring(rss_bytes=rss))
+
+    async def _beat(self) -> None:
+        while True:
+            await anyio.sleep(BEAT_S)
+            self.send(ch.Beat(rss_bytes=rss_bytes(), runs=len(self._runs)))
+
+
+def _unsendable(exc: Exception) -> Any:
+    from luanette.engine.api import ErrorDetail
+
+    return ErrorDetail("result_not_serializable", f"the result cannot be sent: {exc}")
+
+
+def _front_gone() -> None:
+    # The lifeline pipe reads end-of-file: the front's process has ended.  Nobody will
+    # read our answers, and a Lua thread may be stuck: leave at once.
+    log.warning("worker.front_gone")
+    os._exit(0)
+
+
+def main(config: WorkerConfig, lifeline: int | None = None) -> None:
+    """Entry point of a worker process (forked by ``luanette.engine.zygote``)."""
+    # the front decides when workers stop (Ctrl-C and SIGTERM reach the process group)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    logs.configure(json=config.log_json)
+    try:
+        anyio.run(Worker(config, lifeline).serve)
+    except KeyboardInterrupt:
+        pass
+    sys.stderr.flush()
+    if stats.abandoned_running:
+        os._exit(0)  # a thread stuck in one C call would hold interpreter exit forever
+    with contextlib.suppress(Exception):
+        sys.stdout.flush()

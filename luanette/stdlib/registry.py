@@ -1,0 +1,102 @@
+"""Which globals each kind of run gets: the one place that decides it.
+
+A worker process holds one :class:`Toolbox` (the namespaces that serve every run, over
+that process's CAS and its proxies of the front's services) and asks
+:func:`namespaces_for` for each run.  Kinds:
+
+- ``eval`` (``lua_eval``): log, clock, json, otel, garden.
+- ``job`` (``job_execute`` and timeline triggers): the eval set, plus the model
+  namespaces (orpheus, musicgen, llm, backend), progress, temp, cas, midi, job.
+- ``describe`` (``describe()`` of a script being stored): nothing but the sandbox.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, Final
+
+from luanette.cas import Cas
+from luanette.engine.api import Namespace
+from luanette.stdlib.cas import CasNamespace
+from luanette.stdlib.clock import ClockNamespace
+from luanette.stdlib.garden import GardenNamespace
+from luanette.stdlib.job import JobNamespace
+from luanette.stdlib.json import JsonNamespace
+from luanette.stdlib.log import LogNamespace
+from luanette.stdlib.midi import MidiNamespace
+from luanette.stdlib.otel import OtelNamespace
+from luanette.stdlib.progress import ProgressNamespace
+from luanette.stdlib.temp import TempNamespace
+
+KINDS: Final = ("eval", "job", "describe")
+
+
+class Toolbox:
+    """The namespaces of one process that hold no per-run state, shared by its runs."""
+
+    def __init__(
+        self,
+        *,
+        cas: Cas,
+        temp_root: Path,
+        models: Sequence[Namespace],
+        garden: GardenNamespace,
+        metrics: Any,
+    ) -> None:
+        self.cas = cas
+        self.temp_root = temp_root
+        self.base: tuple[Namespace, ...] = (LogNamespace(), ClockNamespace(), JsonNamespace())
+        self.otel = OtelNamespace(metrics)
+        self.models = tuple(models)
+        self.garden = garden
+
+
+class RunSet:
+    """The namespaces of one run, and what to do when it ends."""
+
+    def __init__(self, namespaces: list[Namespace], temp: TempNamespace | None = None) -> None:
+        self.namespaces = namespaces
+        self.temp = temp
+
+    def close(self) -> None:
+        """Remove the run's temporary directory, if it made one (never raises)."""
+        if self.temp is not None:
+            self.temp.close()
+
+
+def namespaces_for(
+    kind: str,
+    toolbox: Toolbox,
+    *,
+    job_id: str | None = None,
+    script_hash: str | None = None,
+    progress: Callable[[float, str | None], None] | None = None,
+) -> RunSet:
+    """The globals a run of ``kind`` gets. Raises ValueError for an unknown kind."""
+    if kind == "describe":
+        return RunSet([])
+    if kind == "eval":
+        return RunSet([*toolbox.base, toolbox.otel, toolbox.garden])
+    if kind == "job":
+        temp = TempNamespace(toolbox.temp_root)
+        cas = toolbox.cas
+        return RunSet(
+            [
+                *toolbox.base,
+                *toolbox.models,
+                toolbox.garden,
+                ProgressNamespace(progress or _no_progress),
+                temp,
+                CasNamespace(cas, temp=temp),
+                MidiNamespace(cas, temp),
+                toolbox.otel,
+                JobNamespace(job_id or "", script_hash or ""),
+            ],
+            temp,
+        )
+    raise ValueError(f"unknown kind of run {kind!r}; one of {', '.join(KINDS)}")
+
+
+def _no_progress(percent: float, message: str | None) -> None:
+    return None

@@ -181,7 +181,8 @@ class _Launcher:
         self._replies = self._process.stdout.fileno()
         os.set_blocking(self._replies, False)
         self._reader = FrameReader()
-        self._starting: collections.deque[asyncio.Future[int]] = collections.deque()
+        # one entry per request not yet answered, in order (None: nobody waits any more)
+        self._starting: collections.deque[asyncio.Future[int] | None] = collections.deque()
         self._on_exit: dict[int, Callable[[int], None]] = {}
         self._exited: dict[int, int] = {}  # exits reported before their pid was watched
         self.alive = True
@@ -199,6 +200,18 @@ class _Launcher:
             self._on_exit[pid] = on_exit
         return pid
 
+    def move_to(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Serve ``loop`` from now on.  What the old loop waited for is forgotten: its
+        engines are gone (they stopped their workers), and a worker still being started
+        for one of them is killed when it is reported."""
+        if not self.loop.is_closed():
+            self.loop.remove_reader(self._replies)
+        self._starting = collections.deque(None for _ in self._starting)
+        self._on_exit.clear()
+        self._exited.clear()
+        self.loop = loop
+        loop.add_reader(self._replies, self._readable)
+
     def _readable(self) -> None:
         try:
             data = os.read(self._replies, 65536)
@@ -211,7 +224,7 @@ class _Launcher:
             message = msgspec.msgpack.decode(frame)
             if message[0] == "started":
                 future = self._starting.popleft()
-                if future.done():  # its spawn was cancelled (a shutdown): nobody will use it
+                if future is None or future.done():  # its spawn was cancelled: nobody will use it
                     with contextlib.suppress(ProcessLookupError):
                         os.kill(message[1], signal.SIGKILL)
                 else:
@@ -219,6 +232,8 @@ class _Launcher:
             elif message[0] == "exited":
                 callback = self._on_exit.pop(message[1], None)
                 if callback is None:
+                    if len(self._exited) > 1000:  # exits of workers nobody watches any more
+                        self._exited.clear()
                     self._exited[message[1]] = message[2]
                 else:
                     callback(message[2])
@@ -228,7 +243,7 @@ class _Launcher:
         self.alive = False
         self.loop.remove_reader(self._replies)
         for future in self._starting:
-            if not future.done():
+            if future is not None and not future.done():
                 future.set_exception(RuntimeError("the worker launcher exited"))
         log.error("engine.launcher_lost")
 
@@ -243,20 +258,22 @@ class _Launcher:
             self._process.wait(5)
 
 
-_launchers: dict[asyncio.AbstractEventLoop, _Launcher] = {}
+_launcher_now: _Launcher | None = None
 
 
 def _launcher() -> _Launcher:
+    """The process's launcher, moved to the running loop if an earlier loop has ended
+    (tests run one loop after another; starting a launcher costs a second of imports)."""
+    global _launcher_now
     loop = asyncio.get_running_loop()
-    launcher = _launchers.get(loop)
+    launcher = _launcher_now
+    if launcher is not None and launcher.alive and launcher.loop is not loop:
+        if launcher.loop.is_closed() or not launcher.loop.is_running():
+            launcher.move_to(loop)
+        else:  # two loops at once: each gets its own
+            launcher = None
     if launcher is None or not launcher.alive:
-        for other_loop, other in list(_launchers.items()):  # loops that have ended (tests)
-            if other_loop.is_closed():
-                other.alive = False
-                with contextlib.suppress(Exception):
-                    other._process.stdin.close()  # type: ignore[union-attr]
-                del _launchers[other_loop]
-        launcher = _launchers[loop] = _Launcher(loop)
+        launcher = _launcher_now = _Launcher(loop)
     return launcher
 
 

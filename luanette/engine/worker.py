@@ -63,7 +63,7 @@ class WorkerConfig(msgspec.Struct, kw_only=True, frozen=True):
     endpoint: str  # the front's pool socket
     name: str  # DEALER identity, unique per front
     capacity: int = 1024  # runs at once
-    memory_share: int = 0  # bytes of RSS past which the worker retires; 0: never
+    memory_share: int = 0  # bytes the worker may grow past its start-up RSS before it retires; 0: never
     temp_root: str
     cas_root: str | None = None
     settings: Settings = Settings()
@@ -261,6 +261,7 @@ class Worker:
         self._calls = _Calls(self.send)
         self._retiring = False
         self._stopping = False
+        self._baseline = 0  # RSS when it started serving
         self._idle = anyio.Event()
         cas = Cas.from_config(config.cas_root)
         settings = config.settings
@@ -294,6 +295,7 @@ class Worker:
         if self._lifeline is not None:
             self._loop.add_reader(self._lifeline, _front_gone)
         self._sock.connect(self.config.endpoint)
+        self._baseline = rss_bytes()
         self.send(ch.Hello(pid=os.getpid(), capacity=self.config.capacity))
         async with anyio.create_task_group() as tg:
             tg.start_soon(self._beat)
@@ -392,13 +394,15 @@ class Worker:
             self._check_memory()
 
     def _check_memory(self) -> None:
+        # The share is for Lua: what the worker has grown since it started (the
+        # interpreter and its libraries, ~45 MiB, are not counted).
         share = self.config.memory_share
-        if not share or self._retiring or rss_bytes() <= share:
+        if not share or self._retiring or rss_bytes() - self._baseline <= share:
             return
         release_idle_states()
         rss = rss_bytes()
-        if rss > share:
-            log.info("worker.retiring", rss=rss, share=share)
+        if rss - self._baseline > share:
+            log.info("worker.retiring", rss=rss, baseline=self._baseline, share=share)
             self._retiring = True
             self.send(ch.Retiring(rss_bytes=rss))
 

@@ -114,6 +114,7 @@ class Dispatcher:
         self._engine = engine
         self._eval_slots = asyncio.Semaphore(config.max_evals)
         self._evals_waiting: collections.deque[RequestContext] = collections.deque()
+        self._busy_reply: t.Error | None = None
         self._limits = limits
         self._handlers: dict[type, Handler] = {
             t.Ping: self.ping,
@@ -205,6 +206,18 @@ class Dispatcher:
             self._eval_slots.release()
         return t.Success(result={"result": outcome.result, "duration_ms": outcome.duration_ms})
 
+    def refuse_at_once(self) -> t.Error | None:
+        """``busy`` for a new eval when the queue is full or standing (its oldest eval
+        has waited past the target); None when it may queue.  Cheap: the socket loop
+        asks it before it makes a task for the request."""
+        waiting = self._evals_waiting
+        if waiting and (
+            len(waiting) >= self.config.eval_queue
+            or time.monotonic() - waiting[0].received > self.config.queue_target_s
+        ):
+            return self._busy()
+        return None
+
     async def _admit(self, ctx: RequestContext) -> t.Payload | None:
         """Take an eval slot, or the ``busy`` reply.  Admission is by time: an eval that
         waited past the queue's target is refused without running (its caller has likely
@@ -228,6 +241,12 @@ class Dispatcher:
         return None
 
     def _busy(self) -> t.Error:
+        # one reply object serves every refusal: they are all alike
+        if self._busy_reply is None:
+            self._busy_reply = self._make_busy()
+        return self._busy_reply
+
+    def _make_busy(self) -> t.Error:
         return error(
             "busy",
             f"{self.config.max_evals} scripts are running and more are waiting than can start within "

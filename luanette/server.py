@@ -9,12 +9,13 @@ libzmq reports an unroutable peer instead of dropping the message).
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import os
 import time
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import anyio
 import msgspec
@@ -81,6 +82,8 @@ class ServerStats(msgspec.Struct):
     replies_dropped: int = 0
     """The peer did not read for ``send_timeout``."""
     malformed: int = 0
+    refused: int = 0
+    """LuaEvals answered ``busy`` at once, under overload."""
     internal_errors: int = 0
     in_flight: int = 0
 
@@ -367,6 +370,12 @@ class Server:
                 self._reply, reply, error("shutting_down", "the daemon is shutting down; no new work is taken")
             )
             return
+        if isinstance(payload, t.LuaEval):
+            refusal = self.dispatcher.refuse_at_once()
+            if refusal is not None:  # overload: refused here, without a task or a span
+                self.stats.refused += 1
+                self._reply_now(tg, reply, refusal)
+                return
         ctx = RequestContext(reply.request_id, t.tag_of(type(payload)), traceparent)
         self._in_flight.add(ctx)
         self._idle = anyio.Event() if len(self._in_flight) == 1 else self._idle
@@ -390,6 +399,29 @@ class Server:
         await self._reply(reply, answer)
 
     # --- replying --------------------------------------------------------------------
+
+    def _reply_now(self, tg: anyio.abc.TaskGroup, reply: _Reply, payload: t.Payload) -> None:
+        """Send a reply from the loop without a task; a peer that is not reading gets it
+        through the patient path of :meth:`_send`."""
+        assert self._socket is not None
+        message = reply.route + self._encode(reply, payload)
+        sent = cast("asyncio.Future[Any]", self._socket.send_multipart(message, flags=zmq.DONTWAIT))
+        problem = sent.exception() if sent.done() else None
+        if problem is None:
+            self.stats.replies_sent += 1
+        else:
+            tg.start_soon(self._send, message)
+
+    def _encode(self, reply: _Reply, payload: t.Payload) -> list[Any]:
+        if reply.hoot01:
+            return Hoot01(
+                command=Command.REPLY,
+                content_type=frames.content_type_for(reply.encoding),
+                request_id=reply.request_id,
+                body=payload_codec.encode(payload, reply.encoding),
+            ).to_frames()
+        envelope = t.Envelope(id=reply.request_id, payload=payload)
+        return [envelope_codec.encode(envelope, reply.encoding)]
 
     async def _reply(self, reply: _Reply, payload: t.Payload) -> None:
         if reply.hoot01:

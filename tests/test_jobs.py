@@ -352,13 +352,12 @@ async def test_progress_is_reported_in_status_and_broadcast(server, client, zctx
     """
     digest = await store(client, script)
     job = (await run(client, digest))["job_id"]
-    seen = None
-    for _ in range(500):
+
+    async def progress_done() -> bool:  # (the loop's last update is 100 % "rendering")
         seen = (await client.request(t.JobStatusRequest(job_id=job))).result.get("progress")
-        if seen and seen["percent"] == 100:
-            break
-        await asyncio.sleep(0.02)
-    assert seen == {"percent": 100.0, "message": "done"}
+        return seen == {"percent": 100.0, "message": "done"}
+
+    await until(progress_done, "progress 100 % done in the job's status")
     await wait_done(client, job)
     final = t.Progress(job_id=job, percent=100.0, message="done")
     messages: list[t.Progress] = []

@@ -46,6 +46,7 @@ from typing import Any, Final, TypeVar
 import anyio
 import msgspec
 from lupa.lua54 import LuaError, LuaMemoryError, LuaRuntime
+from opentelemetry import trace
 
 from luanette.engine.api import (
     SANDBOX_GLOBALS,
@@ -313,27 +314,47 @@ class _Bridge:
 
     def __init__(self, run: RunContext, namespaces: Sequence[Namespace]) -> None:
         self._run = run
-        self._calls: list[Callable[..., Any]] = [self._print]
+        self._namespaces = namespaces
         # computed on a function's first call: most runs call few of their functions,
         # and inspect.signature costs more than the rest of binding one
         self._signatures: dict[int, inspect.Signature | None] = {0: None}  # print: always one line
-        shape = []
-        for namespace in namespaces:
-            functions = namespace.functions(run)
-            shape.append((type(namespace), namespace.name, tuple(functions)))
-            self._calls.extend(functions.values())
-        key = tuple(shape)
+        key = tuple((type(namespace), namespace.name) for namespace in namespaces)
         layout = _layouts.get(key)
-        if layout is None:
-            layout = _layouts[key] = _Layout.of(namespaces, [names for _, _, names in shape], self._calls)
+        if layout is None:  # a new shape: bind everything once to learn it
+            calls: list[Callable[..., Any] | None] = [self._print]
+            names = []
+            for namespace in namespaces:
+                functions = namespace.functions(run)
+                names.append(tuple(functions))
+                calls.extend(functions.values())
+            layout = _layouts[key] = _Layout.of(namespaces, names, calls)  # type: ignore[arg-type]
+        else:
+            # A namespace's functions are made on the first call of one of them: most
+            # runs use few namespaces, and making a run's closures costs more than the
+            # rest of starting it.
+            calls = [self._print, *([None] * (len(layout.qualnames) - 1))]
+        self._calls = calls
+        self._layout = layout
         self.qualnames = layout.qualnames
         self.spec = layout.spec
         self.preludes = layout.preludes
 
+    def _function(self, index: int) -> Callable[..., Any]:
+        function = self._calls[index]
+        if function is None:
+            position = self._layout.owners[index]
+            first = self._layout.firsts[position]
+            made = self._namespaces[position].functions(self._run).values()
+            for offset, made_function in enumerate(made):
+                self._calls[first + offset] = made_function
+            function = self._calls[index]
+            assert function is not None
+        return function
+
     def call_sync(self, index: int, packed: bytes) -> tuple[bool, bytes]:
         """Called from Lua (worker thread): (True, result) or (False, Lua error message)."""
         try:
-            return True, to_lua(self._calls[index](*self._arguments(index, packed)))
+            return True, to_lua(self._function(index)(*self._arguments(index, packed)))
         except Exception as exc:  # every failure becomes a Lua error
             try:
                 return False, self._failure(index, exc)
@@ -344,7 +365,7 @@ class _Bridge:
         """Await an async namespace function on the loop for a suspended script."""
         index = request.index
         try:
-            return True, to_lua(await self._calls[index](*self._arguments(index, request.args)))
+            return True, to_lua(await self._function(index)(*self._arguments(index, request.args)))
         except Exception as exc:  # every failure becomes a Lua error
             return False, self._failure(index, exc)
 
@@ -357,7 +378,7 @@ class _Bridge:
             args.pop()
         if index not in self._signatures:
             try:
-                self._signatures[index] = inspect.signature(self._calls[index])
+                self._signatures[index] = inspect.signature(self._function(index))
             except (TypeError, ValueError):  # some builtins have none
                 self._signatures[index] = None
         signature = self._signatures[index]
@@ -380,14 +401,16 @@ class _Layout(msgspec.Struct, frozen=True):
     """What the sandbox setup needs to know of a run's namespaces.
 
     The same namespaces give the same layout run after run, so it is computed once per
-    shape (namespace types, names and function names) and cached: binding forty-odd
-    functions cost ~75 us of event-loop time per job.  A namespace type must therefore
-    give the same function names the same kind (sync or async) on every run.
+    shape (namespace types and names) and cached: binding forty-odd functions cost
+    ~75 us per job.  A namespace type must therefore give the same function names, in
+    the same order and of the same kind (sync or async), on every run.
     """
 
     qualnames: list[str]  # by bridge index; 0 is print
     spec: bytes  # "ns.fn ns.other *ns.waits ..." ("*" = async), bridge indexes 1, 2, ...
     preludes: bytes | None  # MessagePack [name, bytecode, name, bytecode, ...] or None
+    owners: list[int]  # by bridge index: position of its namespace (-1 for print)
+    firsts: list[int]  # by namespace position: bridge index of its first function
 
     @classmethod
     def of(
@@ -396,10 +419,12 @@ class _Layout(msgspec.Struct, frozen=True):
         """The layout of ``namespaces``, whose functions are ``names`` (one tuple per
         namespace) and ``calls`` (all of them in order, after print)."""
         qualnames, spec = ["print"], []
+        owners, firsts = [-1], []
         preludes: list[bytes | str] = []
         taken: set[str] = set()
-        for namespace, function_names in zip(namespaces, names, strict=True):
+        for position, (namespace, function_names) in enumerate(zip(namespaces, names, strict=True)):
             _check_namespace_name(namespace.name, taken)
+            firsts.append(len(qualnames))
             prelude = getattr(namespace, "lua_prelude", None)
             if prelude:
                 preludes += [namespace.name, _prelude_bytecode(namespace.name, prelude)]
@@ -409,8 +434,9 @@ class _Layout(msgspec.Struct, frozen=True):
                 qualname = f"{namespace.name}.{name}"
                 is_async = inspect.iscoroutinefunction(calls[len(qualnames)])
                 qualnames.append(qualname)
+                owners.append(position)
                 spec.append("*" + qualname if is_async else qualname)
-        return cls(qualnames, " ".join(spec).encode(), to_lua(preludes) if preludes else None)
+        return cls(qualnames, " ".join(spec).encode(), to_lua(preludes) if preludes else None, owners, firsts)
 
 
 _layouts: dict[tuple[Any, ...], _Layout] = {}
@@ -868,7 +894,8 @@ async def run_script(
         limits=limits,
         cancel=token,
         deadline=time.monotonic() + limits.timeout_s,
-        span=span,
+        # the span current here: a namespace's functions are made later, in a Lua thread
+        span=span if span is not None else trace.get_current_span(),
         log_sink=log_sink,
         **({"caller_logger": log} if log is not None else {}),
     )

@@ -208,14 +208,32 @@ env.print = function(...)
   return print_line(concat(parts, "\t", 1, n))
 end
 
--- spec: "ns.fn ns.other *ns.waits ...", bridge indexes 1, 2, 3, ...; "*" marks async
-local index = 0
-for star, namespace, name in gmatch(spec, "(%*?)([^ .]+)%.([^ ]+)") do
-  index = index + 1
-  local qualname = namespace .. "." .. name
+-- spec: "ns.fn ns.other *ns.waits ...", bridge indexes 1, 2, 3, ...; "*" marks async.
+-- Parsed once per state and spec (a handful of shapes), kept in the state's real
+-- globals, which no script reaches.
+local parsed_specs = rawget(_G, "__luanette_specs")
+if not parsed_specs then
+  parsed_specs = {}
+  _G.__luanette_specs = parsed_specs
+end
+local parsed = parsed_specs[spec]
+if not parsed then
+  parsed = {}
+  for star, namespace, name in gmatch(spec, "(%*?)([^ .]+)%.([^ ]+)") do
+    parsed[#parsed + 1] = {star == "*", namespace, name, namespace .. "." .. name}
+  end
+  parsed_specs[spec] = parsed
+end
+for index = 1, #parsed do
+  local entry = parsed[index]
+  local is_async, namespace, name, qualname = entry[1], entry[2], entry[3], entry[4]
   qualnames[index] = qualname
-  env[namespace] = env[namespace] or {}
-  env[namespace][name] = (star == "*" and bind_async or bind_sync)(index, qualname)
+  local functions = env[namespace]
+  if not functions then
+    functions = {}
+    env[namespace] = functions
+  end
+  functions[name] = (is_async and bind_async or bind_sync)(index, qualname)
 end
 
 -- Lua halves of namespaces (see Namespace.lua_prelude): bytecode we compiled, run as

@@ -10,6 +10,9 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import time
+
+import pytest
 
 from structlog.testing import capture_logs
 
@@ -159,3 +162,19 @@ async def test_cancelling_a_job_stops_it_in_its_worker(make_server):
     assert polled.result["completed"][0]["status"] == "cancelled"
     # stopped by its hook in the worker: no worker was replaced for it
     assert engine.stats.workers_quarantined == 0 and engine.stats.workers_lost == 0
+
+
+@pytest.mark.perf
+async def test_after_3x_workers_stuck_evals_return_1_answers_within_3_s(make_server):
+    """The issue's figure: capacity is back within 2 s of the quarantine, so an eval sent
+    right after the stuck ones are answered is answered within 3 s."""
+    running = await make_server(workers=2, script_timeout=1.0)
+    async with Client(running.endpoint) as c:
+        stuck = await asyncio.gather(*[c.request(t.LuaEval(code=STUCK), timeout=30) for _ in range(6)])
+        assert all(r.details["kind"] == "timeout" for r in stuck)
+        started = time.monotonic()
+        ok = await c.request(t.LuaEval(code="return 1"), timeout=30)
+        assert ok.result["result"] == 1
+        done = await _job_result(c, "return 'done'")
+        assert done["status"] == "complete"
+        assert time.monotonic() - started < 3

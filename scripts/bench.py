@@ -510,14 +510,19 @@ def serve_supports(flag: str) -> bool:
 class Daemon:
     """``luanette serve`` as a process, its state and CAS in a temporary directory."""
 
-    def __init__(self, endpoint: str, *args: str) -> None:
+    def __init__(self, endpoint: str, *args: str, source: Path | None = None) -> None:
         self.endpoint = endpoint
         self.state = Path(tempfile.mkdtemp(prefix="luanette-bench-"))
         self.log = (self.state / "daemon.log").open("wb")
+        # ``source``: run the daemon of another checkout (an A/B against older code)
+        command = [luanette_exe(), "serve"]
+        if source is not None:
+            command = [sys.executable, "-m", "luanette.cli.daemon", "serve"]
+        env = None if source is None else os.environ | {"PYTHONPATH": str(source)}
         self.proc = subprocess.Popen(
-            [luanette_exe(), "serve", "--bind", endpoint, "--pub", "none",
+            [*command, "--bind", endpoint, "--pub", "none",
              "--state-dir", str(self.state / "state"), "--cas-root", str(self.state / "cas"), *args],
-            stdout=subprocess.DEVNULL, stderr=self.log,
+            stdout=subprocess.DEVNULL, stderr=self.log, env=env, cwd=source,
         )
         try:
             wait_for_port(int(endpoint.rsplit(":", 1)[1]), self.proc, "luanette serve", 30)

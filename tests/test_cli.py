@@ -21,7 +21,7 @@ pytestmark = pytest.mark.timeout(90)
 def daemon(tmp_path_factory):
     from tests.conftest import DaemonProcess
 
-    d = DaemonProcess(tmp_path_factory.mktemp("daemon"), "--script-timeout", "20")
+    d = DaemonProcess(tmp_path_factory.mktemp("daemon"), "--script-timeout", "5")
     yield d
     d.stop()
 

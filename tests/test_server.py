@@ -325,14 +325,25 @@ async def test_client_matches_replies_by_id_and_drops_late_ones(gated, garden):
 
 
 async def test_reply_to_a_peer_that_went_away_is_counted(gated, garden, zctx):
+    from zmq.utils.monitor import parse_monitor_message
+
     server = await gated()
     garden.hold()
-    sock = zctx.socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.connect(server.endpoint)
-    await sock.send_multipart(hoot(t.LuaEval(code=GATE)).to_frames())
-    await until(lambda: len(garden.received) == 1, "the script running")
-    sock.close()
+    # The server's ROUTER reports the peer's disconnect; only then is the reply released.
+    router = server.server._socket
+    monitor = router.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+    try:
+        sock = zctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(server.endpoint)
+        await sock.send_multipart(hoot(t.LuaEval(code=GATE)).to_frames())
+        await until(lambda: len(garden.received) == 1, "the script running")
+        sock.close()
+        event = parse_monitor_message(await asyncio.wait_for(monitor.recv_multipart(), 30))
+        assert event["event"] == zmq.EVENT_DISCONNECTED
+    finally:
+        router.disable_monitor()
+        monitor.close(0)
     garden.release()
     await until(lambda: server.server.stats.replies_unroutable, "the reply finding no peer")
     assert server.server.stats.replies_unroutable == 1

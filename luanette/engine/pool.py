@@ -635,6 +635,12 @@ class Engine:
                 self._on_message(identity, frame)
 
     def _on_message(self, identity: bytes, frame: bytes) -> None:
+        try:
+            self._handle_message(identity, frame)
+        except Exception:  # a bug in handling one message must not stop the pool
+            log.exception("engine.message_failed", size=len(frame))
+
+    def _handle_message(self, identity: bytes, frame: bytes) -> None:
         worker = self._workers.get(identity)
         if worker is None:
             return

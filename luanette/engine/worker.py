@@ -39,7 +39,7 @@ from luanette import logs
 from luanette.backends import BackendError, UnknownBackend
 from luanette.cas import Cas
 from luanette.engine import channel as ch
-from luanette.engine.api import CancelToken, ScriptError
+from luanette.engine.api import CancelToken, ErrorDetail, ScriptError
 from luanette.engine.lua import release_idle_states, run_script, stats
 from luanette.garden import GardenError, GardenUnavailable
 from luanette.settings import BackendSettings, GardenSettings, Settings
@@ -357,14 +357,15 @@ class Worker:
         def note(kind: str, data: list[Any]) -> None:
             self.send(ch.Note(run=number, kind=kind, data=data))
 
-        runset = namespaces_for(
-            info.kind,
-            self.toolbox,
-            job_id=info.job_id,
-            script_hash=info.script_hash,
-            progress=lambda percent, text: note("progress", [percent, text]),
-        )
+        runset = None
         try:
+            runset = namespaces_for(
+                info.kind,
+                self.toolbox,
+                job_id=info.job_id,
+                script_hash=info.script_hash,
+                progress=lambda percent, text: note("progress", [percent, text]),
+            )
             outcome = await run_script(
                 message.code,
                 message.params,
@@ -379,11 +380,17 @@ class Worker:
             done = ch.Done(run=number, result=outcome.result, duration_ms=outcome.duration_ms)
         except ScriptError as e:
             done = ch.Done(run=number, error=e.detail)
+        except Exception:  # a bug here must cost one run, not the worker and its others
+            log.exception("worker.run_failed", run=number)
+            done = ch.Done(
+                run=number, error=ErrorDetail("internal", "internal error in the worker; see the daemon log")
+            )
         finally:
             self._runs.pop(number, None)
-            if runset.temp is not None and runset.temp.created:
-                await anyio.to_thread.run_sync(runset.close)
-            else:
+            if runset is not None and runset.temp is not None and runset.temp.created:
+                with anyio.CancelScope(shield=True):
+                    await anyio.to_thread.run_sync(runset.close)
+            elif runset is not None:
                 runset.close()
         try:
             self.send(done)
@@ -412,9 +419,7 @@ class Worker:
             self.send(ch.Beat(rss_bytes=rss_bytes(), runs=len(self._runs)))
 
 
-def _unsendable(exc: Exception) -> Any:
-    from luanette.engine.api import ErrorDetail
-
+def _unsendable(exc: Exception) -> ErrorDetail:
     return ErrorDetail("result_not_serializable", f"the result cannot be sent: {exc}")
 
 

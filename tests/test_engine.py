@@ -178,3 +178,47 @@ async def test_after_3x_workers_stuck_evals_return_1_answers_within_3_s(make_ser
         done = await _job_result(c, "return 'done'")
         assert done["status"] == "complete"
         assert time.monotonic() - started < 3
+
+
+# --- speculative inline steps (in-process engine) ---------------------------------------
+
+SOMETIMES_SLOW = """
+local n = params.n
+if params.log then log.info('logged once') end
+local s = 0
+for i = 1, n do s = s + i end
+return s
+"""
+
+
+async def test_a_quick_script_that_turns_slow_or_calls_out_is_run_again_in_a_thread_once():
+    from luanette import runtime
+    from luanette.stdlib.log import LogNamespace
+
+    ns = [LogNamespace()]
+    for _ in range(3):  # learned as quick: later runs start inline
+        assert (await runtime.run_script(SOMETIMES_SLOW, {"n": 10}, namespaces=ns)).result == 55
+    # too long for the inline budget: taken back at a hook, run again in a thread
+    big = 3_000_000
+    assert (await runtime.run_script(SOMETIMES_SLOW, {"n": big}, namespaces=ns)).result == big * (big + 1) // 2
+
+
+async def test_a_call_out_from_an_inline_step_happens_exactly_once():
+    from luanette import runtime
+    from luanette.stdlib.log import LogNamespace
+
+    code = SOMETIMES_SLOW + "-- variant"
+    ns = [LogNamespace()]
+    for _ in range(3):
+        await runtime.run_script(code, {"n": 1}, namespaces=ns)
+    with capture_logs() as logs:
+        assert (await runtime.run_script(code, {"n": 4, "log": True}, namespaces=ns)).result == 10
+    assert [e["message"] for e in logs if e["event"] == "lua.log"] == ["logged once"]
+    # and an error inside pcall cannot swallow the take-back
+    caught = "local ok = pcall(log.info, 'inside pcall') return ok"
+    for _ in range(3):
+        await runtime.run_script("return true", namespaces=ns)
+    with capture_logs() as logs:
+        for _ in range(3):
+            assert (await runtime.run_script(caught, namespaces=ns)).result is True
+    assert [e["message"] for e in logs if e["event"] == "lua.log"] == ["inside pcall"] * 3

@@ -81,6 +81,11 @@ _DESCRIBE_MEMORY_BYTES: Final = 2**20
 # A state serves at most this many runs, then a new one takes over (bounds whatever a
 # long-lived heap accumulates: fragmentation, interned strings).
 MAX_RUNS_PER_STATE: Final = 5_000
+# Longest a step may run inline on the event loop before it is taken back and run in
+# a thread (see _Driver.run).
+INLINE_BUDGET_S: Final = 0.002
+# Killer.reason of a speculative inline step that had to give the loop back.
+PREEMPTED: Final = "preempted"
 # Idle states kept per process.
 MAX_IDLE_STATES: Final = 32
 # Compiled chunks kept per process (by text), and the largest text cached.
@@ -235,6 +240,20 @@ class _ChunkCache:
         self._chunks: collections.OrderedDict[tuple[bytes, bytes], bytes] = collections.OrderedDict()
         self._lock = threading.Lock()
         self._size = size
+        # scripts whose runs end quickly without calling out: candidates to run inline
+        self._quick: dict[tuple[bytes, bytes], bool] = {}
+
+    def quick(self, key: tuple[bytes, bytes]) -> bool:
+        """Whether runs of this script have ended within the inline budget, calling no
+        namespace function."""
+        return self._quick.get(key, False)
+
+    def learn(self, key: tuple[bytes, bytes], quick: bool) -> None:
+        """Remember how a run of this script went (a script once too slow stays slow)."""
+        if not quick or key in self._chunks:
+            if len(self._quick) > 4 * self._size:
+                self._quick.clear()
+            self._quick[key] = quick and self._quick.get(key, True)
 
     def get(self, key: tuple[bytes, bytes]) -> bytes | None:
         with self._lock:
@@ -276,23 +295,32 @@ class _Final(msgspec.Struct, frozen=True):
     error: ErrorDetail | None = None
 
 
+# A speculative inline step taken back (see _Driver._inline_start); never reaches a caller.
+_PREEMPTED: Final = _Final(error=ErrorDetail("preempted", "the step was taken back from the event loop"))
+
+
 class _Killer:
     """The count hook's view of a run: a deadline and a cancel token, read as plain values."""
 
-    __slots__ = ("deadline", "reason", "token")
+    __slots__ = ("deadline", "inline_until", "reason", "token")
 
     def __init__(self, deadline: float, token: CancelToken) -> None:
         self.deadline = deadline
         self.token = token
         self.reason: str | None = None
+        # while a step runs inline on the event loop: when it must give the loop back
+        self.inline_until: float | None = None
 
     def check(self) -> bool:
         """True once the run must stop; called from the Lua hook in the worker thread."""
         if self.reason is None:
+            now = time.monotonic()
             if self.token.cancelled:
                 self.reason = "cancelled"
-            elif time.monotonic() >= self.deadline:
+            elif now >= self.deadline:
                 self.reason = "timeout"
+            elif self.inline_until is not None and now >= self.inline_until:
+                self.reason = PREEMPTED
             else:
                 return False
         return True
@@ -312,9 +340,11 @@ class _Killer:
 class _Bridge:
     """The Python callables of one run, called by index from Lua (0 is print)."""
 
-    def __init__(self, run: RunContext, namespaces: Sequence[Namespace]) -> None:
+    def __init__(self, run: RunContext, namespaces: Sequence[Namespace], killer: _Killer) -> None:
         self._run = run
         self._namespaces = namespaces
+        self.killer = killer
+        self.calls = 0  # namespace calls the script made
         # computed on a function's first call: most runs call few of their functions,
         # and inspect.signature costs more than the rest of binding one
         self._signatures: dict[int, inspect.Signature | None] = {0: None}  # print: always one line
@@ -351,8 +381,13 @@ class _Bridge:
             assert function is not None
         return function
 
-    def call_sync(self, index: int, packed: bytes) -> tuple[bool, bytes]:
-        """Called from Lua (worker thread): (True, result) or (False, Lua error message)."""
+    def call_sync(self, index: int, packed: bytes) -> tuple[bool | None, bytes]:
+        """Called from Lua (worker thread): (True, result) or (False, Lua error message);
+        (None, b"") when a speculative inline step calls out (see ``_Driver``)."""
+        if self.killer.inline_until is not None:
+            self.killer.reason = PREEMPTED
+            return None, b""
+        self.calls += 1
         try:
             return True, to_lua(self._function(index)(*self._arguments(index, packed)))
         except Exception as exc:  # every failure becomes a Lua error
@@ -364,6 +399,7 @@ class _Bridge:
     async def call_async(self, request: _Request) -> tuple[bool, bytes]:
         """Await an async namespace function on the loop for a suspended script."""
         index = request.index
+        self.calls += 1
         try:
             return True, to_lua(await self._function(index)(*self._arguments(index, request.args)))
         except Exception as exc:  # every failure becomes a Lua error
@@ -495,6 +531,11 @@ class _Session:
         except LuaError as exc:
             return self._final(self._lua_failure(exc))
 
+    @property
+    def key(self) -> tuple[bytes, bytes]:
+        """The chunk cache's key of this script."""
+        return self._chunk_name.encode(), self._code
+
     def _chunk(self, state: _State) -> tuple[bytes, bytes]:
         """The script as cached bytecode when it compiled before, else as text."""
         if len(self._code) > MAX_CACHED_CHUNK:
@@ -563,7 +604,10 @@ class _Session:
         self._release = None  # every other reply is final, and the sandbox released the script
         # a run that ended by itself leaves a state fit for the next; a killed one,
         # or one out of memory, does not
-        self._reusable = tag != b"killed" and not self._out_of_memory
+        preempted = tag == b"killed" and self._killer.reason == PREEMPTED
+        self._reusable = (tag != b"killed" or preempted) and not self._out_of_memory
+        if preempted:  # taken back at a hook or before a call: the state is sound
+            return self._final(_PREEMPTED)
         if tag == b"done":
             return self._final(_Final(result=from_lua(values[0])))
         if tag == b"syntax":
@@ -772,6 +816,9 @@ def _resolve(future: asyncio.Future[Any], result: Any, error: BaseException | No
 
 # Result of a thread step the driver stopped waiting for (deadline + grace passed).
 _ABANDONED: Final = object()
+# Runs of this process in a thread step or waiting on I/O: while there are any, no step
+# runs inline (it would hold up their I/O and results).
+_busy_runs = 0
 
 
 class _Driver:
@@ -794,14 +841,26 @@ class _Driver:
         # wakes the loop from the cancelling thread
         listener = functools.partial(self._loop.call_soon_threadsafe, self._on_cancel)
         token.listen(listener)
+        global _busy_runs
         try:
-            reply = await self._thread_step(self._session.start)
-            while not isinstance(reply, _Final):
-                answer = await self._wait_io(reply)
-                if answer is None:
-                    return await self._thread_step(self._session.interrupted, self._killer.expire(), reply)
-                reply = await self._thread_step(self._session.resume, *answer)
-            return reply
+            reply = self._inline_start()
+            if isinstance(reply, _Final):
+                return reply
+            _busy_runs += 1
+            try:
+                if reply is None:
+                    started = time.monotonic()
+                    reply = await self._thread_step(self._session.start)
+                    quick = time.monotonic() - started < INLINE_BUDGET_S and self._bridge.calls == 0
+                    _chunks.learn(self._session.key, quick and isinstance(reply, _Final))
+                while not isinstance(reply, _Final):
+                    answer = await self._wait_io(reply)
+                    if answer is None:
+                        return await self._thread_step(self._session.interrupted, self._killer.expire(), reply)
+                    reply = await self._thread_step(self._session.resume, *answer)
+                return reply
+            finally:
+                _busy_runs -= 1
         finally:
             token.unlisten(listener)
             self._killer.stop()
@@ -809,6 +868,28 @@ class _Driver:
             if not (self._session.closed or self._worker.busy):
                 with anyio.CancelScope(shield=True):
                     await _in_thread(self._loop, self._session.close)
+
+    def _inline_start(self) -> _Request | _Final | None:
+        """Run the first step on the event loop itself, speculatively, when that is safe
+        and likely to pay: no other run of this process is busy, and earlier runs of the
+        same script ended within the inline budget without calling out.  The step is
+        taken back (and run again in a thread, from the start) if it runs past the
+        budget or calls a namespace function, which have not happened yet then, so
+        nothing is done twice.  A step handed to a thread costs two thread switches,
+        three times the whole of a small run.  None: run it in a thread."""
+        if _busy_runs or not _chunks.quick(self._session.key) or self._killer.token.cancelled:
+            return None
+        self._killer.inline_until = time.monotonic() + INLINE_BUDGET_S
+        try:
+            reply = self._session.start()
+        finally:
+            self._killer.inline_until = None
+        if reply is _PREEMPTED:
+            _chunks.learn(self._session.key, False)
+            self._killer.reason = None
+            self._bridge.calls = 0
+            return None
+        return reply
 
     async def _thread_step(self, step: Callable[..., _T], *args: Any) -> _T | _Final:
         self._step = _in_thread(self._loop, self._worker.run, step, *args)
@@ -903,8 +984,8 @@ async def run_script(
         packed_params = to_lua(params)
     except (TypeError, ValueError, OverflowError) as exc:
         raise ScriptError(ErrorDetail("invalid_params", f"params cannot be passed to Lua: {exc}")) from None
-    bridge = _Bridge(run, namespaces)
     killer = _Killer(run.deadline, token)
+    bridge = _Bridge(run, namespaces, killer)
     session = _Session(code, packed_params, chunk_name, run, bridge, killer)
     final = await _Driver(session, bridge, killer).run()
     if final.error is not None:

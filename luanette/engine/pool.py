@@ -57,6 +57,9 @@ log = structlog.get_logger("luanette.engine")
 GRACE_S: Final = 1.0
 # How long a quarantined worker's other runs may go on before it is killed.
 STUCK_DRAIN_S: Final = 5.0
+# A worker with runs that has sent nothing for this long gets no new runs (it beats
+# every second).
+SILENT_AFTER_S: Final = 2.5
 # Longest a run waits for a worker to take it (at start-up, or while all are replaced).
 WORKER_WAIT_S: Final = 30.0
 # Seconds between restarts of workers that keep dying at once.
@@ -132,6 +135,7 @@ class _Worker:
         self.rss_bytes = 0
         self.kill_timer: asyncio.TimerHandle | None = None
         self.quarantined = False  # a run of it did not come back: killed, not stopped
+        self.last_heard = time.monotonic()  # its last message (it beats every second)
         self.exited = False
 
 
@@ -425,7 +429,12 @@ class Engine:
 
     def _choose(self) -> _Worker | None:
         best: _Worker | None = None
+        # a worker with runs that has gone quiet is stuck (say, inside one C call on its
+        # event loop): send it nothing more until it speaks again
+        quiet = time.monotonic() - SILENT_AFTER_S
         for worker in self._workers.values():
+            if worker.runs and worker.last_heard < quiet:
+                continue
             if worker.ready and not worker.leaving and len(worker.runs) < worker.capacity:
                 if best is None or len(worker.runs) < len(best.runs):
                     best = worker
@@ -644,6 +653,7 @@ class Engine:
         worker = self._workers.get(identity)
         if worker is None:
             return
+        worker.last_heard = time.monotonic()
         try:
             message = ch.to_front.decode(frame)
         except msgspec.DecodeError:

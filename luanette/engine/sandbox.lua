@@ -81,7 +81,12 @@ end
 local function bind_sync(index, qualname)
   return function(...)
     local ok, reply = call_sync(index, encode_or_raise(qualname, ...))
-    if not ok then error(reply, 2) end
+    if not ok then
+      -- nil: the engine takes the run back (a speculative inline step may not call
+      -- out; it is run again elsewhere), as uncatchable as a kill
+      if ok == nil then killed = true error(KILL, 0) end
+      error(reply, 2)
+    end
     return decode(reply)
   end
 end

@@ -13,7 +13,6 @@ import signal
 import time
 
 import pytest
-
 from structlog.testing import capture_logs
 
 from hooteproto import types as t

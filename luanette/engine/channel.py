@@ -114,6 +114,7 @@ class Beat(Message, tag="beat"):
 
     rss_bytes: int
     runs: int
+    inline_steps: int = 0  # first steps run on the worker's event loop, so far
 
 
 ToWorker = Run | Cancel | Answer | Stop

@@ -106,6 +106,8 @@ class RuntimeStats(msgspec.Struct):
     states_created: int = 0  # Lua states made
     states_discarded: int = 0  # dropped after an abnormal end
     chunk_hits: int = 0  # runs whose chunk came compiled from the cache
+    inline_steps: int = 0  # first steps run on the event loop
+    preempted_steps: int = 0  # of those, taken back and run again in a thread
 
 
 stats = RuntimeStats()
@@ -249,7 +251,8 @@ class _ChunkCache:
         return self._quick.get(key, False)
 
     def learn(self, key: tuple[bytes, bytes], quick: bool) -> None:
-        """Remember how a run of this script went (a script once too slow stays slow)."""
+        """Remember how a run of this script went: quick (a candidate to run inline,
+        unless it was once taken back), or taken back from inline (never again)."""
         if not quick or key in self._chunks:
             if len(self._quick) > 4 * self._size:
                 self._quick.clear()
@@ -502,6 +505,7 @@ class _Session:
         self._killer = killer
         self._state: _State | None = None
         self._reusable = False  # the state may serve another run (a normal end)
+        self.lua_seconds = 0.0  # how long the first step ran in Lua
         self._out_of_memory = False
         # entry points into the sandbox, while the script waits for I/O
         self._step: Callable[..., Any] | None = None
@@ -514,6 +518,7 @@ class _Session:
             self._state = state = _states.take()
             state.lua.set_max_memory(self._run.limits.memory_bytes)
             code, mode = self._chunk(state)
+            began = time.perf_counter()
             reply = state.run(
                 self._killer.check,
                 self._bridge.call_sync,
@@ -525,6 +530,7 @@ class _Session:
                 mode,
                 self._params,
             )
+            self.lua_seconds = time.perf_counter() - began
             if reply[0] == b"io":
                 self._step, self._where, self._release = reply[3:]
             return self._reply(*reply[:3])
@@ -849,10 +855,15 @@ class _Driver:
             _busy_runs += 1
             try:
                 if reply is None:
-                    started = time.monotonic()
                     reply = await self._thread_step(self._session.start)
-                    quick = time.monotonic() - started < INLINE_BUDGET_S and self._bridge.calls == 0
-                    _chunks.learn(self._session.key, quick and isinstance(reply, _Final))
+                    # Lua's own time, not the thread switches around it (which a busy
+                    # machine stretches); a slow run just does not teach anything
+                    if (
+                        isinstance(reply, _Final)
+                        and self._session.lua_seconds < INLINE_BUDGET_S
+                        and self._bridge.calls == 0
+                    ):
+                        _chunks.learn(self._session.key, True)
                 while not isinstance(reply, _Final):
                     answer = await self._wait_io(reply)
                     if answer is None:
@@ -884,7 +895,9 @@ class _Driver:
             reply = self._session.start()
         finally:
             self._killer.inline_until = None
+        stats.inline_steps += 1
         if reply is _PREEMPTED:
+            stats.preempted_steps += 1
             _chunks.learn(self._session.key, False)
             self._killer.reason = None
             self._bridge.calls = 0

@@ -136,6 +136,7 @@ class _Worker:
         self.kill_timer: asyncio.TimerHandle | None = None
         self.quarantined = False  # a run of it did not come back: killed, not stopped
         self.last_heard = time.monotonic()  # its last message (it beats every second)
+        self.inline_steps = 0  # as of its last beat
         self.exited = False
 
 
@@ -681,6 +682,7 @@ class Engine:
             self._ready.set()
         elif isinstance(message, ch.Beat):
             worker.rss_bytes = message.rss_bytes
+            worker.inline_steps = message.inline_steps
         elif isinstance(message, ch.Retiring):
             self.stats.workers_recycled += 1
             log.info("engine.worker_recycled", worker=worker.name, rss=message.rss_bytes)
@@ -756,6 +758,7 @@ class Engine:
                 "rss_bytes": w.rss_bytes,
                 "ready": w.ready,
                 "leaving": w.leaving,
+                "inline_steps": w.inline_steps,
             }
             for w in self._workers.values()
         ]

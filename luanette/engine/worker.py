@@ -416,7 +416,7 @@ class Worker:
     async def _beat(self) -> None:
         while True:
             await anyio.sleep(BEAT_S)
-            self.send(ch.Beat(rss_bytes=rss_bytes(), runs=len(self._runs)))
+            self.send(ch.Beat(rss_bytes=rss_bytes(), runs=len(self._runs), inline_steps=stats.inline_steps))
 
 
 def _unsendable(exc: Exception) -> ErrorDetail:

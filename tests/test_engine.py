@@ -221,3 +221,41 @@ async def test_a_call_out_from_an_inline_step_happens_exactly_once():
         for _ in range(3):
             assert (await runtime.run_script(caught, namespaces=ns)).result is True
     assert [e["message"] for e in logs if e["event"] == "lua.log"] == ["inside pcall"] * 3
+
+
+def _descendants(root: int) -> set[int]:
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat", "rb") as f:
+                    ppid = int(f.read().rsplit(b")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    found, todo = set(), [root]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.add(child)
+            todo.append(child)
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except OSError:
+        return False
+
+
+async def test_workers_and_launcher_exit_when_the_front_is_killed(daemon_process):
+    d = daemon_process("--workers", "2")
+    async with Client(d.endpoint) as c:
+        assert (await c.request(t.LuaEval(code="return 1"), timeout=30)).result["result"] == 1
+    spawned = _descendants(d.proc.pid)
+    assert len(spawned) >= 3  # the launcher and two workers
+    d.proc.stderr.close()  # as when the front's log reader is gone too
+    d.signal(signal.SIGKILL)
+    d.wait()
+    await _until(lambda: not any(_alive(pid) for pid in spawned), "every worker gone", timeout=30)

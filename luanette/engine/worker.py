@@ -425,9 +425,13 @@ def _unsendable(exc: Exception) -> ErrorDetail:
 
 def _front_gone() -> None:
     # The lifeline pipe reads end-of-file: the front's process has ended.  Nobody will
-    # read our answers, and a Lua thread may be stuck: leave at once.
-    log.warning("worker.front_gone")
-    os._exit(0)
+    # read our answers, and a Lua thread may be stuck: leave at once.  (Whatever the
+    # log does: stderr may be a pipe whose reader went with the front, and a callback
+    # that raises would be called again and again while the fd stays readable.)
+    try:
+        log.warning("worker.front_gone")
+    finally:
+        os._exit(0)
 
 
 def main(config: WorkerConfig, lifeline: int | None = None) -> None:

@@ -68,3 +68,19 @@ async def test_unreachable_backend_is_a_catchable_backend_unavailable(make_serve
         done = await wait_done(c, (await run(c, digest))["job_id"])
     assert done["status"] == "complete"
     assert "backend_unavailable" in done["result"]
+
+
+async def test_backend_concurrency_holds_daemon_wide_across_worker_processes(make_server):
+    # jobs on two worker processes; the backend takes one request at a time: the front
+    # makes every backend request, so its limit holds whichever worker asks
+    async with run_models("all", seed=3, latency_ms=150) as sim:
+        running = await make_server(workers=2, settings=settings_for(sim.url, concurrency=1))
+        script = 'return backend.call("orpheus", {task = "generate", max_tokens = 3}, {raw = true}).task'
+        async with Client(running.endpoint) as c:
+            digest = await store(c, script)
+            jobs = [(await run(c, digest))["job_id"] for _ in range(6)]
+            done = [await wait_done(c, job) for job in jobs]
+        assert [d["result"] for d in done] == ["generate"] * 6
+        assert sim.stats.peak_in_flight == 1
+        # every request went through the front
+        assert running.server.engine.stats.service_calls >= 6

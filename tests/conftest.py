@@ -44,6 +44,16 @@ def config_for_tests(tmp: Path, **overrides) -> Config:
     return Config(**(base | overrides))
 
 
+class _Started:
+    """The ``task_status`` a server's serve() reports readiness to."""
+
+    def __init__(self) -> None:
+        self.event = asyncio.Event()
+
+    def started(self, value: object = None) -> None:
+        self.event.set()
+
+
 class RunningServer:
     """An in-process server running in its own asyncio task."""
 
@@ -57,14 +67,15 @@ class RunningServer:
         return self.server.endpoint
 
     async def start(self) -> "RunningServer":
-        self.task = asyncio.create_task(self.server.serve())
-        for _ in range(500):
-            if self.server.endpoint is not None:
-                return self
-            if self.task.done():
-                self.task.result()
-            await asyncio.sleep(0.01)
-        raise RuntimeError("server did not bind")
+        ready = _Started()
+        self.task = asyncio.create_task(self.server.serve(task_status=ready))
+        waiting = asyncio.create_task(ready.event.wait())
+        await asyncio.wait([waiting, self.task], return_when=asyncio.FIRST_COMPLETED)
+        if not ready.event.is_set():
+            waiting.cancel()
+            self.task.result()  # raises what stopped the server
+            raise RuntimeError("the server stopped before it was ready")
+        return self
 
     async def stop(self) -> None:
         self.server.request_shutdown("test finished")

@@ -66,7 +66,7 @@ class RunningServer:
         assert self.server.endpoint is not None
         return self.server.endpoint
 
-    async def start(self) -> "RunningServer":
+    async def start(self) -> RunningServer:
         ready = _Started()
         self.task = asyncio.create_task(self.server.serve(task_status=ready))
         waiting = asyncio.create_task(ready.event.wait())

@@ -137,6 +137,7 @@ class _Worker:
         self.quarantined = False  # a run of it did not come back: killed, not stopped
         self.last_heard = time.monotonic()  # its last message (it beats every second)
         self.inline_steps = 0  # as of its last beat
+        self.outbox: list[bytes] = []  # frames to send at the end of this loop turn
         self.exited = False
 
 
@@ -622,9 +623,19 @@ class Engine:
         self._send_frame(worker, ch.encoder.encode(message))
 
     def _send_frame(self, worker: _Worker, frame: bytes) -> None:
+        # What a worker is sent in one turn of the loop goes as one multipart message:
+        # a send that finds the pipe empty wakes libzmq's I/O thread, which on a small
+        # machine costs more than the rest of handing over a run.
+        if not worker.outbox:
+            assert self._loop is not None
+            self._loop.call_soon(self._flush, worker)
+        worker.outbox.append(frame)
+
+    def _flush(self, worker: _Worker) -> None:
         assert self._sock is not None
+        frames, worker.outbox = worker.outbox, []
         # With NOBLOCK the future is done at once; reading its exception marks it seen.
-        sent = cast("asyncio.Future[Any]", self._sock.send_multipart([worker.identity, frame], flags=zmq.NOBLOCK))
+        sent = cast("asyncio.Future[Any]", self._sock.send_multipart([worker.identity, *frames], flags=zmq.NOBLOCK))
         problem = sent.exception() if sent.done() else None
         if problem is not None:  # not connected yet, or gone: its exit is handled apart
             log.debug("engine.send_failed", worker=worker.name, error=str(problem))
@@ -633,16 +644,18 @@ class Engine:
         assert self._sock is not None
         sock = self._sock
         while True:
-            identity, frame = await sock.recv_multipart()
-            self._on_message(identity, frame)
+            identity, *frames = await sock.recv_multipart()
+            for frame in frames:
+                self._on_message(identity, frame)
             for _ in range(256):
                 try:
-                    identity, frame = cast(
+                    identity, *frames = cast(
                         "asyncio.Future[list[bytes]]", sock.recv_multipart(flags=zmq.NOBLOCK)
                     ).result()
                 except zmq.Again:
                     break
-                self._on_message(identity, frame)
+                for frame in frames:
+                    self._on_message(identity, frame)
 
     def _on_message(self, identity: bytes, frame: bytes) -> None:
         try:

@@ -262,6 +262,7 @@ class Worker:
         self._retiring = False
         self._stopping = False
         self._baseline = 0  # RSS when it started serving
+        self._outbox: list[bytes] = []  # frames to send at the end of this loop turn
         self._idle = anyio.Event()
         cas = Cas.from_config(config.cas_root)
         settings = config.settings
@@ -284,7 +285,15 @@ class Worker:
             self._send_now(message)
 
     def _send_now(self, message: ch.Message) -> None:
-        sent = cast("asyncio.Future[Any]", self._sock.send(ch.encoder.encode(message), flags=zmq.NOBLOCK))
+        # Everything sent in one turn of the loop goes as one multipart message (see
+        # Engine._send_frame).
+        if not self._outbox:
+            self._loop.call_soon(self._flush)
+        self._outbox.append(ch.encoder.encode(message))
+
+    def _flush(self) -> None:
+        frames, self._outbox = self._outbox, []
+        sent = cast("asyncio.Future[Any]", self._sock.send_multipart(frames, flags=zmq.NOBLOCK))
         if sent.done() and sent.exception() is not None:  # (marks it seen) the front is gone
             log.debug("worker.send_failed", error=str(sent.exception()))
 
@@ -302,19 +311,23 @@ class Worker:
             while not (self._stopping or self._retiring):
                 try:
                     with anyio.fail_after(BEAT_S):
-                        frame = await self._sock.recv()
+                        frames = await self._sock.recv_multipart()
                 except TimeoutError:
                     continue
-                self._receive(tg, frame)
+                self._receive(tg, frames)
                 # drain what is queued without a future per message
                 while True:
                     try:
-                        frame = cast("asyncio.Future[bytes]", self._sock.recv(flags=zmq.NOBLOCK)).result()
+                        frames = cast(
+                            "asyncio.Future[list[bytes]]", self._sock.recv_multipart(flags=zmq.NOBLOCK)
+                        ).result()
                     except zmq.Again:
                         break
-                    self._receive(tg, frame)
+                    self._receive(tg, frames)
             await self._drain(tg)
             tg.cancel_scope.cancel()
+        if self._outbox:  # the last answers
+            self._flush()
         self._sock.close()
         self._ctx.term()
 
@@ -325,12 +338,16 @@ class Worker:
             with anyio.move_on_after(BEAT_S):
                 while self._runs:
                     try:
-                        frame = await self._sock.recv()
+                        frames = await self._sock.recv_multipart()
                     except zmq.ZMQError:
                         return
-                    self._receive(tg, frame)
+                    self._receive(tg, frames)
 
-    def _receive(self, tg: Any, frame: bytes) -> None:
+    def _receive(self, tg: Any, frames: list[bytes]) -> None:
+        for frame in frames:
+            self._receive_one(tg, frame)
+
+    def _receive_one(self, tg: Any, frame: bytes) -> None:
         try:
             message = ch.to_worker.decode(frame)
         except msgspec.DecodeError:

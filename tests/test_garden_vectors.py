@@ -435,7 +435,7 @@ ROUND_TRIP_IDS = ["request", "reply", "request_message", "reply_message"]
 
 @pytest.mark.parametrize("codec,tp", ROUND_TRIPS, ids=ROUND_TRIP_IDS)
 @pytest.mark.parametrize("encoding", list(Encoding), ids=lambda e: e.value)
-@settings(suppress_health_check=[HealthCheck.too_slow])
+@settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data())
 def test_random_values_round_trip(codec, tp, encoding, data):
     value = data.draw(garden_strategy(tp))

@@ -137,6 +137,7 @@ class Server:
             backends=self.backends,
             garden=self.garden,
             telemetry=self.telemetry,
+            context=self._context,
         )
         scripts = Scripts(self.cas, self.store, limits, self.engine)
         self.jobs = Jobs(

@@ -294,13 +294,17 @@ class Engine:
         backends: Backends | None = None,
         garden: GardenClient | None = None,
         telemetry: Any = None,
+        context: zmq.asyncio.Context | None = None,
     ) -> None:
         self.config = config
         self.stats = EngineStats()
         self._backends = backends
         self._garden = garden
         self._telemetry = telemetry
-        self._ctx = zmq.asyncio.Context()
+        # the front's context when given: one libzmq I/O thread for all its sockets
+        # wakes less often than one per context
+        self._owns_ctx = context is None
+        self._ctx = context or zmq.asyncio.Context()
         self._sock: zmq.asyncio.Socket | None = None
         self._dir: str | None = None
         self.endpoint: str | None = None
@@ -367,7 +371,8 @@ class Engine:
             self._forget(worker)
         if self._sock is not None:
             self._sock.close(0)
-        self._ctx.term()
+        if self._owns_ctx:
+            self._ctx.term()
         if self._dir is not None:
             shutil.rmtree(self._dir, ignore_errors=True)
 

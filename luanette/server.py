@@ -172,6 +172,7 @@ class Server:
         )
         self._socket: zmq.asyncio.Socket | None = None
         self._in_flight: set[RequestContext] = set()
+        self._quick_replies: list[list[Any]] = []  # refusals of this receive batch
         self._idle = anyio.Event()
         self._idle.set()
         self._draining: anyio.Event | None = None
@@ -304,12 +305,21 @@ class Server:
             self._on_message(tg, await sock.recv_multipart())
             # Drain what is already queued without a future per message: under load this
             # is most of the loop's cost.
+            full = True
             for _ in range(RECV_BATCH):
                 try:
                     raw = await sock.recv_multipart(flags=zmq.NOBLOCK)
                 except zmq.Again:
+                    full = False
                     break
                 self._on_message(tg, raw)
+            if self._quick_replies:
+                self._flush_quick_replies(tg)
+            if full:
+                # More is waiting.  Awaiting a receive that is ready does not give the
+                # loop back, so under a flood this loop would starve every other task
+                # (running requests, the workers' answers, replies): yield.
+                await asyncio.sleep(0)
 
     def _on_message(self, tg: anyio.abc.TaskGroup, raw: list[bytes]) -> None:
         self.stats.received += 1
@@ -402,16 +412,22 @@ class Server:
     # --- replying --------------------------------------------------------------------
 
     def _reply_now(self, tg: anyio.abc.TaskGroup, reply: _Reply, payload: t.Payload) -> None:
-        """Send a reply from the loop without a task; a peer that is not reading gets it
+        """Reply from the loop without a task, at the end of the receive batch: sent one
+        after another, only the first of a batch wakes libzmq's I/O thread."""
+        self._quick_replies.append(reply.route + self._encode(reply, payload))
+
+    def _flush_quick_replies(self, tg: anyio.abc.TaskGroup) -> None:
+        """Send the batch's quick replies; a peer that is not reading gets its reply
         through the patient path of :meth:`_send`."""
         assert self._socket is not None
-        message = reply.route + self._encode(reply, payload)
-        sent = cast("asyncio.Future[Any]", self._socket.send_multipart(message, flags=zmq.DONTWAIT))
-        problem = sent.exception() if sent.done() else None
-        if problem is None:
-            self.stats.replies_sent += 1
-        else:
-            tg.start_soon(self._send, message)
+        replies, self._quick_replies = self._quick_replies, []
+        for message in replies:
+            sent = cast("asyncio.Future[Any]", self._socket.send_multipart(message, flags=zmq.DONTWAIT))
+            problem = sent.exception() if sent.done() else None
+            if problem is None:
+                self.stats.replies_sent += 1
+            else:
+                tg.start_soon(self._send, message)
 
     def _encode(self, reply: _Reply, payload: t.Payload) -> list[Any]:
         if reply.hoot01:

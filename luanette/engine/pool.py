@@ -661,6 +661,8 @@ class Engine:
                     break
                 for frame in frames:
                     self._on_message(identity, frame)
+            else:
+                await asyncio.sleep(0)  # a full batch: let the other tasks run (see Server)
 
     def _on_message(self, identity: bytes, frame: bytes) -> None:
         try:

@@ -316,7 +316,7 @@ class Worker:
                     continue
                 self._receive(tg, frames)
                 # drain what is queued without a future per message
-                while True:
+                for _ in range(256):
                     try:
                         frames = cast(
                             "asyncio.Future[list[bytes]]", self._sock.recv_multipart(flags=zmq.NOBLOCK)
@@ -324,6 +324,8 @@ class Worker:
                     except zmq.Again:
                         break
                     self._receive(tg, frames)
+                # let the runs just received start (a ready receive does not yield)
+                await asyncio.sleep(0)
             await self._drain(tg)
             tg.cancel_scope.cancel()
         if self._outbox:  # the last answers

@@ -114,7 +114,13 @@ class Dispatcher:
         self._engine = engine
         self._eval_slots = asyncio.Semaphore(config.max_evals)
         self._evals_waiting: collections.deque[RequestContext] = collections.deque()
-        self._busy_reply: t.Error | None = None
+        # one reply serves every refusal: they are all alike
+        self._busy_reply = error(
+            "busy",
+            f"{config.max_evals} scripts are running and more are waiting than can start within "
+            f"{config.queue_target_s:g} s; try again shortly",
+            {"retry_after_ms": int(config.queue_target_s * 1000)},
+        )
         self._limits = limits
         self._handlers: dict[type, Handler] = {
             t.Ping: self.ping,
@@ -215,7 +221,7 @@ class Dispatcher:
             len(waiting) >= self.config.eval_queue
             or time.monotonic() - waiting[0].received > self.config.queue_target_s
         ):
-            return self._busy()
+            return self._busy_reply
         return None
 
     async def _admit(self, ctx: RequestContext) -> t.Payload | None:
@@ -226,33 +232,19 @@ class Dispatcher:
         if not self._eval_slots.locked():
             await self._eval_slots.acquire()  # (a free slot: returns without waiting)
             return None
-        target = self.config.queue_target_s
+        refusal = self.refuse_at_once()
+        if refusal is not None:
+            return refusal
         waiting = self._evals_waiting
-        if len(waiting) >= self.config.eval_queue or (waiting and time.monotonic() - waiting[0].received > target):
-            return self._busy()
         waiting.append(ctx)
         try:
             await self._eval_slots.acquire()
         finally:
             waiting.remove(ctx)  # (at or near the head: the scan is short)
-        if time.monotonic() - ctx.received > target:
+        if time.monotonic() - ctx.received > self.config.queue_target_s:
             self._eval_slots.release()
-            return self._busy()
+            return self._busy_reply
         return None
-
-    def _busy(self) -> t.Error:
-        # one reply object serves every refusal: they are all alike
-        if self._busy_reply is None:
-            self._busy_reply = self._make_busy()
-        return self._busy_reply
-
-    def _make_busy(self) -> t.Error:
-        return error(
-            "busy",
-            f"{self.config.max_evals} scripts are running and more are waiting than can start within "
-            f"{self.config.queue_target_s:g} s; try again shortly",
-            {"retry_after_ms": int(self.config.queue_target_s * 1000)},
-        )
 
     async def script_store(self, p: t.ScriptStore, ctx: RequestContext) -> t.Payload:
         try:

@@ -278,7 +278,7 @@ class Jobs:
                     sampled=span.is_recording(),
                 ),
                 cancel=live.cancel,
-                hooks=RunHooks(jlog, span=span, progress=self._progress_reporter(live)),
+                hooks=RunHooks(lambda: jlog, span=span, progress=self._progress_reporter(live)),
                 chunk_name=name or "script",
             )
         except ScriptError as e:

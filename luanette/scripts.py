@@ -144,7 +144,7 @@ class Scripts:
                 limits=self._limits,
                 info=RunInfo("describe"),
                 cancel=CancelToken(),
-                hooks=RunHooks(_log),
+                hooks=RunHooks(lambda: _log),
                 chunk_name="describe",
             )
         except ScriptError as e:

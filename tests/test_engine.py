@@ -12,6 +12,7 @@ import os
 import signal
 import time
 
+import msgspec
 import pytest
 from structlog.testing import capture_logs
 
@@ -259,3 +260,23 @@ async def test_workers_and_launcher_exit_when_the_front_is_killed(daemon_process
     d.signal(signal.SIGKILL)
     d.wait()
     await _until(lambda: not any(_alive(pid) for pid in spawned), "every worker gone", timeout=30)
+
+
+def test_a_service_failure_crosses_the_channel_as_the_same_exception():
+    from luanette.backends import BackendError, BackendRejected, UnknownBackend
+    from luanette.engine.services import error_from_wire, error_to_wire
+    from luanette.garden import GardenError, GardenUnavailable
+
+    for original in [
+        BackendRejected("orpheus", "http://h:1", "bad request", 400),
+        UnknownBackend("nope", ["orpheus"]),
+        GardenUnavailable("cannot reach tcp://h:1"),
+        GardenError("no such region", "traceback here"),
+    ]:
+        wire = msgspec.msgpack.decode(msgspec.msgpack.encode(error_to_wire(original)))
+        back = error_from_wire(wire)
+        assert str(back) == str(original)
+        kind = BackendError if isinstance(original, BackendError) else type(original)
+        assert isinstance(back, kind)
+    assert error_from_wire(error_to_wire(BackendRejected("o", "u", "r", 422))).code == "invalid_params"
+    assert isinstance(error_from_wire(error_to_wire(ValueError("bug"))), RuntimeError)

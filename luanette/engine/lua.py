@@ -276,8 +276,8 @@ _chunks = _ChunkCache(CHUNK_CACHE)
 
 
 def release_idle_states() -> None:
-    """Drop the idle Lua states and compiled chunks of this process (a worker does it
-    before it measures whether it has grown past its memory share)."""
+    """Drop the idle Lua states of this process (a worker does it before it measures
+    whether it has grown past its memory share)."""
     _states.clear()
 
 
@@ -1007,7 +1007,8 @@ async def run_script(
 
 
 def check_syntax(code: str, chunk_name: str = "script") -> ErrorDetail | None:
-    """Compile ``code`` as Lua 5.4 text without running it; the syntax error, if any."""
+    """Compile ``code`` as Lua 5.4 text without running it; the syntax error, if any.
+    (The daemon's front does not call it: a worker compiles stored scripts.)"""
     lua = _new_lua(Limits().memory_bytes)
     try:
         lua.compile(code.encode(), name="=" + chunk_name, mode="t")

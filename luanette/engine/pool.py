@@ -1,7 +1,7 @@
 """The front's side of the engine: a supervised pool of worker processes.
 
-:class:`Engine` starts ``workers`` worker processes (forked from a preloaded fork
-server, so a replacement is ready in milliseconds), gives each run to the worker with
+:class:`Engine` starts ``workers`` worker processes (forked by the preloaded
+launcher, ``luanette.engine.zygote``, so a replacement is ready in milliseconds), gives each run to the worker with
 the fewest runs, forwards cancels, answers the workers' service calls with the front's
 backends and garden client, and turns their notes into log lines, progress and span
 events.
@@ -41,14 +41,16 @@ import zmq.asyncio
 from opentelemetry import context as otel_context
 
 from hooteproto import garden as g
-from luanette.backends import BackendError, Backends, UnknownBackend
+from luanette.backends import Backends
 from luanette.engine import channel as ch
 from luanette.engine.api import CancelToken, ErrorDetail, Limits, Outcome, ScriptError, emit_script_log
 from luanette.engine.errors import stopped_detail
+from luanette.engine.services import error_to_wire
 from luanette.engine.worker import WorkerConfig
 from luanette.engine.zygote import FrameReader, write_frame
-from luanette.garden import GardenClient, GardenError, GardenUnavailable
+from luanette.garden import GardenClient, GardenUnavailable
 from luanette.settings import Settings
+from luanette.stdlib.otel import MAX_METRICS
 from luanette.stdlib.temp import DIR_PREFIX as TEMP_DIR_PREFIX
 
 log = structlog.get_logger("luanette.engine")
@@ -85,17 +87,18 @@ class EngineConfig(msgspec.Struct, kw_only=True, frozen=True):
 class RunHooks:
     """What the front does with a run's news: its log lines, progress and span."""
 
-    __slots__ = ("_logger", "context", "progress", "span")
+    __slots__ = ("_logger", "_make_logger", "context", "progress", "span")
 
     def __init__(
         self,
-        logger: Any,
+        make_logger: Callable[[], Any],
         *,
         span: Any = None,
         progress: Callable[[float, str | None], None] | None = None,
     ) -> None:
-        # a logger, or a function that makes one (most runs never log: bind on first use)
-        self._logger = logger
+        # most runs never log: their logger is bound on first use
+        self._make_logger = make_logger
+        self._logger: Any = None
         self.span = span
         self.progress = progress
         # service calls run in the context where the run started (its span is current)
@@ -104,8 +107,8 @@ class RunHooks:
     @property
     def logger(self) -> Any:
         """The logger of the run's script log lines."""
-        if callable(self._logger) and not hasattr(self._logger, "info"):
-            self._logger = self._logger()
+        if self._logger is None:
+            self._logger = self._make_logger()
         return self._logger
 
 
@@ -166,8 +169,11 @@ class _Pending:
 
 
 class _Launcher:
-    """The front's end of the worker launcher (``luanette.engine.zygote``): one per event
-    loop, shared by the engines on it (tests run many daemons in one process)."""
+    """The front's end of the worker launcher (``luanette.engine.zygote``): one per
+    process, shared by its engines and moved to a new event loop when the old one has
+    ended (tests run many daemons, one loop after another, in one process).  It lives as
+    long as the process; when the process ends, the launcher reads end-of-file on its
+    stdin and exits."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
@@ -252,17 +258,6 @@ class _Launcher:
             if future is not None and not future.done():
                 future.set_exception(RuntimeError("the worker launcher exited"))
         log.error("engine.launcher_lost")
-
-    def close(self) -> None:
-        """Stop the launcher (its workers are stopped apart)."""
-        if self.alive:
-            self.loop.remove_reader(self._replies)
-            self.alive = False
-        with contextlib.suppress(Exception):
-            self._process.stdin.close()  # type: ignore[union-attr]
-            os.close(self._lifeline)
-            self._process.wait(5)
-
 
 _launcher_now: _Launcher | None = None
 
@@ -724,7 +719,7 @@ class Engine:
         if message.kind == "metric":
             name, value, attributes = message.data
             if self._telemetry is not None and (
-                name in self._telemetry.histograms or len(self._telemetry.histograms) < 200
+                name in self._telemetry.histograms or len(self._telemetry.histograms) < MAX_METRICS
             ):
                 with contextlib.suppress(Exception):
                     self._telemetry.histogram(name).record(value, attributes)
@@ -749,7 +744,7 @@ class Engine:
             value = await self._service(message)
             answer = ch.Answer(call=message.call, ok=True, value=value)
         except Exception as exc:  # every failure goes back to the script as its error
-            answer = ch.Answer(call=message.call, ok=False, error=_error_of(exc))
+            answer = ch.Answer(call=message.call, ok=False, error=error_to_wire(exc))
         if not worker.exited:
             self._send(worker, answer)
 
@@ -792,23 +787,3 @@ def _exists(pid: int) -> bool:
     except PermissionError:
         return True
     return True
-
-
-def _error_of(exc: Exception) -> dict[str, Any]:
-    if isinstance(exc, BackendError):
-        return {
-            "type": "backend",
-            "message": str(exc),
-            "code": exc.code,
-            "name": exc.name,
-            "url": exc.url,
-            "reason": exc.reason,
-        }
-    if isinstance(exc, UnknownBackend):
-        return {"type": "unknown_backend", "message": str(exc.args[0]), "name": exc.name}
-    if isinstance(exc, GardenUnavailable):
-        return {"type": "garden_unavailable", "message": str(exc)}
-    if isinstance(exc, GardenError):
-        return {"type": "garden_error", "message": str(exc), "traceback": exc.traceback}
-    log.exception("engine.service_failed")
-    return {"type": "internal", "message": "internal error in the daemon; see its log"}

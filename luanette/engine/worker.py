@@ -36,12 +36,12 @@ from opentelemetry import trace
 
 from hooteproto import garden as g
 from luanette import logs
-from luanette.backends import BackendError, UnknownBackend
+from luanette.backends import UnknownBackend
 from luanette.cas import Cas
 from luanette.engine import channel as ch
 from luanette.engine.api import CancelToken, ErrorDetail, ScriptError
 from luanette.engine.lua import release_idle_states, run_script, stats
-from luanette.garden import GardenError, GardenUnavailable
+from luanette.engine.services import error_from_wire
 from luanette.settings import BackendSettings, GardenSettings, Settings
 from luanette.stdlib.garden import GardenNamespace
 from luanette.stdlib.models import model_namespaces
@@ -93,43 +93,12 @@ class _Calls:
             self._waiting.pop(number, None)
         if answer.ok:
             return answer.value
-        raise _remote_error(answer.error or {})
+        raise error_from_wire(answer.error or {})
 
     def answer(self, answer: ch.Answer) -> None:
         future = self._waiting.get(answer.call)
         if future is not None and not future.done():
             future.set_result(answer)
-
-
-class _RemoteBackendError(BackendError):
-    """A backend error that happened in the front, with its code and text kept."""
-
-    def __init__(self, error: dict[str, Any]) -> None:
-        Exception.__init__(self, error.get("message", "backend error"))
-        self.code = error.get("code", "backend_unavailable")
-        self.name = error.get("name", "")
-        self.url = error.get("url", "")
-        self.reason = error.get("reason", "")
-
-
-class _RemoteUnknownBackend(UnknownBackend):
-    def __init__(self, error: dict[str, Any]) -> None:
-        LookupError.__init__(self, error.get("message", "unknown backend"))
-        self.name = error.get("name", "")
-
-
-def _remote_error(error: dict[str, Any]) -> Exception:
-    kind = error.get("type")
-    message = str(error.get("message", "internal error"))
-    if kind == "backend":
-        return _RemoteBackendError(error)
-    if kind == "unknown_backend":
-        return _RemoteUnknownBackend(error)
-    if kind == "garden_unavailable":
-        return GardenUnavailable(message)
-    if kind == "garden_error":
-        return GardenError(message, error.get("traceback"))
-    return RuntimeError(message)
 
 
 class RemoteBackends:

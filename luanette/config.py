@@ -44,8 +44,9 @@ class Config(msgspec.Struct, kw_only=True, frozen=True):
     """CAS root; else ``$HOOTENANNY_CAS_PATH``; else ``~/.hootenanny/cas``."""
     state_dir: str | None = None
     """Where the job and script database lives; else the user state directory."""
-    max_jobs: int = 8
-    """Jobs running at once."""
+    max_jobs: int = 64
+    """Jobs running at once. A job waiting on a model or the garden holds no thread, so
+    this is not the number of cores: CPU-bound jobs share the workers' Lua threads."""
     job_queue: int = 1000
     """Jobs that may wait to run; past that JobExecute answers ``busy``."""
     job_retention_s: float = 7 * 24 * 3600.0

@@ -32,6 +32,7 @@ from luanette.cas import CasError
 from luanette.engine.api import CancelToken, Limits, ScriptError
 from luanette.engine.channel import RunInfo
 from luanette.engine.pool import Engine, RunHooks
+from luanette.groupcommit import GroupCommit
 from luanette.scripts import Scripts
 from luanette.stdlib.temp import TempNamespace
 from luanette.store import FINISHED, Store
@@ -72,11 +73,12 @@ class _Live:
 
 
 _job_counter = itertools.count(1)
+_PID = f"{os.getpid():x}"  # the front never forks (workers come from the launcher)
 
 
 def _new_job_id() -> str:
     # Sortable, unique across restarts (time) and within one (counter, pid).
-    return f"job_{int(time.time() * 1000):x}_{os.getpid():x}_{next(_job_counter):x}"
+    return f"job_{int(time.time() * 1000):x}_{_PID}_{next(_job_counter):x}"
 
 
 class Jobs:
@@ -107,7 +109,10 @@ class Jobs:
         self._live: dict[str, _Live] = {}
         self._send, self._receive = anyio.create_memory_object_stream[_Live](queue_size)
         self._queue_size = queue_size
+        self._reserved = 0  # submissions waiting for their row's commit
+        self._commits = GroupCommit(store)
         self._changed = anyio.Event()
+        self._pollers = 0  # polls waiting on _changed
 
     # --- lifecycle -------------------------------------------------------------------
 
@@ -162,12 +167,17 @@ class Jobs:
                 raise JobError("invalid_params", f"params do not fit {record.name or script_hash}: {e}") from None
         # The queue itself is the limit (live jobs also count the ones running, and a
         # worker between two jobs would let one more in than the queue can hold).
-        if self._send.statistics().current_buffer_used >= self._queue_size:
+        if self._send.statistics().current_buffer_used + self._reserved >= self._queue_size:
             raise JobError(
                 "busy", f"{self.max_jobs} jobs are running and {self._queue_size} are queued; try again shortly"
             )
         job_id = _new_job_id()
-        info = self.store.create_job(job_id, script_hash, params, tags, time.time())
+        write = self.store.create_job_op(job_id, script_hash, params, tags, time.time())
+        self._reserved += 1
+        try:
+            info = await self._commits.write(write)  # the reply waits for the commit
+        finally:
+            self._reserved -= 1
         live = _Live(job_id, script_hash, params)
         self._live[job_id] = live
         self._send.send_nowait(live)
@@ -224,7 +234,11 @@ class Jobs:
             if (not waiting) if mode is PollMode.ALL else (bool(done) or not job_ids):
                 break
             with anyio.move_on_after(deadline - anyio.current_time()):
-                await changed.wait()
+                self._pollers += 1
+                try:
+                    await changed.wait()
+                finally:
+                    self._pollers -= 1
                 continue
             return PollResult(list(done.values()), waiting, True)
         return PollResult(list(done.values()), waiting, False)
@@ -237,13 +251,24 @@ class Jobs:
                 await self._execute(live)
             except Exception:
                 log.exception("jobs.worker_failed", job_id=live.job_id)
-                self._finish(
-                    live, JobStatus.FAILED, error={"kind": "internal", "message": "internal error; see the daemon log"}
-                )
+                try:
+                    await self._finish(
+                        live,
+                        JobStatus.FAILED,
+                        error={"kind": "internal", "message": "internal error; see the daemon log"},
+                    )
+                except Exception:  # the store itself is failing: keep the other workers going
+                    log.exception("jobs.finish_failed", job_id=live.job_id)
 
     async def _execute(self, live: _Live) -> None:
-        if live.cancel.cancelled or not self.store.mark_running(live.job_id, time.time()):
-            self._live.pop(live.job_id, None)  # cancelled while queued
+        started = not live.cancel.cancelled and await self._commits.write(
+            self.store.mark_running_op(live.job_id, time.time())
+        )
+        if not started:
+            # Cancelled while queued: the cancel finished the job itself (it read it
+            # pending). A cancel after the write found it running and only set the
+            # token, which the run below honours at once.
+            self._live.pop(live.job_id, None)
             return
         self._announce(live.job_id, JobStatus.RUNNING)
         record = self.scripts.record(live.script_hash)
@@ -263,7 +288,7 @@ class Jobs:
         try:
             code = await self.scripts.source(live.script_hash)
         except CasError as e:
-            self._finish(live, JobStatus.FAILED, error={"kind": "script_missing", "message": str(e)})
+            await self._finish(live, JobStatus.FAILED, error={"kind": "script_missing", "message": str(e)})
             return JobStatus.FAILED
         try:
             outcome = await self._engine.run(
@@ -283,9 +308,9 @@ class Jobs:
             )
         except ScriptError as e:
             status = JobStatus.CANCELLED if e.detail.kind == "cancelled" else JobStatus.FAILED
-            self._finish(live, status, error=msgspec.to_builtins(e.detail))
+            await self._finish(live, status, error=msgspec.to_builtins(e.detail))
             return status
-        self._finish(live, JobStatus.COMPLETE, result=outcome.result)
+        await self._finish(live, JobStatus.COMPLETE, result=outcome.result)
         return JobStatus.COMPLETE
 
     def _progress_reporter(self, live: _Live) -> Callable[[float, str | None], None]:
@@ -300,18 +325,26 @@ class Jobs:
         live.cancel.cancel(reason)
         info = self.store.get(live.job_id)
         if info is not None and info.status is JobStatus.PENDING:
-            # Not started: finish it now; the worker will skip it.
-            self._finish(
-                live, JobStatus.CANCELLED, error={"kind": "cancelled", "message": f"{reason} before it started"}
-            )
+            # Not started: finish it now (a write of its own, as a cancel is rare and its
+            # reply reads the result); the worker will skip it.
+            error = {"kind": "cancelled", "message": f"{reason} before it started"}
+            self._live.pop(live.job_id, None)
+            if self.store.finish(live.job_id, JobStatus.CANCELLED, at=time.time(), error=error):
+                self._announce(live.job_id, JobStatus.CANCELLED, error)
 
-    def _finish(self, live: _Live, status: JobStatus, *, result: Any = None, error: Any = None) -> None:
-        self._live.pop(live.job_id, None)
-        if self.store.finish(live.job_id, status, at=time.time(), result=result, error=error):
+    async def _finish(self, live: _Live, status: JobStatus, *, result: Any = None, error: Any = None) -> None:
+        write = self.store.finish_op(live.job_id, status, at=time.time(), result=result, error=error)
+        try:
+            changed = await self._commits.write(write)
+        finally:
+            # only now: a poller reads a job that has left the live set from the store
+            self._live.pop(live.job_id, None)
+        if changed:
             self._announce(live.job_id, status, result if status is JobStatus.COMPLETE else error)
 
     def _announce(self, job_id: str, status: JobStatus, result: Any = None) -> None:
         self._publisher.publish(JobStateChanged(job_id=job_id, state=status.value, result=result))
         if status in FINISHED:
-            self._changed.set()
-            self._changed = anyio.Event()
+            if self._pollers:  # a fresh event per finished job only when someone waits
+                self._changed.set()
+                self._changed = anyio.Event()

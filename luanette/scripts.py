@@ -29,6 +29,7 @@ TYPE_TAG = "type:lua"
 MAX_SCRIPT_BYTES = 4 * 2**20
 SOURCE_CACHE = 64  # sources kept in memory, each at most CACHED_SOURCE_BYTES
 CACHED_SOURCE_BYTES = 256 * 2**10
+RECORD_CACHE = 1024  # index entries kept in memory (a job reads its script's twice)
 DESCRIBE_TIMEOUT_S = 5.0
 
 # Compiles the chunk (a syntax error is answered as such), runs it, then its describe().
@@ -69,6 +70,7 @@ class Scripts:
         self._engine = engine
         self.store = store
         self._sources: collections.OrderedDict[str, str] = collections.OrderedDict()
+        self._records: collections.OrderedDict[str, ScriptRecord] = collections.OrderedDict()
         self._loading: dict[str, anyio.Event] = {}
         self._file_threads = anyio.CapacityLimiter(4)
         self._limits = msgspec.structs.replace(limits, timeout_s=min(limits.timeout_s, DESCRIBE_TIMEOUT_S))
@@ -93,6 +95,7 @@ class Scripts:
             params_schema=info.get("params"),
             created_at=time.time(),
         )
+        self._records.pop(digest, None)  # storing again merges tags: re-read it
         return self.store.index_script(record), described
 
     async def source(self, script_hash: str) -> str:
@@ -160,8 +163,20 @@ class Scripts:
         return await self.describe_source(await self.source(script_hash))
 
     def record(self, script_hash: str) -> ScriptRecord | None:
-        """The index entry of a stored script, if it was stored through Luanette."""
-        return self.store.get_script(script_hash)
+        """The index entry of a stored script, if it was stored through Luanette.
+
+        Entries change only when this daemon stores the script again, so recent ones are
+        kept in memory (a script not indexed yet is not: it may be stored later)."""
+        cached = self._records.get(script_hash)
+        if cached is not None:
+            self._records.move_to_end(script_hash)
+            return cached
+        record = self.store.get_script(script_hash)
+        if record is not None:
+            self._records[script_hash] = record
+            if len(self._records) > RECORD_CACHE:
+                self._records.popitem(last=False)
+        return record
 
 
 def _text(value: Any) -> str | None:

@@ -8,7 +8,8 @@ sources themselves live in the CAS; this file only indexes them by hash.
 Durability: WAL journal with ``synchronous=NORMAL``. A committed transaction survives the
 process being killed at any moment (SIGKILL, OOM killer); only an OS crash or power
 loss may lose the last few commits, which is the trade the design accepts for fast job
-updates. Every change is one transaction, so a reader never sees half a job.
+updates. Every change is one transaction (or part of one group: see
+:meth:`Store.write_batch`), so a reader never sees half a job.
 
 Threads: one connection, opened with ``check_same_thread=False`` and guarded by a lock,
 so the event-loop thread and worker threads may all call in. Each call is short (a
@@ -26,10 +27,10 @@ import math
 import re
 import sqlite3
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 import msgspec
 
@@ -52,6 +53,10 @@ state dir by mistake, or an admin's sqlite3 shell) before it fails."""
 
 
 # --- types ---------------------------------------------------------------------------
+
+T = TypeVar("T")
+WriteOp = Callable[[sqlite3.Connection], T]
+"""One write to run inside a transaction (see :meth:`Store.write_batch`)."""
 
 Hash = Annotated[str, msgspec.Meta(pattern=HASH_PATTERN)]
 Seconds = Annotated[float, msgspec.Meta(ge=0)]
@@ -412,10 +417,42 @@ class Store:
             conn.execute("BEGIN IMMEDIATE")
             try:
                 yield conn
+                conn.execute("COMMIT")
             except BaseException:
-                conn.execute("ROLLBACK")
+                if conn.in_transaction:  # SQLite may have rolled back itself (full disk)
+                    conn.execute("ROLLBACK")
                 raise
-            conn.execute("COMMIT")
+
+    def _apply(self, op: WriteOp[T]) -> T:
+        with self._write() as conn:
+            return op(conn)
+
+    def write_batch(self, ops: Sequence[WriteOp[Any]]) -> builtins.list[Any]:
+        """Run ``ops`` in order in one transaction (a group commit: one COMMIT for many
+        job updates). Returns each op's result, or the exception it raised, in order.
+
+        An op that raises changes nothing: each one writes with a single statement,
+        which SQLite undoes by itself when it fails, so the others still commit. When
+        the transaction itself is lost (SQLite rolls it back on a full disk or an I/O
+        error) or COMMIT fails, nothing is written and the exception is raised."""
+        with self._lock:
+            conn = self._db()
+            conn.execute("BEGIN IMMEDIATE")
+            results: builtins.list[Any] = []
+            try:
+                for op in ops:
+                    try:
+                        results.append(op(conn))
+                    except (sqlite3.Error, ValueError, LookupError) as e:
+                        if not conn.in_transaction:
+                            raise
+                        results.append(e)
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+            return results
 
     def _read(self, sql: str, args: Sequence[Any] = ()) -> list[tuple]:
         with self._lock:
@@ -443,6 +480,18 @@ class Store:
     ) -> JobInfo:
         """Record a new pending job. Raises ``ValueError`` (and writes nothing) for an id
         that already exists, a malformed hash, non-JSON params or bad tags."""
+        return self._apply(self.create_job_op(job_id, script_hash, params, tags, created_at))
+
+    def create_job_op(
+        self,
+        job_id: str,
+        script_hash: str,
+        params: Any,
+        tags: Sequence[str] | None,
+        created_at: float,
+    ) -> WriteOp[JobInfo]:
+        """:meth:`create_job` as a write for :meth:`write_batch`; the arguments are
+        checked now (``ValueError``), the row is written when the batch runs."""
         _check_text("job_id", job_id)
         _check_hash("script_hash", script_hash)
         created = _check_time("created_at", created_at)
@@ -454,35 +503,45 @@ class Store:
             JobStatus.PENDING.value,
             created,
         )
-        try:
-            with self._write() as conn:
+
+        def write(conn: sqlite3.Connection) -> JobInfo:
+            try:
                 conn.execute(
                     "INSERT INTO jobs (job_id, script_hash, params, tags, status, created_at)"
                     " VALUES (?, ?, ?, ?, ?, ?)",
                     row,
                 )
-        except sqlite3.IntegrityError:
-            raise ValueError(f"a job with id {job_id!r} already exists") from None
-        return JobInfo(
-            job_id=job_id,
-            status=JobStatus.PENDING,
-            source=script_hash,
-            created_at=math.floor(created),
-        )
+            except sqlite3.IntegrityError:
+                raise ValueError(f"a job with id {job_id!r} already exists") from None
+            return JobInfo(
+                job_id=job_id,
+                status=JobStatus.PENDING,
+                source=script_hash,
+                created_at=math.floor(created),
+            )
+
+        return write
 
     def mark_running(self, job_id: str, at: float) -> bool:
         """Move a pending job to running. Returns False when it is not pending (e.g.
         cancelled before a worker picked it up: the worker must then not run it).
         Raises ``UnknownJob`` for an id never created."""
+        return self._apply(self.mark_running_op(job_id, at))
+
+    def mark_running_op(self, job_id: str, at: float) -> WriteOp[bool]:
+        """:meth:`mark_running` as a write for :meth:`write_batch`."""
         started = _check_time("at", at)
-        with self._write() as conn:
+
+        def write(conn: sqlite3.Connection) -> bool:
             changed = conn.execute(
                 "UPDATE jobs SET status = ?, started_at = ? WHERE job_id = ? AND status = ?",
                 (JobStatus.RUNNING.value, started, job_id, JobStatus.PENDING.value),
             ).rowcount
             if not changed:
                 self._require_job(conn, job_id)
-        return bool(changed)
+            return bool(changed)
+
+        return write
 
     def finish(
         self,
@@ -502,6 +561,19 @@ class Store:
         version's bug). Raises ``UnknownJob`` for an unknown id and ``ValueError`` for a
         status that is not final or a result/error that does not fit it.
         """
+        return self._apply(self.finish_op(job_id, status, at=at, result=result, error=error))
+
+    def finish_op(
+        self,
+        job_id: str,
+        status: JobStatus | str,
+        *,
+        at: float,
+        result: Any = None,
+        error: Any = None,
+    ) -> WriteOp[bool]:
+        """:meth:`finish` as a write for :meth:`write_batch`; the arguments are checked
+        now (``ValueError``)."""
         status = parse_status(status)
         if status not in FINISHED:
             raise ValueError(
@@ -519,15 +591,19 @@ class Store:
                 raise ValueError("a failed job needs an error")
             result_json = None
             error_json = None if error is None else _to_json("error", _check_error(error))
-        with self._write() as conn:
+        final = status.value
+
+        def write(conn: sqlite3.Connection) -> bool:
             changed = conn.execute(
                 f"UPDATE jobs SET status = ?, result = ?, error = ?, completed_at = ?"
                 f" WHERE job_id = ? AND status IN ({_ACTIVE_SQL})",
-                (status.value, result_json, error_json, completed, job_id),
+                (final, result_json, error_json, completed, job_id),
             ).rowcount
             if not changed:
                 self._require_job(conn, job_id)
-        return bool(changed)
+            return bool(changed)
+
+        return write
 
     def get(self, job_id: str) -> JobInfo | None:
         """The job as ``JobStatus`` reports it, or None when the id is unknown."""

@@ -414,6 +414,8 @@ class Engine:
         self._pending[number] = pending
         worker.runs.add(number)
         self._send_frame(worker, frame)
+        if len(self._pending) == 1:  # nothing to batch it with: send it now
+            self._flush(worker)
         pending.timer = loop.call_at(
             loop.time() + (deadline - time.monotonic()) + self.config.grace_s, self._overdue, pending
         )
@@ -633,6 +635,8 @@ class Engine:
 
     def _flush(self, worker: _Worker) -> None:
         assert self._sock is not None
+        if not worker.outbox:  # sent already
+            return
         frames, worker.outbox = worker.outbox, []
         # With NOBLOCK the future is done at once; reading its exception marks it seen.
         sent = cast("asyncio.Future[Any]", self._sock.send_multipart([worker.identity, *frames], flags=zmq.NOBLOCK))

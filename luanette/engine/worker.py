@@ -55,6 +55,8 @@ current_run: contextvars.ContextVar[int] = contextvars.ContextVar("current_run",
 
 # How often an idle worker says it is alive and checks that its front still is.
 BEAT_S = 1.0
+# An idle worker reads its RSS at most this often (a burst's end is caught by the beat).
+MEMORY_CHECK_S = 0.05
 
 
 class WorkerConfig(msgspec.Struct, kw_only=True, frozen=True):
@@ -231,6 +233,7 @@ class Worker:
         self._retiring = False
         self._stopping = False
         self._baseline = 0  # RSS when it started serving
+        self._memory_checked = 0.0  # (monotonic) reading /proc costs as much as a small run
         self._outbox: list[bytes] = []  # frames to send at the end of this loop turn
         self._idle = anyio.Event()
         cas = Cas.from_config(config.cas_root)
@@ -261,6 +264,8 @@ class Worker:
         self._outbox.append(ch.encoder.encode(message))
 
     def _flush(self) -> None:
+        if not self._outbox:  # sent already (see _run)
+            return
         frames, self._outbox = self._outbox, []
         sent = cast("asyncio.Future[Any]", self._sock.send_multipart(frames, flags=zmq.NOBLOCK))
         if sent.done() and sent.exception() is not None:  # (marks it seen) the front is gone
@@ -385,10 +390,15 @@ class Worker:
         except (TypeError, ValueError, OverflowError) as exc:  # a result the channel cannot carry
             self.send(ch.Done(run=number, error=_unsendable(exc)))
         if not self._runs:
+            # Nothing else is running to share a send with: the answer goes now, not
+            # after the rest of this loop turn (most of a lone eval's latency).
+            self._flush()
             self._idle.set()
-            self._check_memory()
+            if time.monotonic() - self._memory_checked >= MEMORY_CHECK_S:
+                self._check_memory()
 
     def _check_memory(self) -> None:
+        self._memory_checked = time.monotonic()
         # The share is for Lua: what the worker has grown since it started (the
         # interpreter and its libraries, ~45 MiB, are not counted).
         share = self.config.memory_share
@@ -404,6 +414,8 @@ class Worker:
     async def _beat(self) -> None:
         while True:
             await anyio.sleep(BEAT_S)
+            if not self._runs:  # the end of a burst the idle checks skipped
+                self._check_memory()
             self.send(ch.Beat(rss_bytes=rss_bytes(), runs=len(self._runs), inline_steps=stats.inline_steps))
 
 

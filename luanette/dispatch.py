@@ -36,7 +36,7 @@ class RequestContext:
     """What a handler knows about the request besides its payload. Hashed by identity,
     so the server can keep a set of the ones in flight."""
 
-    __slots__ = ("_log", "cancel", "kind", "received", "request_id", "span", "traceparent")
+    __slots__ = ("_log", "cancel", "counted", "kind", "received", "request_id", "span", "traceparent")
 
     def __init__(
         self, request_id: uuid.UUID, kind: str, traceparent: str | None = None, received: float | None = None
@@ -48,6 +48,7 @@ class RequestContext:
         self.received = time.monotonic() if received is None else received
         self.cancel = CancelToken()
         self.span: Span | None = None  # the request's luanette.dispatch span, once it runs
+        self.counted = False  # an eval the socket loop let in (see Dispatcher.let_in)
         self._log: Any = None
 
     @property
@@ -85,6 +86,43 @@ def input_schema(cls: type[t.Variant]) -> dict[str, Any]:
     return body
 
 
+class _Capacity:
+    """How many evals finish per second while evals are waiting (the engine's measured
+    capacity), and from it how many may wait: those that can start within the queue's
+    target.  An eval let in beyond that would wait past the target and then be refused
+    anyway, after costing a task, a span and a late reply (under a flood that cost was
+    most of the front's time)."""
+
+    WINDOW_S = 0.1
+    MIN_WAITING = 8
+
+    def __init__(self) -> None:
+        self.rate = 0.0  # evals/s; 0 until measured under load
+        self._count = 0
+        self._since = time.monotonic()
+
+    def finished(self, *, saturated: bool) -> None:
+        """An eval finished; ``saturated``: others were waiting for its slot (only then
+        does the rate measure capacity rather than the offered load)."""
+        now = time.monotonic()
+        if not saturated:
+            self._count, self._since = 0, now
+            return
+        self._count += 1
+        elapsed = now - self._since
+        if elapsed >= self.WINDOW_S:
+            sample = self._count / elapsed
+            self.rate = sample if not self.rate else 0.7 * self.rate + 0.3 * sample
+            self._count, self._since = 0, now
+
+    def queue_limit(self, configured: int, target_s: float) -> int:
+        """Waiting evals allowed: ``configured`` at most, half what can start within
+        ``target_s`` at the measured rate (configured until there is a measure)."""
+        if not self.rate:
+            return configured
+        return min(configured, max(self.MIN_WAITING, int(self.rate * target_s / 2)))
+
+
 class Dispatcher:
     """Holds the handlers and the state they share (worker id, registrations, limits)."""
 
@@ -114,6 +152,9 @@ class Dispatcher:
         self._engine = engine
         self._eval_slots = asyncio.Semaphore(config.max_evals)
         self._evals_waiting: collections.deque[RequestContext] = collections.deque()
+        self._capacity = _Capacity()
+        self._evals_starting = 0  # let in by the socket loop, their tasks not yet admitted
+        self._evals_running = 0  # holding a slot
         # one reply serves every refusal: they are all alike
         self._busy_reply = error(
             "busy",
@@ -209,40 +250,64 @@ class Dispatcher:
         except ScriptError as e:
             return lua_error(e.detail)
         finally:
-            self._eval_slots.release()
+            self._capacity.finished(saturated=bool(self._evals_waiting))
+            self._release_slot()
         return t.Success(result={"result": outcome.result, "duration_ms": outcome.duration_ms})
 
+    def let_in(self) -> t.Error | None:
+        """The socket loop's check of a new eval, before it makes a task for it: the
+        ``busy`` reply, or None, and then the eval is counted until its task is admitted
+        (the caller marks its RequestContext ``counted``)."""
+        refusal = self.refuse_at_once()
+        if refusal is None:
+            self._evals_starting += 1
+        return refusal
+
     def refuse_at_once(self) -> t.Error | None:
-        """``busy`` for a new eval when the queue is full or standing (its oldest eval
-        has waited past the target); None when it may queue.  Cheap: the socket loop
-        asks it before it makes a task for the request."""
+        """``busy`` for a new eval when the queue is standing (its oldest eval has waited
+        past the target) or full (counting the evals let in whose tasks have not run
+        yet: a receive batch lets hundreds in before any of them queues); None when it
+        may queue.  Cheap: the socket loop asks it before it makes a task."""
         waiting = self._evals_waiting
-        if waiting and (
-            len(waiting) >= self.config.eval_queue
-            or time.monotonic() - waiting[0].received > self.config.queue_target_s
-        ):
+        if waiting and time.monotonic() - waiting[0].received > self.config.queue_target_s:
+            return self._busy_reply
+        limit = self._capacity.queue_limit(self.config.eval_queue, self.config.queue_target_s)
+        if self._evals_starting + len(waiting) + self._evals_running >= self.config.max_evals + limit:
             return self._busy_reply
         return None
+
+    def _take_slot(self) -> None:
+        self._evals_running += 1
+
+    def _release_slot(self) -> None:
+        self._evals_running -= 1
+        self._eval_slots.release()
 
     async def _admit(self, ctx: RequestContext) -> t.Payload | None:
         """Take an eval slot, or the ``busy`` reply.  Admission is by time: an eval that
         waited past the queue's target is refused without running (its caller has likely
         given up, and running it would only make the next ones wait longer), and while
         the oldest waiting eval is past the target, new ones are refused at once."""
+        if ctx.counted:
+            ctx.counted = False
+            self._evals_starting -= 1
         if not self._eval_slots.locked():
             await self._eval_slots.acquire()  # (a free slot: returns without waiting)
+            self._take_slot()
             return None
-        refusal = self.refuse_at_once()
-        if refusal is not None:
-            return refusal
         waiting = self._evals_waiting
+        if waiting and time.monotonic() - waiting[0].received > self.config.queue_target_s:
+            return self._busy_reply
+        if len(waiting) >= self._capacity.queue_limit(self.config.eval_queue, self.config.queue_target_s):
+            return self._busy_reply
         waiting.append(ctx)
         try:
             await self._eval_slots.acquire()
         finally:
             waiting.remove(ctx)  # (at or near the head: the scan is short)
+        self._take_slot()
         if time.monotonic() - ctx.received > self.config.queue_target_s:
-            self._eval_slots.release()
+            self._release_slot()
             return self._busy_reply
         return None
 

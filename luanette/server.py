@@ -173,6 +173,7 @@ class Server:
         self._socket: zmq.asyncio.Socket | None = None
         self._in_flight: set[RequestContext] = set()
         self._quick_replies: list[list[Any]] = []  # refusals of this receive batch
+        self._reply_templates: dict[tuple[int, Encoding], tuple[t.Payload, list[Any]]] = {}
         self._idle = anyio.Event()
         self._idle.set()
         self._draining: anyio.Event | None = None
@@ -381,13 +382,16 @@ class Server:
                 self._reply, reply, error("shutting_down", "the daemon is shutting down; no new work is taken")
             )
             return
+        counted = False
         if isinstance(payload, t.LuaEval):
-            refusal = self.dispatcher.refuse_at_once()
+            refusal = self.dispatcher.let_in()
             if refusal is not None:  # overload: refused here, without a task or a span
                 self.stats.refused += 1
                 self._reply_now(tg, reply, refusal)
                 return
+            counted = True
         ctx = RequestContext(reply.request_id, t.tag_of(type(payload)), traceparent)
+        ctx.counted = counted
         self._in_flight.add(ctx)
         self._idle = anyio.Event() if len(self._in_flight) == 1 else self._idle
         self.stats.in_flight = len(self._in_flight)
@@ -413,7 +417,20 @@ class Server:
 
     def _reply_now(self, tg: anyio.abc.TaskGroup, reply: _Reply, payload: t.Payload) -> None:
         """Reply from the loop without a task, at the end of the receive batch: sent one
-        after another, only the first of a batch wakes libzmq's I/O thread."""
+        after another, only the first of a batch wakes libzmq's I/O thread.  A refusal
+        is the same reply every time but for its request id: its frames are made once
+        (under a flood refusing is most of what the loop does)."""
+        if reply.hoot01:
+            key = (id(payload), reply.encoding)
+            template = self._reply_templates.get(key)
+            if template is None:
+                if len(self._reply_templates) >= 16:
+                    self._reply_templates.clear()
+                template = self._reply_templates[key] = (payload, self._encode(reply, payload))
+            frames = template[1].copy()
+            frames[3] = reply.request_id.bytes
+            self._quick_replies.append(reply.route + frames)
+            return
         self._quick_replies.append(reply.route + self._encode(reply, payload))
 
     def _flush_quick_replies(self, tg: anyio.abc.TaskGroup) -> None:

@@ -368,7 +368,10 @@ def _open_loop(transport: ZmqTransport, plan: Plan) -> Part:
             transport.send()
             outstanding += 1
             due += interval
-        wait_ms = max(0, int((min(due, deadline) - now) * 1000)) if now < deadline else 100
+        # At the in-flight cap nothing can be sent before a reply comes: block on the
+        # socket (a generator spinning here took the CPU the daemon needed).
+        can_send = now < deadline and outstanding < plan.in_flight
+        wait_ms = max(0, int((min(due, deadline) - now) * 1000)) if can_send else 100
         if transport.poll(wait_ms):
             for latency, kind in transport.receive():
                 outstanding -= 1

@@ -203,6 +203,25 @@ async def test_past_the_eval_queue_clients_get_busy(gated, garden):
         assert (await second).result["result"] == "ok"  # the queued one still ran
 
 
+async def test_a_burst_past_the_queue_is_refused_in_the_socket_loop(gated, garden):
+    # Evals let in but whose tasks have not run yet count against the queue: a burst
+    # read in one batch must not make a task (and a span, and a late reply) for each.
+    running = await gated(max_evals=1, eval_queue=2, queue_target_s=5.0)
+    stats = running.server.stats
+    slow = t.LuaEval(code=GATE + "return 'ok'")
+    garden.hold()
+    async with Client(running.endpoint) as c:
+        burst = [asyncio.create_task(c.request(slow)) for _ in range(20)]
+        await until(lambda: sum(task.done() for task in burst) == 17, "the refusals")
+        assert stats.refused == 17  # every refusal at once, none after a wait
+        garden.release()
+        replies = await asyncio.gather(*burst)
+    assert sorted(r.result["result"] if isinstance(r, t.Success) else r.code for r in replies) == [
+        *["busy"] * 17,
+        *["ok"] * 3,
+    ]
+
+
 # --- malformed input -----------------------------------------------------------------
 
 
@@ -421,3 +440,20 @@ async def test_script_logs_carry_the_request_id(server, zctx):
 async def test_lua_eval_has_the_clock(client):
     reply = await client.request(t.LuaEval(code="local a = clock.now() clock.sleep(20) return clock.advance(5) - a"))
     assert isinstance(reply, t.Success) and reply.result["result"] == 5
+
+
+def test_the_eval_queue_holds_what_can_start_within_the_target():
+    from luanette.dispatch import _Capacity
+
+    capacity = _Capacity()
+    assert capacity.queue_limit(256, 0.25) == 256  # nothing measured: as configured
+    capacity.finished(saturated=False)  # light load says nothing about capacity
+    assert capacity.rate == 0
+    for _ in range(39):  # one window of 40 evals, all with others waiting
+        capacity.finished(saturated=True)
+    capacity._since -= capacity.WINDOW_S
+    capacity.finished(saturated=True)
+    assert 350 <= capacity.rate <= 400
+    assert capacity.queue_limit(256, 0.25) == int(capacity.rate * 0.25 / 2)
+    assert capacity.queue_limit(16, 0.25) == 16  # never more than configured
+    assert capacity.queue_limit(256, 0.001) == capacity.MIN_WAITING

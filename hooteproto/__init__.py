@@ -12,6 +12,7 @@ from hooteproto.codec import (
     encode_envelope,
     encode_payload,
 )
+from hooteproto.depth import MAX_DEPTH, TooDeepError
 from hooteproto.types import *  # noqa: F403
 from hooteproto.types import Broadcast, Envelope, Payload
 
@@ -21,7 +22,9 @@ __all__ = [
     "DecodeError",
     "Encoding",
     "Envelope",
+    "MAX_DEPTH",
     "Payload",
+    "TooDeepError",
     "decode_broadcast",
     "decode_envelope",
     "decode_payload",

@@ -29,6 +29,7 @@ from typing import Any, Generic, TypeVar
 
 import msgspec
 
+from hooteproto.depth import CARRIER_DEPTH, MAX_DEPTH, TooDeepError, check_json, check_msgpack, peek
 from hooteproto.types import Broadcast, Envelope, Payload, ReadyPayload
 
 T = TypeVar("T")
@@ -197,22 +198,32 @@ def detect(buf: bytes | memoryview) -> Encoding:
 
 class Codec(Generic[T]):
     """Encode and decode one message type (a struct or a tagged union) in all three
-    encodings."""
+    encodings.  Decoding refuses bodies nested deeper than ``max_depth`` levels
+    (:data:`hooteproto.depth.MAX_DEPTH` unless told)."""
 
-    def __init__(self, tp: Any) -> None:
+    def __init__(self, tp: Any, *, max_depth: int = MAX_DEPTH) -> None:
         self.type = tp
+        self.max_depth = max_depth
         self._decoders: dict[Encoding, msgspec.msgpack.Decoder[Any] | msgspec.json.Decoder[Any]] = {
             Encoding.COMPACT: msgspec.msgpack.Decoder(_twin_type(tp)),
             Encoding.NAMED: msgspec.msgpack.Decoder(tp),
             Encoding.JSON: msgspec.json.Decoder(tp),
         }
 
-    def decode(self, buf: bytes | memoryview, encoding: Encoding | None = None) -> T:
-        """Decode ``buf``; with no ``encoding``, detect it. Raises :class:`DecodeError`."""
+    def decode(self, buf: bytes | memoryview, encoding: Encoding | None = None, *, max_depth: int | None = None) -> T:
+        """Decode ``buf``; with no ``encoding``, detect it. Raises :class:`DecodeError`,
+        also for a body nested deeper than ``max_depth`` (default: the codec's)."""
         if encoding is None:
             encoding = detect(buf)
+        limit = self.max_depth if max_depth is None else max_depth
         try:
+            if len(buf) > limit:  # (a shorter body cannot nest deeper: a level takes a byte)
+                (check_json if encoding is Encoding.JSON else check_msgpack)(buf, limit)
             value: T = self._decoders[encoding].decode(buf)
+        except TooDeepError as e:
+            raise DecodeError(f"malformed {encoding.value} body: {e}") from None
+        except RecursionError:  # deeper than the stack allows, past a malformed part
+            raise DecodeError(f"malformed {encoding.value} body: {TooDeepError(limit)}") from None
         except msgspec.ValidationError as e:
             raise DecodeError(str(e), path=_path_of(str(e))) from None
         except (msgspec.DecodeError, ValueError, TypeError, OverflowError) as e:
@@ -238,7 +249,8 @@ def _path_of(message: str) -> str | None:
 
 payload_codec: Codec[Payload] = Codec(Payload)
 envelope_codec: Codec[Envelope] = Codec(Envelope)
-broadcast_codec: Codec[Broadcast] = Codec(Broadcast)
+# subscribers read broadcasts, which carry results a few levels down
+broadcast_codec: Codec[Broadcast] = Codec(Broadcast, max_depth=MAX_DEPTH + CARRIER_DEPTH)
 ready_codec: Codec[ReadyPayload] = Codec(ReadyPayload)
 
 
@@ -277,14 +289,15 @@ def peek_envelope_id(buf: bytes | memoryview) -> tuple[uuid.UUID | None, Encodin
     error reply can still name the request. Never raises."""
     try:
         encoding = detect(buf)
-        raw = (msgspec.json if encoding is Encoding.JSON else msgspec.msgpack).decode(buf)
-    except Exception:
+    except DecodeError:
         return None, None
-    candidate = None
-    if isinstance(raw, list) and raw:
-        candidate = raw[0]
-    elif isinstance(raw, dict):
-        candidate = raw.get("id")
+    # Only the id is decoded: the rest may be broken, or nested too deep to decode.
+    json = encoding is Encoding.JSON
+    is_array = (bytes(buf).lstrip()[:1] == b"[") if json else encoding is Encoding.COMPACT
+    try:
+        candidate = peek(buf, (0,) if is_array else ("id",), json=json)
+    except Exception:  # noqa: BLE001 (best effort by contract)
+        return None, encoding
     try:
         if isinstance(candidate, bytes) and len(candidate) == 16:
             return uuid.UUID(bytes=candidate), encoding

@@ -7,7 +7,8 @@ decoded JSON answer, or raises:
 
 - :class:`BackendUnavailable` (code ``backend_unavailable``): the backend cannot answer
   -- connection refused or reset, a timeout, 429 / 5xx after the retries, a response
-  that is not JSON or too large, or a retry that would start after the deadline;
+  that is not JSON, too large or nested deeper than 128 levels
+  (``hooteproto.depth.MAX_DEPTH``), or a retry that would start after the deadline;
 - :class:`BackendRejected` (code ``invalid_params``): the backend refused the request
   itself (400, 413, 422): retrying the same body cannot help;
 - :class:`UnknownBackend` (code ``not_found``): no backend of that name is configured.
@@ -55,6 +56,7 @@ import aiohttp
 import msgspec
 import structlog
 
+from hooteproto.depth import TooDeepError, decode_json
 from luanette.settings import BackendSettings
 from luanette.telemetry import Span, SpanKind, Telemetry, traceparent_of
 
@@ -77,7 +79,6 @@ _DETAIL_CHARS: Final = 300
 _ERROR_BODY_BYTES: Final = 64 * 1024
 # How long past the caller's deadline a request's own timeout fires (see _attempt).
 _DEADLINE_SLACK_S: Final = 0.25
-_json_decoder: Final = msgspec.json.Decoder()
 _json_encoder: Final = msgspec.json.Encoder()
 
 
@@ -310,10 +311,14 @@ class Backends:
                     if 200 <= status < 300:
                         raw = await _read_capped(resp, s.max_response_bytes, backend.name, s.url)
                         try:
-                            return _json_decoder.decode(raw) if raw else None
+                            return decode_json(raw) if raw else None
                         except msgspec.DecodeError as exc:
                             raise BackendUnavailable(
                                 backend.name, s.url, f"answered HTTP {status} with a body that is not JSON ({exc})"
+                            ) from None
+                        except TooDeepError as exc:
+                            raise BackendUnavailable(
+                                backend.name, s.url, f"answered HTTP {status} with JSON {exc}"
                             ) from None
                     detail = _error_detail(await resp.content.read(_ERROR_BODY_BYTES))
                     retry_after = _retry_after(resp.headers.get("Retry-After"))
@@ -407,8 +412,8 @@ def _error_detail(raw: bytes) -> str:
     """The useful part of an error body: FastAPI's ``detail``, OpenAI's ``error.message``."""
     text = raw.decode("utf-8", "replace").strip()
     try:
-        doc = _json_decoder.decode(raw)
-    except msgspec.DecodeError:
+        doc = decode_json(raw)
+    except (msgspec.DecodeError, TooDeepError):
         doc = None
     if isinstance(doc, dict):
         detail = doc.get("detail")

@@ -15,6 +15,7 @@ import zmq.asyncio
 
 from hooteproto.codec import encode_broadcast
 from hooteproto.types import Broadcast
+from luanette.auth import ServerKeys, secure_server_socket
 
 log = structlog.get_logger("luanette.broadcast")
 
@@ -35,13 +36,16 @@ class Publisher:
         self._context = context
         self._socket: zmq.Socket | None = None
 
-    def bind(self, endpoint: str) -> str:
-        """Bind the PUB socket; returns the bound endpoint. Raises ``zmq.ZMQError``."""
+    def bind(self, endpoint: str, keys: ServerKeys | None = None) -> str:
+        """Bind the PUB socket (a CURVE server with ``keys``: only allowed keys may
+        subscribe); returns the bound endpoint. Raises ``zmq.ZMQError``."""
         # A plain (sync) socket in the daemon's context: PUB sends never wait, so there
         # is nothing to await.
         ctx: zmq.Context = zmq.Context.shadow((self._context or zmq.asyncio.Context.instance()).underlying)
         sock = ctx.socket(zmq.PUB)
         sock.setsockopt(zmq.LINGER, 500)
+        if keys is not None:
+            secure_server_socket(sock, keys)
         try:
             sock.bind(endpoint)
         except zmq.ZMQError:
@@ -50,6 +54,11 @@ class Publisher:
         self._socket = sock
         self.endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
         return self.endpoint
+
+    @property
+    def bound(self) -> bool:
+        """Whether anything is published (``--pub none``: nothing)."""
+        return self._socket is not None
 
     def publish(self, message: Broadcast) -> None:
         """Send one broadcast now; never blocks, never raises for a slow subscriber."""

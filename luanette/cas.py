@@ -44,6 +44,7 @@ thread (the daemon uses ``anyio.to_thread``).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import re
@@ -56,6 +57,8 @@ from typing import BinaryIO, Final
 
 import blake3
 import msgspec
+
+from luanette import faults
 
 ENV_PATH: Final = "HOOTENANNY_CAS_PATH"
 ENV_READONLY: Final = "HOOTENANNY_CAS_READONLY"
@@ -88,8 +91,12 @@ class NotFound(CasError, LookupError):
     """No object with that hash is stored."""
 
 
-class ReadOnly(CasError):
-    """A write was attempted on a store opened read-only."""
+class ReadOnly(CasError, faults.CasReadOnly):
+    """A write was attempted on a store opened read-only (``HOOTENANNY_CAS_READONLY``).
+
+    A write that the filesystem refuses (mounted read-only, no permission) raises the
+    same code, :class:`luanette.faults.CasReadOnly`, and a full disk
+    :class:`luanette.faults.StorageFull` (see :func:`luanette.faults.cas_fault`)."""
 
 
 class TooLarge(CasError):
@@ -188,6 +195,12 @@ def env_read_only() -> bool:
     return value.lower() == "true" or value == "1"
 
 
+def env_read_only_why() -> str | None:
+    """``"HOOTENANNY_CAS_READONLY=<value>"`` when that variable makes the CAS read-only
+    (the reason a refused write names), else None."""
+    return f"{ENV_READONLY}={os.environ.get(ENV_READONLY, '')}" if env_read_only() else None
+
+
 # --- the store ------------------------------------------------------------------------
 
 
@@ -199,11 +212,14 @@ class Cas:
     rename of a complete, fsynced temp file.
     """
 
-    def __init__(self, root: str | os.PathLike[str], *, read_only: bool = False) -> None:
+    def __init__(
+        self, root: str | os.PathLike[str], *, read_only: bool = False, read_only_why: str = "it was opened read-only"
+    ) -> None:
         # Absolute but not symlink-resolved: ``local_path`` reads as configured, and the
         # containment check resolves the root afresh on every call.
         self.root = Path(root).expanduser().absolute()
         self.read_only = read_only
+        self.read_only_why = read_only_why  # for the message of a refused write
         if not read_only:
             # Upstream creates these eagerly too; doing it here surfaces a bad root or a
             # permission problem at start-up instead of at the first store.
@@ -211,14 +227,20 @@ class Cas:
                 (self.root / sub).mkdir(parents=True, exist_ok=True)
 
     @classmethod
-    def from_config(cls, cas_root: str | None, *, read_only: bool | None = None) -> Cas:
+    def from_config(
+        cls, cas_root: str | None, *, read_only: bool | None = None, read_only_why: str | None = None
+    ) -> Cas:
         """Open the store named by ``--cas-root``, else ``$HOOTENANNY_CAS_PATH``, else the default.
 
-        ``read_only=None`` follows ``$HOOTENANNY_CAS_READONLY`` as upstream does.
+        ``read_only=None`` follows ``$HOOTENANNY_CAS_READONLY`` as upstream does;
+        ``read_only_why`` is the reason a refused write names.
         """
         if read_only is None:
-            read_only = env_read_only()
-        return cls(resolve_root(cas_root), read_only=read_only)
+            read_only_why = env_read_only_why()
+            read_only = read_only_why is not None
+        if read_only:
+            return cls(resolve_root(cas_root), read_only=True, read_only_why=read_only_why or "it was opened read-only")
+        return cls(resolve_root(cas_root))
 
     def __repr__(self) -> str:
         mode = "read-only" if self.read_only else "read-write"
@@ -242,6 +264,11 @@ class Cas:
         if not self.exists(h):
             raise NotFound(f"no object {h} in {self.root}")
         return self.object_path(h)
+
+    def relative_path(self, hash: str) -> str:
+        """The object's path relative to the root, ``objects/<2>/<30>`` (what a script
+        sees: a tool sharing the CAS joins it to its own root); :class:`NotFound` if absent."""
+        return self.path(hash).relative_to(self.root).as_posix()
 
     def _contained(self, path: Path) -> Path:
         """``path`` with symlinks resolved, refusing anything that lands outside the root."""
@@ -335,15 +362,16 @@ class Cas:
         self._check_writable()
         h = hash_bytes(data)
         obj = self.object_path(h)
-        if not self.exists(h):
-            tmp = self._new_temp()
-            try:
-                tmp.write(data)
-                tmp.commit()
-                self._publish(tmp.path, obj)
-            finally:
-                tmp.discard()
-        self._ensure_metadata(h, mime_type, len(data))
+        with self._writing():
+            if not self.exists(h):
+                tmp = self._new_temp()
+                try:
+                    tmp.write(data)
+                    tmp.commit()
+                    self._publish(tmp.path, obj)
+                finally:
+                    tmp.discard()
+            self._ensure_metadata(h, mime_type, len(data))
         return h
 
     def store_file(self, path: str | os.PathLike[str], mime_type: str | None = None) -> str:
@@ -355,20 +383,21 @@ class Cas:
         self._check_writable()
         hasher = blake3.blake3()
         size = 0
-        tmp = self._new_temp()
-        try:
-            with open(path, "rb", buffering=0) as src:
+        # (an error opening the source is the caller's, not a fault of the store)
+        with open(path, "rb", buffering=0) as src, self._writing():
+            tmp = self._new_temp()
+            try:
                 while chunk := src.read(_CHUNK):
                     hasher.update(chunk)
                     tmp.write(chunk)
                     size += len(chunk)
-            tmp.commit()
-            h = hasher.digest(length=HASH_BYTES).hex()
-            if not self.exists(h):
-                self._publish(tmp.path, self.object_path(h))
-        finally:
-            tmp.discard()
-        self._ensure_metadata(h, mime_type, size)
+                tmp.commit()
+                h = hasher.digest(length=HASH_BYTES).hex()
+                if not self.exists(h):
+                    self._publish(tmp.path, self.object_path(h))
+            finally:
+                tmp.discard()
+            self._ensure_metadata(h, mime_type, size)
         return h
 
     def clean_temp(self, older_than_s: float) -> int:
@@ -403,7 +432,20 @@ class Cas:
 
     def _check_writable(self) -> None:
         if self.read_only:
-            raise ReadOnly(f"CAS at {self.root} is read-only")
+            fault = faults.cas_read_only(self.root, self.read_only_why)
+            raise ReadOnly(fault.message, fault.script_message)
+
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[None]:
+        """Name the faults of a write (full disk, read-only filesystem): the one place
+        the CAS maps an ``OSError`` to a :class:`luanette.faults.StorageFault`."""
+        try:
+            yield
+        except OSError as exc:
+            fault = faults.cas_fault(exc, self.root)
+            if fault is None:
+                raise
+            raise fault from exc
 
     def _new_temp(self) -> _TempFile:
         tmp_dir = self._contained(self.root / "tmp")
@@ -526,6 +568,7 @@ __all__ = [
     "default_root",
     "encode_metadata",
     "env_read_only",
+    "env_read_only_why",
     "hash_bytes",
     "parse_hash",
     "resolve_root",

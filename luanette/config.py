@@ -44,6 +44,23 @@ class Config(msgspec.Struct, kw_only=True, frozen=True):
     """CAS root; else ``$HOOTENANNY_CAS_PATH``; else ``~/.hootenanny/cas``."""
     state_dir: str | None = None
     """Where the job and script database lives; else the user state directory."""
+    run_cas_bytes: int = 512 * 2**20
+    """Bytes one run may write to the CAS (``cas_quota_exceeded`` past it)."""
+    run_result_bytes: int = 16 * 2**20
+    """Largest result of one run, as MessagePack (``result_too_large``)."""
+    run_log_lines: int = 5_000
+    """Log lines one run may write (``log_quota_exceeded``)."""
+    run_log_bytes: int = 2**20
+    """Log bytes one run may write (``log_quota_exceeded``)."""
+    pub_results: int = 64 * 2**10
+    """Largest job result carried in a ``job_state_changed`` broadcast (JSON bytes);
+    larger ones are left out with a pointer to ``job_status``; 0: never carried."""
+    curve: str | None = None
+    """Key directory (see luanette.auth): the ROUTER and PUB sockets require CURVE and
+    only its client and admin keys may connect; ``None``: no authentication (loopback
+    only, unless ``insecure``)."""
+    insecure: bool = False
+    """Allow a non-loopback bind without CURVE (logged as a warning)."""
     max_jobs: int = 64
     """Jobs running at once. A job waiting on a model or the garden holds no thread, so
     this is not the number of cores: CPU-bound jobs share the workers' Lua threads."""

@@ -18,11 +18,14 @@ import structlog
 
 from hooteproto import types as t
 from luanette import cas
+from luanette import params as params_mod
+from luanette.auth import ANYONE, Caller
 from luanette.broadcast import Publisher
 from luanette.config import Config
 from luanette.engine.api import CancelToken, ErrorDetail, Limits, ScriptError
 from luanette.engine.channel import RunInfo
 from luanette.engine.pool import Engine, RunHooks
+from luanette.faults import StorageFault
 from luanette.jobs import JobError, Jobs
 from luanette.scripts import ScriptProblem, Scripts
 from luanette.store import ScriptRecord
@@ -31,12 +34,17 @@ from luanette.triggers import TriggerError, Triggers
 
 log = structlog.get_logger("luanette.dispatch")
 
+MAX_REGISTRATIONS = 256
+"""Registrations kept (the latest per worker id); past it the oldest is forgotten."""
+MAX_REGISTRATION_BYTES = 16 * 2**10
+"""The largest registration accepted (its MessagePack size)."""
+
 
 class RequestContext:
     """What a handler knows about the request besides its payload. Hashed by identity,
     so the server can keep a set of the ones in flight."""
 
-    __slots__ = ("_log", "cancel", "counted", "kind", "received", "request_id", "span", "traceparent")
+    __slots__ = ("_log", "caller", "cancel", "counted", "kind", "received", "request_id", "span", "traceparent")
 
     def __init__(
         self, request_id: uuid.UUID, kind: str, traceparent: str | None = None, received: float | None = None
@@ -49,6 +57,7 @@ class RequestContext:
         self.cancel = CancelToken()
         self.span: Span | None = None  # the request's luanette.dispatch span, once it runs
         self.counted = False  # an eval the socket loop let in (see Dispatcher.let_in)
+        self.caller: Caller = ANYONE  # who sent it (their key under CURVE)
         self._log: Any = None
 
     @property
@@ -196,6 +205,9 @@ class Dispatcher:
             return error("invalid_params", f"not a script hash: {e}")
         except cas.NotFound as e:
             return error("not_found", str(e))
+        except StorageFault as e:  # named by the store that failed (luanette/faults.py)
+            ctx.log.warning("handler.storage_fault", code=e.code, error=str(e))
+            return error(e.code, str(e))
         except Exception:
             ctx.log.exception("handler.failed")
             return error("internal", "internal error while handling the request; see the daemon log")
@@ -218,7 +230,17 @@ class Dispatcher:
 
     async def register(self, p: t.Register, ctx: RequestContext) -> t.Payload:
         registration = t.WorkerRegistration(**{f: getattr(p, f) for f in t.WorkerRegistration.__struct_fields__})
+        size = len(msgspec.msgpack.encode(registration))
+        if size > MAX_REGISTRATION_BYTES:
+            return error(
+                "invalid_params",
+                f"a registration is at most {MAX_REGISTRATION_BYTES} bytes; this one is {size}",
+                {"limit": MAX_REGISTRATION_BYTES, "size": size},
+            )
+        self.registrations.pop(p.worker_id, None)  # the latest goes last: the oldest is first out
         self.registrations[p.worker_id] = registration
+        while len(self.registrations) > MAX_REGISTRATIONS:
+            del self.registrations[next(iter(self.registrations))]
         ctx.log.info("worker.registered", worker=p.worker_name, kind=p.worker_type.value)
         return t.Success(result={"registered": True, "worker_id": str(p.worker_id)})
 
@@ -230,6 +252,12 @@ class Dispatcher:
         return t.ToolList(tools=self.tools())
 
     async def lua_eval(self, p: t.LuaEval, ctx: RequestContext) -> t.Payload:
+        if isinstance(p.params, (dict, list)):
+            try:
+                params_mod.check_representable(p.params)
+            except params_mod.InvalidParams as e:  # a nil key, an extension, ...
+                self._uncount(ctx)
+                return error("invalid_params", str(e))
         refusal = await self._admit(ctx)
         if refusal is not None:
             return refusal
@@ -283,14 +311,18 @@ class Dispatcher:
         self._evals_running -= 1
         self._eval_slots.release()
 
+    def _uncount(self, ctx: RequestContext) -> None:
+        """An eval the socket loop let in has reached its handler (see let_in)."""
+        if ctx.counted:
+            ctx.counted = False
+            self._evals_starting -= 1
+
     async def _admit(self, ctx: RequestContext) -> t.Payload | None:
         """Take an eval slot, or the ``busy`` reply.  Admission is by time: an eval that
         waited past the queue's target is refused without running (its caller has likely
         given up, and running it would only make the next ones wait longer), and while
         the oldest waiting eval is past the target, new ones are refused at once."""
-        if ctx.counted:
-            ctx.counted = False
-            self._evals_starting -= 1
+        self._uncount(ctx)
         if not self._eval_slots.locked():
             await self._eval_slots.acquire()  # (a free slot: returns without waiting)
             self._take_slot()

@@ -46,6 +46,7 @@ import zmq
 import zmq.asyncio
 
 from hooteproto.codec import DecodeError, Encoding
+from hooteproto.depth import peek
 from hooteproto.garden import (
     Error,
     ShellReply,
@@ -395,11 +396,13 @@ class GardenClient:
 def _parent_msg_id(body: bytes) -> uuid.UUID | None:
     """The ``parent_header.msg_id`` of a reply that does not decode as a whole, if that
     much of it is readable (compact: element 1 of the array; named or JSON: the
-    ``parent_header`` key).  Never raises."""
-    try:
-        raw = (msgspec.json if body[:1] in b"{ \t\r\n" else msgspec.msgpack).decode(body)
-        parent = raw[1] if isinstance(raw, list) and len(raw) > 1 else raw.get("parent_header")
-        msg_id = parent[0] if isinstance(parent, list) and parent else parent.get("msg_id")
-        return uuid.UUID(bytes=msg_id) if isinstance(msg_id, bytes) else uuid.UUID(msg_id)
-    except Exception:  # noqa: BLE001 (best effort by contract)
-        return None
+    ``parent_header`` key).  Only that id is decoded, so a reply broken or nested too
+    deep elsewhere still names its request.  Never raises."""
+    json = body[:1] in b"{ \t\r\n"
+    for path in ((1, 0), (1, "msg_id"), ("parent_header", "msg_id"), ("parent_header", 0)):
+        try:
+            msg_id = peek(body, path, json=json)
+            return uuid.UUID(bytes=msg_id) if isinstance(msg_id, bytes) else uuid.UUID(msg_id)
+        except Exception:  # noqa: BLE001 (best effort by contract)
+            continue
+    return None

@@ -32,6 +32,7 @@ from luanette.cas import CasError
 from luanette.engine.api import CancelToken, Limits, ScriptError
 from luanette.engine.channel import RunInfo
 from luanette.engine.pool import Engine, RunHooks
+from luanette.faults import STORAGE_FULL, StorageFault
 from luanette.groupcommit import GroupCommit
 from luanette.scripts import Scripts
 from luanette.stdlib.temp import TempNamespace
@@ -41,6 +42,12 @@ from luanette.telemetry import StatusCode, Telemetry, script_attributes, span_id
 log = structlog.get_logger("luanette.jobs")
 
 POLL_CAP_S = 30.0
+CAS_TEMP_MAX_AGE_S = 3600.0
+"""CAS temp files older than this are a crashed writer's leftovers (see Cas.clean_temp)."""
+REWRITE_FIRST_S = 0.25
+REWRITE_MAX_S = 5.0
+"""How soon, and at most how long apart, a job's final state that could not be written
+(a full disk, a locked database) is tried again."""
 
 
 class JobError(Exception):
@@ -97,6 +104,7 @@ class Jobs:
         queue_size: int,
         temp_root: Path,
         telemetry: Telemetry | None = None,
+        pub_results: int = 64 * 2**10,
     ) -> None:
         self._telemetry = telemetry or Telemetry()
         self._engine = engine
@@ -110,20 +118,44 @@ class Jobs:
         self._send, self._receive = anyio.create_memory_object_stream[_Live](queue_size)
         self._queue_size = queue_size
         self._reserved = 0  # submissions waiting for their row's commit
+        self._pub_results = pub_results
         self._commits = GroupCommit(store)
         self._changed = anyio.Event()
         self._pollers = 0  # polls waiting on _changed
+        # jobs that ended but whose final state the store refused (full disk, locked):
+        # (status, result, error) to write once it takes writes again; live until then
+        self._unwritten: dict[str, tuple[JobStatus, Any, Any]] = {}
+        self._deferred = anyio.Event()
+        self.finals_deferred = 0  # final states the store refused at first (a statistic)
 
     # --- lifecycle -------------------------------------------------------------------
 
     def recover(self) -> list[str]:
         """At start-up: jobs a previous process left pending or running are failed as
-        ``interrupted``."""
+        ``interrupted``; the job temp directories and the CAS temp files (older than
+        an hour: another process may share the CAS) a crash left behind are removed."""
         TempNamespace.clean_root(self._temp_root, older_than_s=0)  # left by a crash
-        ids = self.store.recover_interrupted(time.time())
+        self._clean_cas_temp()
+        try:
+            ids = self.store.recover_interrupted(time.time())
+        except StorageFault as fault:  # start anyway: reads work, the next start retries
+            log.error("jobs.recover_failed", code=fault.code, error=str(fault))
+            return []
         if ids:
             log.warning("jobs.interrupted", count=len(ids), job_ids=ids[:20])
         return ids
+
+    def _clean_cas_temp(self) -> None:
+        cas = self.scripts.cas
+        if cas.read_only:
+            return
+        try:
+            removed = cas.clean_temp(CAS_TEMP_MAX_AGE_S)
+        except (CasError, StorageFault, OSError) as e:  # never a reason not to start
+            log.warning("cas.temp_clean_failed", cas=str(cas.root), error=str(e))
+            return
+        if removed:
+            log.info("cas.temp_cleaned", cas=str(cas.root), removed=removed)
 
     async def run(self) -> None:
         """Run the workers until cancelled; a cancelled run cancels running scripts."""
@@ -131,9 +163,19 @@ class Jobs:
             async with anyio.create_task_group() as tg:
                 for _ in range(self.max_jobs):
                     tg.start_soon(self._worker)
+                tg.start_soon(self._rewrite_finals)
         finally:
             for live in list(self._live.values()):
                 live.cancel.cancel("the daemon is shutting down")
+
+    def prune(self, max_age_s: float | None, max_count: int | None) -> int:
+        """Delete old finished jobs (see Store.prune); a store that refuses (a full disk,
+        a locked database) is logged and tried again next time, never raised."""
+        try:
+            return self.store.prune(max_age_s, max_count, time.time())
+        except StorageFault as fault:
+            log.warning("jobs.prune_failed", code=fault.code, error=str(fault))
+            return 0
 
     def is_live(self, job_id: str) -> bool:
         """Whether ``job_id`` is queued or running in this process."""
@@ -155,8 +197,13 @@ class Jobs:
         """Queue a job for a stored script; returns its pending JobInfo at once.
 
         Raises :class:`JobError` ``not_found`` (no such script), ``invalid_params``
-        (params that do not fit its describe()) or ``busy`` (the queue is full).
+        (params a script cannot be given, naming the place, or params that do not fit
+        its describe()) or ``busy`` (the queue is full).
         """
+        try:
+            params_mod.check_representable(params, json_keys=True)
+        except params_mod.InvalidParams as e:
+            raise JobError("invalid_params", str(e)) from None
         record = self.scripts.record(script_hash)
         if record is None and not self.scripts.cas.exists(script_hash):
             raise JobError("not_found", f"no stored script {script_hash}")
@@ -261,14 +308,26 @@ class Jobs:
                     log.exception("jobs.finish_failed", job_id=live.job_id)
 
     async def _execute(self, live: _Live) -> None:
-        started = not live.cancel.cancelled and await self._commits.write(
-            self.store.mark_running_op(live.job_id, time.time())
-        )
+        try:
+            started = not live.cancel.cancelled and await self._commits.write(
+                self.store.mark_running_op(live.job_id, time.time())
+            )
+        except StorageFault as fault:  # (a full disk, a locked database)
+            await self._finish(
+                live, JobStatus.FAILED, error={"kind": fault.code, "message": f"the job could not start: {fault}"}
+            )
+            return
         if not started:
             # Cancelled while queued: the cancel finished the job itself (it read it
             # pending). A cancel after the write found it running and only set the
             # token, which the run below honours at once.
-            self._live.pop(live.job_id, None)
+            if live.cancel.cancelled and live.job_id not in self._live:
+                return
+            if live.cancel.cancelled:  # the cancel could not write it (see _cancel_live)
+                error = {"kind": "cancelled", "message": f"{live.cancel.reason} before it started"}
+                await self._finish(live, JobStatus.CANCELLED, error=error)
+            else:
+                self._live.pop(live.job_id, None)
             return
         self._announce(live.job_id, JobStatus.RUNNING)
         record = self.scripts.record(live.script_hash)
@@ -313,6 +372,21 @@ class Jobs:
         await self._finish(live, JobStatus.COMPLETE, result=outcome.result)
         return JobStatus.COMPLETE
 
+    def _broadcast_result(self, job_id: str, result: Any) -> Any:
+        """The result as broadcast: itself up to ``--pub-results`` bytes of JSON, else
+        where to fetch it (a broadcast goes to every subscriber; a big result is read
+        by the one who wants it)."""
+        limit = self._pub_results
+        size = len(msgspec.json.encode(result)) if limit else None
+        if size is not None and size <= limit:
+            return result
+        return {
+            "omitted": True,
+            "size_bytes": size,
+            "reason": f"results over {limit} bytes are not broadcast (--pub-results)",
+            "fetch": {"type": "job_status", "job_id": job_id},
+        }
+
     def _progress_reporter(self, live: _Live) -> Callable[[float, str | None], None]:
         def report(percent: float, message: str | None) -> None:
             # on the loop: the engine hands over its workers' progress notes there
@@ -323,26 +397,94 @@ class Jobs:
 
     def _cancel_live(self, live: _Live, reason: str) -> None:
         live.cancel.cancel(reason)
-        info = self.store.get(live.job_id)
-        if info is not None and info.status is JobStatus.PENDING:
-            # Not started: finish it now (a write of its own, as a cancel is rare and its
-            # reply reads the result); the worker will skip it.
-            error = {"kind": "cancelled", "message": f"{reason} before it started"}
-            self._live.pop(live.job_id, None)
-            if self.store.finish(live.job_id, JobStatus.CANCELLED, at=time.time(), error=error):
-                self._announce(live.job_id, JobStatus.CANCELLED, error)
+        if live.job_id in self._unwritten:
+            return  # it has ended; only its final state waits to be written
+        try:
+            info = self.store.get(live.job_id)
+            if info is not None and info.status is JobStatus.PENDING:
+                # Not started: finish it now (a write of its own, as a cancel is rare and
+                # its reply reads the result); the worker will skip it.
+                error = {"kind": "cancelled", "message": f"{reason} before it started"}
+                self._live.pop(live.job_id, None)
+                if self.store.finish(live.job_id, JobStatus.CANCELLED, at=time.time(), error=error):
+                    self._announce(live.job_id, JobStatus.CANCELLED, error)
+        except StorageFault as fault:
+            # The token is set: a running job stops; a pending one is skipped by its
+            # worker, which writes its end (or defers it) like any other.
+            self._live[live.job_id] = live
+            log.warning("jobs.cancel_not_written", job_id=live.job_id, code=fault.code, error=str(fault))
 
     async def _finish(self, live: _Live, status: JobStatus, *, result: Any = None, error: Any = None) -> None:
         write = self.store.finish_op(live.job_id, status, at=time.time(), result=result, error=error)
         try:
             changed = await self._commits.write(write)
-        finally:
-            # only now: a poller reads a job that has left the live set from the store
+        except StorageFault as fault:
+            self._defer_final(live, status, result, error, fault)
+            return
+        except BaseException:
             self._live.pop(live.job_id, None)
+            raise
+        # only now: a poller reads a job that has left the live set from the store
+        self._live.pop(live.job_id, None)
         if changed:
             self._announce(live.job_id, status, result if status is JobStatus.COMPLETE else error)
 
+    def _defer_final(
+        self, live: _Live, status: JobStatus, result: Any, error: Any, fault: StorageFault
+    ) -> None:
+        """The store refused a job's final state.  The job stays live (pollers wait; a
+        restart would fail it as ``interrupted``) and :meth:`_rewrite_finals` writes its
+        end once the store takes writes again: as it was when the database was only
+        unavailable (locked, an I/O error); as failed with kind ``storage_full`` when the
+        disk is full (its result, which may be what filled it, is not kept)."""
+        if fault.code != STORAGE_FULL or (isinstance(error, dict) and error.get("kind") == STORAGE_FULL):
+            final = (status, result, error)
+        else:
+            ended = {JobStatus.COMPLETE: "completed", JobStatus.CANCELLED: "was cancelled"}.get(status, "failed")
+            message = f"the job {ended} but its end could not be recorded: {fault}"
+            final = (JobStatus.FAILED, None, {"kind": fault.code, "message": message})
+        self._unwritten[live.job_id] = final
+        self.finals_deferred += 1
+        self._deferred.set()
+        log.warning(
+            "jobs.final_state_deferred", job_id=live.job_id, status=status.value, code=fault.code, error=str(fault)
+        )
+
+    async def _rewrite_finals(self) -> None:
+        """Write the final states the store refused (see :meth:`_defer_final`), trying
+        again with a growing pause while it still refuses."""
+        delay = REWRITE_FIRST_S
+        while True:
+            if not self._unwritten:
+                await self._deferred.wait()
+                self._deferred = anyio.Event()
+                delay = REWRITE_FIRST_S
+                continue
+            await anyio.sleep(delay)
+            for job_id, (status, result, error) in list(self._unwritten.items()):
+                write = self.store.finish_op(job_id, status, at=time.time(), result=result, error=error)
+                try:
+                    changed = await self._commits.write(write)
+                except StorageFault as fault:
+                    if fault.code == STORAGE_FULL and status is JobStatus.COMPLETE:  # now the disk is full
+                        message = f"the job completed but its end could not be recorded: {fault}"
+                        self._unwritten[job_id] = (JobStatus.FAILED, None, {"kind": fault.code, "message": message})
+                    delay = min(delay * 2, REWRITE_MAX_S)
+                    break  # still refused: wait longer
+                except Exception:
+                    log.exception("jobs.final_state_lost", job_id=job_id)
+                    changed = False
+                del self._unwritten[job_id]
+                self._live.pop(job_id, None)
+                log.info("jobs.final_state_written", job_id=job_id, status=status.value)
+                if changed:
+                    self._announce(job_id, status, result if status is JobStatus.COMPLETE else error)
+            else:
+                delay = REWRITE_FIRST_S
+
     def _announce(self, job_id: str, status: JobStatus, result: Any = None) -> None:
+        if result is not None and self._publisher.bound:
+            result = self._broadcast_result(job_id, result)
         self._publisher.publish(JobStateChanged(job_id=job_id, state=status.value, result=result))
         if status in FINISHED:
             if self._pollers:  # a fresh event per finished job only when someone waits

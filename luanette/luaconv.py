@@ -15,13 +15,16 @@ The Lua -> Python rules are the JSON rules of the design notes:
   (holes in a marked array become None); any other table is a dict whose keys are
   strings (number keys become their decimal text, so ``{1, 2, x = 3}`` is
   ``{"1": 1, "2": 2, "x": 3}``); an empty unmarked table is ``{}``;
-* functions, coroutines, userdata, cycles and nesting deeper than 200 are refused
-  with a message naming the path, e.g. ``result.cb is a function; ...``.
+* functions, coroutines, userdata, cycles and nesting deeper than 128 levels
+  (``hooteproto.depth.MAX_DEPTH``, the limit of every decoder) are refused with a
+  message naming the path, e.g. ``result.cb is a function; ...``.
 
 Python -> Lua: dicts become tables, lists and tuples become tables marked as arrays
 (so ``[]`` comes back as ``[]``), None is nil at the top level and the null sentinel
 inside a container, ``NULL`` is the null sentinel anywhere, bytes and str become
-strings.
+strings.  A value nested deeper than ``MAX_DEPTH`` is refused with
+``hooteproto.depth.TooDeepError`` (a ValueError), so no value reaching Lua is deeper
+than one leaving it.
 """
 
 from __future__ import annotations
@@ -30,6 +33,8 @@ import importlib.resources
 from typing import Any, Final
 
 import msgspec
+
+from hooteproto.depth import MAX_DEPTH, TooDeepError, check_value
 
 # MessagePack extension type that carries the null sentinel (see ``NULL``).
 _NULL_EXT_TYPE: Final = 1
@@ -69,18 +74,30 @@ def to_lua(value: Any) -> bytes:
     """Encode a Python value for ``codec.decode`` on the Lua side.
 
     Raises TypeError, ValueError or OverflowError (integers beyond 64 bits) for values
-    that have no Lua form.
+    that have no Lua form; :class:`TooDeepError` (a ValueError) for one nested deeper
+    than ``MAX_DEPTH``.
     """
-    return _encoder.encode(value)
+    check_value(value)
+    try:
+        return _encoder.encode(value)
+    except RecursionError:  # not after the check; but never let it out
+        raise TooDeepError() from None
 
 
 def from_lua(data: bytes) -> Any:
-    """Decode bytes written by ``codec.encode`` on the Lua side."""
-    return _decoder.decode(data)
+    """Decode bytes written by ``codec.encode`` on the Lua side (which refuses tables
+    nested deeper than ``MAX_DEPTH``)."""
+    try:
+        return _decoder.decode(data)
+    except RecursionError:
+        raise TooDeepError() from None
 
 
 # The Lua half: a chunk body that the runtime runs, once per runtime, as the first part
 # of its privileged setup (before the sandbox exists); it captures the real library
 # functions it needs as locals and returns the codec table.  The array marker and the
-# null sentinel are created here so every table the codec makes uses the same ones.
-LUA_CODEC: Final = (importlib.resources.files("luanette.engine") / "codec.lua").read_bytes()
+# null sentinel are created here so every table the codec makes uses the same ones.  Its
+# nesting limit is the one of every decoder, set here.
+LUA_CODEC: Final = (
+    b"local MAX_DEPTH = %d\n" % MAX_DEPTH + (importlib.resources.files("luanette.engine") / "codec.lua").read_bytes()
+)

@@ -35,6 +35,7 @@ from hooteproto.codec import (
     peek_envelope_id,
 )
 from hooteproto.frames import Command, Hoot01
+from luanette.auth import ANYONE, AuthError, Caller, Gate, secure_server_socket
 from luanette.backends import Backends
 from luanette.broadcast import Publisher
 from luanette.cas import Cas
@@ -84,6 +85,8 @@ class ServerStats(msgspec.Struct):
     malformed: int = 0
     refused: int = 0
     """LuaEvals answered ``busy`` at once, under overload."""
+    forbidden: int = 0
+    """Requests refused for their key (revoked, or not an admin's)."""
     internal_errors: int = 0
     in_flight: int = 0
 
@@ -114,6 +117,8 @@ class Server:
         self.stats = ServerStats()
         self.endpoint: str | None = None
         self._context = context or zmq.asyncio.Context.instance()
+        # read the keys first: a key directory that cannot be used stops the start
+        self.gate = Gate(self._context, config.curve) if config.curve else None
         self.cas = Cas.from_config(config.cas_root)
         state_dir = Path(config.state_dir) if config.state_dir else default_state_dir()
         self.store = Store.open(state_dir)
@@ -124,7 +129,14 @@ class Server:
         workers = config.workers or os.cpu_count() or 1
         share = (config.lua_memory_total or default_lua_memory_total()) // workers
         # one run may not take more than its worker's share of the budget
-        limits = Limits(timeout_s=config.script_timeout, memory_bytes=min(config.script_memory, share))
+        limits = Limits(
+            timeout_s=config.script_timeout,
+            memory_bytes=min(config.script_memory, share),
+            cas_write_bytes=config.run_cas_bytes,
+            result_bytes=config.run_result_bytes,
+            log_lines=config.run_log_lines,
+            log_bytes=config.run_log_bytes,
+        )
         self.engine = Engine(
             EngineConfig(
                 workers=workers,
@@ -150,6 +162,7 @@ class Server:
             queue_size=config.job_queue,
             temp_root=state_dir / "temp",
             telemetry=self.telemetry,
+            pub_results=config.pub_results,
         )
         self.triggers = Triggers(
             settings.triggers,
@@ -188,17 +201,20 @@ class Server:
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         sock.setsockopt(zmq.LINGER, int(self.config.send_timeout * 1000))
         sock.setsockopt(zmq.SNDHWM, self.config.send_hwm)
+        keys = None
+        if self.gate is not None:
+            self.gate.start()  # before the first peer can connect
+            keys = self.gate.keys
+            secure_server_socket(sock, keys)
         try:
             sock.bind(self.config.bind)
+            if self.config.pub:
+                self.publisher.bind(self.config.pub, keys)
         except zmq.ZMQError:
             sock.close(0)
+            if self.gate is not None:
+                self.gate.stop()
             raise
-        if self.config.pub:
-            try:
-                self.publisher.bind(self.config.pub)
-            except zmq.ZMQError:
-                sock.close(0)
-                raise
         self._socket = sock
         self.endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
         log.info(
@@ -208,8 +224,22 @@ class Server:
             cas=str(self.cas.root),
             state=str(self.store.path),
             worker_id=str(self.dispatcher.worker_id),
+            curve=None if self.gate is None else f"{len(keys.ring.clients) if keys else 0} keys",
         )
         return self.endpoint
+
+    def reload_keys(self) -> None:
+        """Re-read the client and admin keys (SIGHUP); a key no longer there is refused
+        from its next request on.  Keeps the old keys when the new ones cannot be read."""
+        if self.gate is None:
+            log.info("auth.reload_skipped", reason="the daemon runs without --curve")
+            return
+        try:
+            ring = self.gate.reload()
+        except AuthError as e:
+            log.error("auth.reload_failed", error=str(e))
+            return
+        log.info("auth.reloaded", clients=len(ring.clients), admins=len(ring.admins))
 
     async def serve(self, *, task_status: anyio.abc.TaskStatus[str] = anyio.TASK_STATUS_IGNORED) -> None:
         """Bind (unless :meth:`bind` was called), answer requests until shut down, drain,
@@ -247,6 +277,8 @@ class Server:
             sock.close()
             self.publisher.publish(t.ShutdownNotice(reason=self.shutdown_reason or "stopped"))
             self.publisher.close()
+            if self.gate is not None:
+                self.gate.stop()
             self.store.close()
             log.info("server.stopped", reason=self.shutdown_reason, **msgspec.to_builtins(self.stats))
 
@@ -264,7 +296,7 @@ class Server:
 
     async def _prune_periodically(self) -> None:
         while True:
-            pruned = self.store.prune(self.config.job_retention_s, self.config.job_retention_count, time.time())
+            pruned = self.jobs.prune(self.config.job_retention_s, self.config.job_retention_count)
             if pruned:
                 log.info("jobs.pruned", count=pruned)
             await anyio.sleep(PRUNE_EVERY_S)
@@ -302,14 +334,16 @@ class Server:
     async def _receive_loop(self, tg: anyio.abc.TaskGroup) -> None:
         assert self._socket is not None
         sock = self._socket
+        # Under CURVE each message is read as frames, whose properties name its sender.
+        copy = self.gate is None
         while True:
-            self._on_message(tg, await sock.recv_multipart())
+            self._on_message(tg, await sock.recv_multipart(copy=copy))
             # Drain what is already queued without a future per message: under load this
             # is most of the loop's cost.
             full = True
             for _ in range(RECV_BATCH):
                 try:
-                    raw = await sock.recv_multipart(flags=zmq.NOBLOCK)
+                    raw = await sock.recv_multipart(flags=zmq.NOBLOCK, copy=copy)
                 except zmq.Again:
                     full = False
                     break
@@ -322,20 +356,26 @@ class Server:
                 # (running requests, the workers' answers, replies): yield.
                 await asyncio.sleep(0)
 
-    def _on_message(self, tg: anyio.abc.TaskGroup, raw: list[bytes]) -> None:
+    def _on_message(self, tg: anyio.abc.TaskGroup, raw: list[Any]) -> None:
         self.stats.received += 1
+        caller: Caller | None = ANYONE
+        if self.gate is not None:  # zmq.Frame objects: the ZAP User-Id is the sender's key
+            caller = self.gate.caller(raw[0].get("User-Id"))
+            raw = [frame.bytes for frame in raw]
         route, message = frames.split_route(raw)
         try:
             if message and message[0] == frames.PROTOCOL:
-                self._on_hoot01(tg, route, message)
+                self._on_hoot01(tg, route, message, caller)
             else:
-                self._on_envelope(tg, route, message[0] if message else b"")
+                self._on_envelope(tg, route, message[0] if message else b"", caller)
         except Exception:
             # A bug in handling one message must not stop the loop for everyone.
             self.stats.internal_errors += 1
             log.exception("loop.message_failed", frames=len(raw))
 
-    def _on_hoot01(self, tg: anyio.abc.TaskGroup, route: list[bytes], message: list[bytes]) -> None:
+    def _on_hoot01(
+        self, tg: anyio.abc.TaskGroup, route: list[bytes], message: list[bytes], caller: Caller | None
+    ) -> None:
         try:
             msg = frames.parse(message)
         except DecodeError as e:
@@ -353,20 +393,21 @@ class Server:
             except DecodeError as e:
                 self._malformed(tg, reply, e, "bad_request")
                 return
-            self._start(tg, reply, payload, msg.traceparent)
+            self._start(tg, reply, payload, msg.traceparent, caller)
         else:
             # Ready/Disconnect announce a peer; a Reply is not ours to answer (answering
             # it with an Error could start an endless exchange between two daemons).
             log.info("hoot01.peer_command", command=msg.command.name.lower(), service=msg.service)
 
-    def _on_envelope(self, tg: anyio.abc.TaskGroup, route: list[bytes], body: bytes) -> None:
+    def _on_envelope(self, tg: anyio.abc.TaskGroup, route: list[bytes], body: bytes, caller: Caller | None) -> None:
         try:
             envelope = envelope_codec.decode(body)
         except DecodeError as e:
             rid, encoding = peek_envelope_id(body)
             self._malformed(tg, _Reply(route, rid or NIL_ID, encoding or Encoding.COMPACT, False), e, "bad_request")
             return
-        self._start(tg, _Reply(route, envelope.id, detect(body), False), envelope.payload, envelope.traceparent)
+        reply = _Reply(route, envelope.id, detect(body), False)
+        self._start(tg, reply, envelope.payload, envelope.traceparent, caller)
 
     def _malformed(self, tg: anyio.abc.TaskGroup, reply: _Reply, e: DecodeError, code: str) -> None:
         self.stats.malformed += 1
@@ -376,7 +417,15 @@ class Server:
 
     # --- handling --------------------------------------------------------------------
 
-    def _start(self, tg: anyio.abc.TaskGroup, reply: _Reply, payload: t.Payload, traceparent: str | None) -> None:
+    def _start(
+        self, tg: anyio.abc.TaskGroup, reply: _Reply, payload: t.Payload, traceparent: str | None, caller: Caller | None
+    ) -> None:
+        refusal = _forbidden(payload, caller)
+        if refusal is not None:
+            self.stats.forbidden += 1
+            tg.start_soon(self._reply, reply, refusal)
+            return
+        assert caller is not None  # (a revoked key was refused above)
         if self.draining and not isinstance(payload, t.Ping):
             tg.start_soon(
                 self._reply, reply, error("shutting_down", "the daemon is shutting down; no new work is taken")
@@ -392,6 +441,7 @@ class Server:
             counted = True
         ctx = RequestContext(reply.request_id, t.tag_of(type(payload)), traceparent)
         ctx.counted = counted
+        ctx.caller = caller
         self._in_flight.add(ctx)
         self._idle = anyio.Event() if len(self._in_flight) == 1 else self._idle
         self.stats.in_flight = len(self._in_flight)
@@ -492,6 +542,28 @@ class Server:
                 self.stats.replies_unroutable += 1
                 log.warning("reply.unroutable", reason="peer went away", peer=message[0].hex())
                 return False
+
+
+ADMIN_REQUESTS = (t.Shutdown, t.Register)
+"""Requests only an admin key may make under CURVE (any local caller may without it)."""
+
+
+def _forbidden(payload: t.Payload, caller: Caller | None) -> t.Error | None:
+    """The ``forbidden`` reply for a caller whose key was revoked, or who is not an admin
+    and asks for an admin request; None when it may go on."""
+    if caller is None:
+        return error(
+            "forbidden",
+            "this client's key is no longer allowed (it was removed from the daemon's key directory)",
+            {"reason": "key_revoked"},
+        )
+    if isinstance(payload, ADMIN_REQUESTS) and not caller.admin:
+        return error(
+            "forbidden",
+            f"{t.tag_of(type(payload))} needs an admin key; this client's key is not in the daemon's admins/",
+            {"reason": "not_admin"},
+        )
+    return None
 
 
 def _annotate(span: Any, ctx: RequestContext, answer: t.Payload) -> None:

@@ -35,6 +35,7 @@ from typing import Annotated, Any, TypeVar
 import msgspec
 
 from hooteproto.types import JobInfo, JobStatus, JobStoreStats
+from luanette import faults
 
 DB_FILENAME = "luanette.sqlite3"
 
@@ -103,6 +104,20 @@ class JobRecord(msgspec.Struct, kw_only=True):
             started_at=_whole(self.started_at),
             completed_at=_whole(self.completed_at),
         )
+
+
+class DatabaseFull(faults.StorageFull, sqlite3.OperationalError):
+    """The job database cannot grow: its disk is full (``SQLITE_FULL``).  Error code
+    ``storage_full``; still a ``sqlite3.OperationalError``."""
+
+
+class DatabaseUnavailable(faults.Unavailable, sqlite3.OperationalError):
+    """The job database cannot be used now: locked past the busy timeout, an I/O
+    error, read-only.  Error code ``unavailable``; still a ``sqlite3.OperationalError``."""
+
+
+class DatabaseClosed(faults.Unavailable, RuntimeError):
+    """A call to a closed store (the daemon is stopping).  Error code ``unavailable``."""
 
 
 class UnknownJob(LookupError):
@@ -405,14 +420,30 @@ class Store:
 
     def _db(self) -> sqlite3.Connection:
         if self._conn is None:
-            raise RuntimeError("the job store is closed")
+            raise DatabaseClosed(faults.closed_message(self.path))
         return self._conn
+
+    def _fault(self, exc: BaseException) -> faults.StorageFault | None:
+        """``exc`` named by the table of :mod:`luanette.faults`, or None."""
+        return faults.database_fault(exc, self.path, full=DatabaseFull, unavailable=DatabaseUnavailable)
+
+    @contextmanager
+    def _faults(self) -> Iterator[None]:
+        """Raise a failure of the database as its :class:`~luanette.faults.StorageFault`
+        (full disk, locked, I/O error, closed); the one place the store maps them."""
+        try:
+            yield
+        except (sqlite3.Error, OSError) as exc:
+            fault = self._fault(exc)
+            if fault is None or fault is exc:
+                raise
+            raise fault from exc
 
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
         """One write transaction under the lock. IMMEDIATE takes the write lock up front,
         so two processes never deadlock upgrading read locks; any exception rolls back."""
-        with self._lock:
+        with self._lock, self._faults():
             conn = self._db()
             conn.execute("BEGIN IMMEDIATE")
             try:
@@ -434,8 +465,10 @@ class Store:
         An op that raises changes nothing: each one writes with a single statement,
         which SQLite undoes by itself when it fails, so the others still commit. When
         the transaction itself is lost (SQLite rolls it back on a full disk or an I/O
-        error) or COMMIT fails, nothing is written and the exception is raised."""
-        with self._lock:
+        error) or COMMIT fails, nothing is written and the exception is raised.  Failures
+        of the database itself are named (:mod:`luanette.faults`): a full disk is
+        :class:`DatabaseFull`, a lock or I/O error :class:`DatabaseUnavailable`."""
+        with self._lock, self._faults():
             conn = self._db()
             conn.execute("BEGIN IMMEDIATE")
             results: builtins.list[Any] = []
@@ -446,7 +479,7 @@ class Store:
                     except (sqlite3.Error, ValueError, LookupError) as e:
                         if not conn.in_transaction:
                             raise
-                        results.append(e)
+                        results.append(self._fault(e) or e)
                 conn.execute("COMMIT")
             except BaseException:
                 if conn.in_transaction:
@@ -455,7 +488,7 @@ class Store:
             return results
 
     def _read(self, sql: str, args: Sequence[Any] = ()) -> list[tuple]:
-        with self._lock:
+        with self._lock, self._faults():
             return self._db().execute(sql, args).fetchall()
 
     def _load_job(self, conn: sqlite3.Connection, job_id: str) -> JobRecord | None:
@@ -612,7 +645,7 @@ class Store:
 
     def get_record(self, job_id: str) -> JobRecord | None:
         """The full stored job (params, tags, float times), or None when unknown."""
-        with self._lock:
+        with self._lock, self._faults():
             return self._load_job(self._db(), job_id)
 
     def list(self, status: JobStatus | str | None = None, limit: int = 100) -> list[JobInfo]:

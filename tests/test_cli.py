@@ -86,7 +86,7 @@ def test_no_daemon_times_out_with_exit_3(timed):
     started = time.monotonic()
     r = cli(f"tcp://127.0.0.1:{free_port()}", "--timeout", "0.5", "ping")
     assert r.returncode == 3
-    assert "no reply" in r.stderr and "within 0.5 s" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert "nothing is listening" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     if timed:
         assert time.monotonic() - started < 10
 

@@ -58,16 +58,31 @@ def published(service: dict[str, Any]) -> set[int]:
 
 
 def mounts(service: dict[str, Any]) -> dict[str, str]:
-    """container path -> volume name."""
+    """container path -> volume name (a ``:ro`` suffix dropped)."""
     return {v.split(":")[1]: v.split(":")[0] for v in service.get("volumes", [])}
 
 
-def test_the_stack_has_its_four_services(compose):
+def test_the_stack_has_its_services(compose):
     services = compose["services"]
-    assert set(services) == {"luanette", "models", "garden", "jaeger"}
-    for name in ("luanette", "models", "garden"):
+    assert set(services) == {"keys", "luanette", "models", "garden", "jaeger"}
+    for name in ("keys", "luanette", "models", "garden"):
         assert services[name]["image"] == OUR_IMAGE and services[name]["build"] == "."
-    assert set(compose["volumes"]) == {"cas", "state"}
+    assert set(compose["volumes"]) == {"cas", "state", "keys"}
+
+
+def test_the_daemon_requires_curve_with_the_keys_the_one_shot_service_makes(compose):
+    services = compose["services"]
+    _, keys_args = parse(services["keys"]["command"])
+    assert (keys_args.command, keys_args.action) == ("keys", "init")
+    assert mounts(services["keys"])[keys_args.directory] == "keys"
+    _, args = parse(services["luanette"]["command"])
+    assert args.curve == f"{keys_args.directory}/server" and not args.insecure
+    assert "keys:/data/keys:ro" in services["luanette"]["volumes"]
+    assert services["luanette"]["depends_on"]["keys"] == {"condition": "service_completed_successfully"}
+    assert cli_daemon.exposure_problem(cli_daemon.config_from(args)) is None
+    cmd = yaml.safe_load(next(rest for word, rest in dockerfile() if word == "CMD"))
+    _, image_args = parse(cmd)
+    assert image_args.curve and cli_daemon.exposure_problem(cli_daemon.config_from(image_args)) is None
 
 
 def test_every_command_parses_with_our_parsers(compose):
@@ -92,7 +107,7 @@ def test_the_daemon_flags_line_up_with_ports_volumes_and_services(compose):
     otlp = urllib.parse.urlsplit(args.otlp_endpoint)
     assert otlp.hostname == "jaeger" and otlp.port in published(services["jaeger"])
     assert services["jaeger"]["environment"]["COLLECTOR_OTLP_ENABLED"] == "true"
-    assert set(luanette["depends_on"]) == {"models", "garden", "jaeger"}
+    assert set(luanette["depends_on"]) == {"keys", "models", "garden", "jaeger"}
 
 
 def test_the_settings_file_names_the_compose_services(compose):

@@ -412,7 +412,7 @@ async def test_a_job_reads_midi_from_the_cas_transposes_it_and_cleans_its_temp_d
       midi.write(song, scratch)
       assert(temp.exists(scratch))
       local stored = midi.write(song)
-      return {hash = stored.hash, notes = midi.info(stored.hash).notes, dir = temp.dir()}
+      return {hash = stored.hash, notes = midi.info(stored.hash).notes, dir = temp.dir(), scratch = scratch}
     end
     """
     digest = await store(client, script)
@@ -423,11 +423,13 @@ async def test_a_job_reads_midi_from_the_cas_transposes_it_and_cleans_its_temp_d
     assert done["result"]["notes"] == 3
     from pathlib import Path
 
-    job_dir = Path(done["result"]["dir"])
-    # under the temp directory of the worker process that ran it
-    assert job_dir.parent.parent == Path(server.server.config.state_dir) / "temp"
-    assert job_dir.parent.name.startswith("job-worker-")
-    assert not job_dir.exists()  # removed when the job ended
+    # a script sees its paths relative to its own directory, never the host's
+    assert (done["result"]["dir"], done["result"]["scratch"]) == (".", "song.mid")
+    # the directory was under the temp directory of the worker process that ran it
+    # (state/temp/job-worker-*/job-*), and was removed when the job ended
+    temp_root = Path(server.server.config.state_dir) / "temp"
+    assert all(w.name.startswith("job-worker-") for w in temp_root.iterdir())
+    assert list(temp_root.glob("job-worker-*/job-*")) == []
 
 
 async def test_a_burst_past_the_queue_gets_busy_never_internal(make_server):

@@ -198,13 +198,13 @@ async def test_unconvertible_results_name_the_path(code: str, message: str) -> N
     assert detail.hints
 
 
-async def test_nesting_is_capped_at_200() -> None:
-    # `n` nested tables below the top one: 200 tables in all are fine, 201 are not
+async def test_nesting_is_capped_at_128() -> None:
+    # `n` nested tables below the top one: 128 tables in all are fine (MAX_DEPTH), 129 are not
     deep = "local t = {} local c = t for i = 1, %d do c.x = {} c = c.x end return t"
-    assert await result_of(deep % 199) is not None
-    detail = await error_of(deep % 200)
+    assert await result_of(deep % 127) is not None
+    detail = await error_of(deep % 128)
     assert detail.kind == "result_not_serializable"
-    assert "nested more than 200 tables deep" in detail.message
+    assert "nested deeper than 128 levels" in detail.message
 
 
 async def test_shared_subtable_is_not_a_cycle() -> None:

@@ -105,7 +105,8 @@ async def test_decode_values_nulls_and_arrays_round_trip() -> None:
         ("'{\"a\": }'", "text is not valid JSON"),
         ("'[1, 2'", "text is not valid JSON"),
         ("42", "text must be a string, got number"),
-        ("string.rep('[', 300) .. string.rep(']', 300)", "nested more than 200"),
+        ("string.rep('[', 300) .. string.rep(']', 300)", "text is nested deeper than 128 levels"),
+        ("string.rep('[', 5000) .. string.rep(']', 5000)", "text is nested deeper than 128 levels"),
     ],
 )
 async def test_decode_errors(lua: str, fragment: str) -> None:

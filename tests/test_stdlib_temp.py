@@ -108,11 +108,13 @@ async def test_dir_path_list_exists_remove(job: Job) -> None:
                  removed = removed, again = again, gone = temp.exists(p), left = temp.list()}}
         """
     )
+    # paths as a script sees them: relative to the job's directory, never a host path
     directory = job.temp.directory
-    assert result["d"] == str(directory)
-    assert Path(result["d"]).parent == Path(os.path.realpath(job.root))
-    assert result["p"] == str(directory / "song.mid")
-    assert result["nested"] == str(directory / "stems" / "drums.mid")
+    assert Path(directory).parent == Path(os.path.realpath(job.root))
+    assert result["d"] == "."
+    assert result["p"] == "song.mid"
+    assert result["nested"] == "stems/drums.mid"
+    assert (directory / "stems" / "drums.mid").is_file()
     assert result["listed"] == sorted([result["p"], result["nested"]])
     assert (result["before"], result["after"]) == (False, True)
     assert (result["removed"], result["again"], result["gone"]) == (True, False, False)
@@ -134,9 +136,9 @@ async def test_directory_is_private_and_per_job(tmp_path: Path) -> None:
 async def test_path_without_a_name_is_unique_and_a_name_is_stable(job: Job) -> None:
     result = await job.run("return {temp.path(), temp.path(), temp.path('x'), temp.path('./x'), temp.path('a//b')}")
     first, second, x1, x2, ab = result
-    assert first != second and Path(first).parent == job.temp.directory
-    assert x1 == x2 == str(job.temp.directory / "x")
-    assert ab == str(job.temp.directory / "a" / "b")
+    assert first != second and "/" not in first and first.startswith("tmp-")
+    assert x1 == x2 == "x"
+    assert ab == "a/b"
     assert (job.temp.directory / "a").is_dir()
 
 
@@ -356,7 +358,7 @@ async def test_symlink_pointing_inside_is_followed(job: Job) -> None:
     directory = job.temp.directory
     (directory / "real.mid").write_bytes(b"x")
     (directory / "alias").symlink_to("real.mid")
-    assert await job.run("return {temp.exists('alias'), temp.path('alias')}") == [True, str(directory / "real.mid")]
+    assert await job.run("return {temp.exists('alias'), temp.path('alias')}") == [True, "real.mid"]
 
 
 async def test_remove_refuses_the_directory_itself(job: Job) -> None:
@@ -373,21 +375,26 @@ async def test_a_fifo_inside_does_not_hang_a_read(job: Job) -> None:
 
 async def test_written_file_is_a_real_midi_file(job: Job) -> None:
     path = await job.run(f"return midi.write({EMPTY_MIDI}, 'out.mid').path")
-    midi = mido.MidiFile(path)
+    assert path == "out.mid"
+    midi = mido.MidiFile(job.temp.directory / path)
     assert [m.type for m in midi.tracks[0]] == ["note_on", "note_off", "end_of_track"]
 
 
 async def test_one_job_cannot_reach_another_jobs_files(tmp_path: Path) -> None:
     first, second = Job(tmp_path), Job(tmp_path)
     try:
-        path = await first.run(f"return midi.write({EMPTY_MIDI}, 'mine.mid').path")
+        name = await first.run(f"return midi.write({EMPTY_MIDI}, 'mine.mid').path")
+        path = first.temp.directory / name  # the host path, which no script is shown
         code = (
             "local out = {} for i, f in ipairs({temp.exists, temp.remove, midi.read}) do "
             "out[i] = select(2, pcall(f, params.p)) end return out"
         )
-        for message in await second.run(code, {"p": path}):
+        for message in await second.run(code, {"p": str(path)}):
             assert "outside the job's temp directory" in message
-        assert Path(path).is_file()
+        # the same name is the second job's own (absent) file
+        missing = "midi.read: src: no file 'mine.mid' in the temp directory"
+        assert await second.run(code, {"p": name}) == [False, False, missing]
+        assert path.is_file()
     finally:
         first.temp.close()
         second.temp.close()

@@ -1,7 +1,8 @@
 """``luanette-cli``: talk to a running daemon from a shell.
 
 Exit status: 0 on success, 1 when the daemon answers Error, 2 for bad usage or input,
-3 when no reply came in time.
+3 when no reply came in time or no connection could be made (nothing listening, or
+the CURVE handshake failed: said within ~2 s).
 """
 
 from __future__ import annotations
@@ -20,8 +21,9 @@ import zmq
 import zmq.asyncio
 
 from hooteproto import types as t
-from hooteproto.client import Client, RequestTimeout
+from hooteproto.client import Client, ConnectionFailed, CurveKeys, RequestTimeout
 from hooteproto.codec import DecodeError, Encoding, payload_codec
+from luanette import auth
 from luanette.config import DEFAULT_BIND, DEFAULT_PUB
 
 EXIT_ERROR_REPLY = 1
@@ -47,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--timeout", type=float, default=60.0, metavar="SECONDS",
                         help="how long to wait for a reply (default 60)")
     parser.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    parser.add_argument("--curve", default=os.environ.get(auth.ENV_CURVE), metavar="DIR",
+                        help="connect with CURVE: DIR holds the daemon's server.key and this client's "
+                        "client.key_secret (default $LUANETTE_CURVE)")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("ping", help="check the daemon is alive")
     ev = sub.add_parser("eval", help="run Lua code once and print its result")
@@ -191,12 +196,29 @@ async def _ask(client: Client, args: argparse.Namespace, request: t.Payload) -> 
         raise CliError(f"unreadable reply: {e}", EXIT_ERROR_REPLY) from None
 
 
+def _curve(args: argparse.Namespace) -> CurveKeys | None:
+    if not args.curve:
+        return None
+    try:
+        return auth.load_client(args.curve)
+    except auth.AuthError as e:
+        raise CliError(str(e), EXIT_USAGE) from None
+
+
+CONNECT_WITHIN_S = 2.0
+"""How soon the CLI says that it cannot connect, rather than waiting out --timeout."""
+
+
 async def run(args: argparse.Namespace, out: Callable[[str], None]) -> int:
     """Carry out the command line, print the outcome, return the exit status."""
     if args.command == "watch":
         return await watch(args, out)
     request = build_request(args)
-    async with Client(args.endpoint, encoding=Encoding(args.encoding)) as client:
+    async with Client(args.endpoint, encoding=Encoding(args.encoding), curve=_curve(args)) as client:
+        try:
+            await client.connected(within=min(CONNECT_WITHIN_S, args.timeout))
+        except ConnectionFailed as e:
+            raise CliError(str(e), EXIT_TIMEOUT) from None
         reply = await _ask(client, args, request)
         if args.command == "run" and args.wait and isinstance(reply, t.Success):
             return await wait_for_job(client, args, reply.result["job_id"], out)
@@ -258,6 +280,9 @@ async def watch(args: argparse.Namespace, out: Callable[[str], None]) -> int:
     sock = ctx.socket(zmq.SUB)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.SUBSCRIBE, b"")
+    keys = _curve(args)
+    if keys is not None:
+        keys.apply(sock)
     sock.connect(args.pub)
     seen = 0
     try:

@@ -12,7 +12,7 @@ import anyio
 import structlog
 import zmq
 
-from luanette import logs
+from luanette import auth, logs
 from luanette.config import DEFAULT_BIND, DEFAULT_PUB, Config
 from luanette.server import Server
 from luanette.settings import Settings, SettingsError, load_settings
@@ -95,7 +95,45 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--otlp-endpoint", type=otlp_endpoint, default=None, metavar="URL",
                        help="export spans and metrics over OTLP/HTTP to this collector, e.g. "
                        "http://127.0.0.1:4318 (default: export nothing)")
+    serve.add_argument("--run-cas-bytes", type=parse_size, default=d.run_cas_bytes, metavar="SIZE",
+                       help="bytes one run may write to the CAS (default 512M)")
+    serve.add_argument("--run-result-bytes", type=parse_size, default=d.run_result_bytes, metavar="SIZE",
+                       help="largest result of one run (default 16M)")
+    serve.add_argument("--run-log-lines", type=positive(int), default=d.run_log_lines, metavar="N",
+                       help=f"log lines one run may write (default {d.run_log_lines})")
+    serve.add_argument("--run-log-bytes", type=parse_size, default=d.run_log_bytes, metavar="SIZE",
+                       help="log bytes one run may write (default 1M)")
+    serve.add_argument("--pub-results", type=parse_size, default=d.pub_results, metavar="SIZE",
+                       help="largest job result sent in job_state_changed broadcasts; larger ones say "
+                       "where to fetch it; 0: never (default 64K)")
+    serve.add_argument("--curve", default=None, metavar="DIR",
+                       help="require CURVE: DIR holds server.key_secret, clients/*.key and admins/*.key "
+                       "(re-read on SIGHUP; see docs/security.md)")
+    serve.add_argument("--insecure", action="store_true",
+                       help="allow a non-loopback --bind/--pub without --curve (anyone who reaches the "
+                       "port can run code)")
+    keys = sub.add_parser("keys", help="CURVE key pairs").add_subparsers(dest="action", required=True)
+    generate = keys.add_parser("generate", help="write a key pair NAME.key and NAME.key_secret into DIR")
+    generate.add_argument("directory", metavar="DIR")
+    generate.add_argument("--name", default="server", help="file name of the pair (default server)")
+    init = keys.add_parser("init", help="lay out DIR/server, DIR/client and DIR/admin (keeps what exists)")
+    init.add_argument("directory", metavar="DIR")
     return parser
+
+
+def exposure_problem(config: Config) -> str | None:
+    """Why the daemon must not start as configured: a socket other machines can reach
+    without CURVE (unless ``--insecure``); None when it may."""
+    if config.curve or config.insecure:
+        return None
+    exposed = [e for e in (config.bind, config.pub) if e is not None and not auth.is_local(e)]
+    if not exposed:
+        return None
+    return (
+        f"{', '.join(exposed)} can be reached from other machines, and without --curve anyone who "
+        "reaches it can run code, read every job's results and stop the daemon. Use --curve DIR "
+        "(see docs/security.md), bind tcp://127.0.0.1:PORT, or pass --insecure to accept the risk."
+    )
 
 
 def otlp_endpoint(text: str) -> str:
@@ -125,9 +163,12 @@ async def serve(config: Config, settings: Settings) -> None:
     async with anyio.create_task_group() as tg:
 
         async def watch_signals() -> None:
-            with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
                 async for sig in signals:
-                    server.request_shutdown(f"signal {signal.Signals(sig).name}")
+                    if sig == signal.SIGHUP:
+                        server.reload_keys()
+                    else:
+                        server.request_shutdown(f"signal {signal.Signals(sig).name}")
 
         tg.start_soon(watch_signals)
         try:
@@ -139,9 +180,30 @@ async def serve(config: Config, settings: Settings) -> None:
         raise failure
 
 
+def generate_keys(args: argparse.Namespace) -> int:
+    """``luanette keys generate DIR [--name NAME]`` and ``luanette keys init DIR``."""
+    try:
+        if args.action == "init":
+            written = auth.init(args.directory)
+        else:
+            written = list(auth.generate(args.directory, args.name))
+    except (auth.AuthError, OSError) as e:
+        print(f"luanette: {e}", file=sys.stderr)
+        return 2
+    for path in written:
+        print(path)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "keys":
+        return generate_keys(args)
     config = config_from(args)
+    problem = exposure_problem(config)
+    if problem is not None:
+        print(f"luanette: refusing to start: {problem}", file=sys.stderr)
+        return 2
     try:
         settings = load_settings(args.config)
     except SettingsError as e:
@@ -149,8 +211,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     logs.configure(json=config.log_json)
     log = structlog.get_logger("luanette")
+    if config.insecure and not config.curve:
+        log.warning("server.insecure", bind=config.bind, pub=config.pub,
+                    reason="--insecure: no authentication; anyone who reaches the sockets can run code")
     try:
         anyio.run(serve, config, settings)
+    except auth.AuthError as e:  # the key directory cannot be used
+        print(f"luanette: {e}", file=sys.stderr)
+        return 2
     except (OSError, zmq.ZMQError) as e:  # e.g. the address is in use
         log.error("server.failed", error=str(e), bind=config.bind)
         return 1

@@ -7,6 +7,7 @@ structured description of a failed run (``ErrorDetail``) that every caller sees.
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import threading
 import time
@@ -36,11 +37,69 @@ class Limits(msgspec.Struct, frozen=True):
     timeout_s: float = 30.0  # wall-clock deadline for the whole run, I/O waits included
     memory_bytes: int = 256 * 2**20  # lupa max_memory: Lua's allocator refuses beyond this
     hook_interval: int = 10_000  # instructions between deadline/cancel checks
+    # quotas of one run (kinds cas_quota_exceeded, result_too_large, log_quota_exceeded)
+    cas_write_bytes: int = 512 * 2**20  # written to the CAS, by the script or its model calls
+    result_bytes: int = 16 * 2**20  # the result, as MessagePack
+    log_lines: int = 5_000  # log.* and print lines
+    log_bytes: int = 2**20  # their messages and fields
 
     def __post_init__(self) -> None:
         # a zero interval would install no hook at all, and so no deadline
         if not (self.timeout_s > 0 and self.memory_bytes > 0 and self.hook_interval >= 1):
             raise ValueError(f"invalid limits: {self}")
+        if min(self.cas_write_bytes, self.result_bytes, self.log_lines, self.log_bytes) < 0:
+            raise ValueError(f"invalid limits: {self}")
+
+
+class Usage:
+    """What one run has used of its quotas.  A run's calls come one at a time (its Lua
+    thread, or its task while it waits), so no lock."""
+
+    __slots__ = ("cas_bytes", "limits", "log_bytes", "log_lines")
+
+    def __init__(self, limits: Limits) -> None:
+        self.limits = limits
+        self.cas_bytes = 0
+        self.log_lines = 0
+        self.log_bytes = 0
+
+    def charge_cas(self, size: int) -> None:
+        """Count ``size`` bytes about to be written to the CAS; LuaCallError
+        ``cas_quota_exceeded`` (nothing written) when they do not fit."""
+        limit = self.limits.cas_write_bytes
+        if self.cas_bytes + size > limit:
+            raise LuaCallError(
+                f"cas_quota_exceeded: this run may write {_size(limit)} to the CAS; it has written "
+                f"{_size(self.cas_bytes)} and this would add {_size(size)} (nothing was stored)"
+            )
+        self.cas_bytes += size
+
+    def charge_log(self, size: int) -> None:
+        """Count one log line of ``size`` bytes; LuaCallError ``log_quota_exceeded``
+        (the line is not logged) past the lines or bytes allowed."""
+        limits = self.limits
+        if self.log_lines + 1 > limits.log_lines or self.log_bytes + size > limits.log_bytes:
+            raise LuaCallError(
+                f"log_quota_exceeded: this run may log {limits.log_lines} lines and {_size(limits.log_bytes)}; "
+                f"it has logged {self.log_lines} lines and {_size(self.log_bytes)} (log less, or summarise)"
+            )
+        self.log_lines += 1
+        self.log_bytes += size
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n} bytes"
+
+
+current_usage: contextvars.ContextVar[Usage | None] = contextvars.ContextVar("luanette_usage", default=None)
+"""The quotas of the run whose code is running (its task and its Lua thread's context)."""
+
+
+def charge_cas_write(size: int) -> None:
+    """Count CAS bytes against the current run's quota (no run: nothing to count)."""
+    usage = current_usage.get()
+    if usage is not None:
+        usage.charge_cas(size)
 
 
 class StackFrame(msgspec.Struct, frozen=True):
@@ -150,6 +209,7 @@ class RunContext(msgspec.Struct, frozen=True, dict=True):
     span: Any = None
     # where the script's own log lines go (level, message, fields); None: the logger
     log_sink: LogSink | None = None
+    usage: Usage | None = None  # its quotas; None: as fresh from ``limits``
 
     @functools.cached_property
     def logger(self) -> Any:
@@ -164,8 +224,15 @@ class RunContext(msgspec.Struct, frozen=True, dict=True):
         """Seconds left before the deadline (negative once past it)."""
         return self.deadline - time.monotonic()
 
+    @functools.cached_property
+    def quotas(self) -> Usage:
+        """What the run has used of its quotas."""
+        return self.usage if self.usage is not None else Usage(self.limits)
+
     def script_log(self, level: str, message: str, fields: Mapping[str, Any] | None = None) -> None:
-        """Emit a script's log line: structlog event "lua.log" on the run's logger."""
+        """Emit a script's log line: structlog event "lua.log" on the run's logger.
+        Raises LuaCallError ``log_quota_exceeded`` past the run's log quota."""
+        self.quotas.charge_log(len(message) + (len(repr(fields)) if fields else 0))
         if self.log_sink is not None:
             self.log_sink(level, message, dict(fields) if fields else None)
             return

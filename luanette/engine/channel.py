@@ -13,6 +13,14 @@ worker grew past its memory share and leaves once its runs are done), ``Beat``.
 
 Runs are numbered by the front (``run``: unique per front process); a message about a
 run the receiver no longer knows is dropped and counted, never an error.
+
+Depth: every value a message carries is at most ``hooteproto.depth.MAX_DEPTH`` (128)
+levels deep, checked where it is made, so a message is at most a few levels deeper and
+both sides decode it: ``Run.params`` by the front before it sends (deeper params fail
+the run with ``invalid_params``), results and call arguments by the Lua codec (deeper
+tables are refused, naming the path), backend answers and garden replies by their
+decoders.  A frame that does not decode anyway (even by ``RecursionError``) is logged
+as a bad message and dropped.
 """
 
 from __future__ import annotations

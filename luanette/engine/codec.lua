@@ -4,7 +4,8 @@ local mtype, huge = math.type, math.huge
 local spack, sunpack, byte, sub, format = string.pack, string.unpack, string.byte, string.sub, string.format
 local match, utf8len, concat = string.match, utf8.len, table.concat
 
-local MAX_DEPTH = 200
+-- MAX_DEPTH, the nesting limit (hooteproto.depth.MAX_DEPTH, 128): luanette.luaconv puts
+-- `local MAX_DEPTH = 128` before this chunk.  A table nested deeper is refused.
 -- Marks a table as a JSON array; protected so scripts can neither read nor change it.
 local ARRAY = {__metatable = false}
 -- The null sentinel: a unique, read-only table.
@@ -98,7 +99,7 @@ local function new_encoder(root, verb, binary_ok)
 
   local function table_value(t)
     if active[t] then fail("contains itself (a cycle); only trees of tables can be " .. verb) end
-    if depth >= MAX_DEPTH then fail("is nested more than 200 tables deep") end
+    if depth >= MAX_DEPTH then fail(format("is nested deeper than %d levels", MAX_DEPTH)) end
     local count, max = shape(t)
     local marked = getmetatable(t) == ARRAY
     if marked and not max then fail("is marked as an array but has keys other than 1, 2, 3, ...") end

@@ -64,7 +64,17 @@ def runtime_detail(info: dict[str, Any], chunk_name: str, limits: Limits) -> Err
             "call functions that wait for I/O before or after table.sort/string.gsub "
             "(or similar), not from the callback you pass to them"
         )
-    return ErrorDetail("lua_runtime", message, line, stack, hints)
+    named = _NAMED_FAILURE.match(message)
+    kind = named.group(1) if named and named.group(1) in NAMED_KINDS else "lua_runtime"
+    return ErrorDetail(kind, message, line, stack, hints)
+
+
+NAMED_KINDS = frozenset(
+    {"cas_quota_exceeded", "log_quota_exceeded", "storage_full", "cas_read_only", "unavailable"}
+)
+"""Failures a namespace function reports as "<ns.fn>: <kind>: ..." (catchable with pcall);
+uncaught, the run's error has that kind instead of lua_runtime."""
+_NAMED_FAILURE = re.compile(r"^[A-Za-z_][\w.]*: ([a-z_]+): ")
 
 
 def frames(info: dict[str, Any]) -> list[StackFrame]:
@@ -106,6 +116,15 @@ def stopped_detail(
     why = token.reason if token.reason not in (None, "cancelled") else None
     message = f"the run was cancelled{waiting}" + (f": {why}" if why else "")
     return ErrorDetail("cancelled", message, line, stack)
+
+
+def result_too_large_detail(size: int, limits: Limits) -> ErrorDetail:
+    return ErrorDetail(
+        "result_too_large",
+        f"the result is {size / 2**20:.1f} MiB as MessagePack; a run may return at most "
+        f"{limits.result_bytes / 2**20:.1f} MiB",
+        hints=["store large data with cas.store and return its hash instead"],
+    )
 
 
 def unserializable_detail(message: bytes) -> ErrorDetail:

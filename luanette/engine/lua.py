@@ -59,11 +59,14 @@ from luanette.engine.api import (
     Outcome,
     RunContext,
     ScriptError,
+    Usage,
+    current_usage,
 )
 from luanette.engine.errors import (
     MEMORY_MESSAGE,
     frames,
     memory_detail,
+    result_too_large_detail,
     runtime_detail,
     stopped_detail,
     syntax_detail,
@@ -615,6 +618,8 @@ class _Session:
         if preempted:  # taken back at a hook or before a call: the state is sound
             return self._final(_PREEMPTED)
         if tag == b"done":
+            if len(values[0]) > self._run.limits.result_bytes:
+                return self._final(_Final(error=result_too_large_detail(len(values[0]), self._run.limits)))
             return self._final(_Final(result=from_lua(values[0])))
         if tag == b"syntax":
             return self._final(_Final(error=syntax_detail(values[0], self._chunk_name)))
@@ -983,6 +988,10 @@ async def run_script(
     with _stats_lock:
         stats.runs += 1
     token = cancel or CancelToken()
+    usage = Usage(limits)
+    # the run's quotas, for namespaces that serve many runs (the model calls' CAS writes);
+    # its Lua threads run in a copy of this context
+    current_usage.set(usage)
     run = RunContext(
         run_id=f"{_RUN_ID_PREFIX}-{next(_run_numbers)}",
         limits=limits,
@@ -991,6 +1000,7 @@ async def run_script(
         # the span current here: a namespace's functions are made later, in a Lua thread
         span=span if span is not None else trace.get_current_span(),
         log_sink=log_sink,
+        usage=usage,
         **({"caller_logger": log} if log is not None else {}),
     )
     try:

@@ -41,7 +41,9 @@ import zmq.asyncio
 from opentelemetry import context as otel_context
 
 from hooteproto import garden as g
+from hooteproto.depth import check_value
 from luanette.backends import Backends
+from luanette.cas import env_read_only_why
 from luanette.engine import channel as ch
 from luanette.engine.api import CancelToken, ErrorDetail, Limits, Outcome, ScriptError, emit_script_log
 from luanette.engine.errors import stopped_detail
@@ -406,10 +408,11 @@ class Engine:
         loop = self._loop or asyncio.get_running_loop()
         pending = _Pending(number, loop.create_future(), worker, hooks, cancel, limits)
         try:
+            check_value(params)  # a worker must be able to decode what it is sent
             frame = ch.encoder.encode(
                 ch.Run(run=number, code=code, params=params, chunk_name=chunk_name, limits=limits, info=info)
             )
-        except (TypeError, ValueError, OverflowError) as exc:
+        except (TypeError, ValueError, OverflowError) as exc:  # TooDeepError is a ValueError
             raise ScriptError(ErrorDetail("invalid_params", f"params cannot be passed to Lua: {exc}")) from None
         self._pending[number] = pending
         worker.runs.add(number)
@@ -529,6 +532,7 @@ class Engine:
             memory_share=self.config.memory_share,
             temp_root=str(self._temp_of(name)),
             cas_root=self.config.cas_root,
+            cas_read_only=env_read_only_why(),
             settings=self.config.settings,
             log_json=self.config.log_json,
         )
@@ -676,7 +680,7 @@ class Engine:
         worker.last_heard = time.monotonic()
         try:
             message = ch.to_front.decode(frame)
-        except msgspec.DecodeError:
+        except (msgspec.DecodeError, RecursionError):  # values are checked at their source: see channel
             log.warning("engine.bad_message", worker=worker.name, size=len(frame))
             return
         if isinstance(message, ch.Done):

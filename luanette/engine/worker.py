@@ -68,6 +68,8 @@ class WorkerConfig(msgspec.Struct, kw_only=True, frozen=True):
     memory_share: int = 0  # bytes the worker may grow past its start-up RSS before it retires; 0: never
     temp_root: str
     cas_root: str | None = None
+    # why the CAS is read-only (the front's HOOTENANNY_CAS_READONLY), or None: writable
+    cas_read_only: str | None = None
     settings: Settings = Settings()
     log_json: bool = False
 
@@ -236,7 +238,10 @@ class Worker:
         self._memory_checked = 0.0  # (monotonic) reading /proc costs as much as a small run
         self._outbox: list[bytes] = []  # frames to send at the end of this loop turn
         self._idle = anyio.Event()
-        cas = Cas.from_config(config.cas_root)
+        # the front's environment decides, not the launcher's (started once per process)
+        cas = Cas.from_config(
+            config.cas_root, read_only=config.cas_read_only is not None, read_only_why=config.cas_read_only
+        )
         settings = config.settings
         backends = RemoteBackends(self._calls, dict(settings.backends), current_run.get)
         garden = GardenNamespace(RemoteGarden(self._calls, settings.garden, current_run.get))  # type: ignore[arg-type]
@@ -326,7 +331,7 @@ class Worker:
     def _receive_one(self, tg: Any, frame: bytes) -> None:
         try:
             message = ch.to_worker.decode(frame)
-        except msgspec.DecodeError:
+        except (msgspec.DecodeError, RecursionError):  # values are checked at their source: see channel
             log.warning("worker.bad_message", size=len(frame))
             return
         if isinstance(message, ch.Run):

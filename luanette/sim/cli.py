@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import signal
 import sys
 from collections.abc import Sequence
@@ -236,6 +237,9 @@ def _add_timeline_event(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--traceparent", default=None, help="W3C traceparent to send along")
     p.add_argument("--encoding", choices=[e.value for e in Encoding], default="compact",
                    help="body encoding of the request (default compact MsgPack)")
+    p.add_argument("--curve", default=os.environ.get("LUANETTE_CURVE"), metavar="DIR",
+                   help="CURVE keys for a daemon started with --curve: DIR holds server.key and "
+                   "client.key_secret (default $LUANETTE_CURVE)")
     p.set_defaults(func=_run_timeline_event)
 
 
@@ -245,13 +249,19 @@ def _run_timeline_event(args: argparse.Namespace) -> int:
     from hooteproto.client import RequestTimeout
     from hooteproto.codec import DecodeError, Encoding
     from hooteproto.types import Success
+    from luanette.auth import AuthError, load_client
     from luanette.sim.garden import send_timeline_event
 
+    try:
+        curve = load_client(args.curve) if args.curve else None
+    except AuthError as e:
+        print(f"luanette-sim: {e}", file=sys.stderr)
+        return 2
     try:
         reply = asyncio.run(send_timeline_event(
             args.luanette, args.event_type, args.position, args.tempo, args.metadata,
             timeout=args.timeout, traceparent=args.traceparent,
-            encoding=Encoding(args.encoding),
+            encoding=Encoding(args.encoding), curve=curve,
         ))
     except RequestTimeout as e:
         print(f"luanette-sim: {e}", file=sys.stderr)

@@ -824,6 +824,7 @@ async def send_timeline_event(
     timeout: float = 5.0,
     traceparent: str | None = None,
     encoding: Encoding = Encoding.COMPACT,
+    curve: Any = None,
 ) -> t.Payload:
     """Send a ``TimelineEvent`` to the Luanette daemon at ``endpoint``, as chaosgarden
     does when playback reaches a marker, and return the reply payload (``Success`` or
@@ -833,7 +834,8 @@ async def send_timeline_event(
     (``"generate_transition"``, ...); ``ValueError`` for an unknown name. ``metadata``
     is any JSON value (``None`` sends ``{}``, what trigger rules expect to look into). Raises
     :class:`~hooteproto.client.RequestTimeout` when no reply comes within ``timeout``
-    seconds.
+    seconds. ``curve``: the client's :class:`~hooteproto.client.CurveKeys` for a daemon
+    that requires CURVE.
     """
     from hooteproto.client import Client  # lazy: the server side needs none
 
@@ -843,5 +845,5 @@ async def send_timeline_event(
         tempo=float(tempo),
         metadata={} if metadata is None else metadata,
     )
-    async with Client(endpoint, encoding=encoding, service="luanette") as client:
+    async with Client(endpoint, encoding=encoding, service="luanette", curve=curve) as client:
         return await client.request(event, timeout=timeout, traceparent=traceparent)

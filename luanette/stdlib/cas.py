@@ -9,7 +9,8 @@ other value is a Lua error naming the problem)::
                                                 (``max_read_bytes``) are a Lua error naming it
     cas.inspect(hash)             -> {hash, mime_type, size_bytes}
     cas.exists(hash)              -> boolean
-    cas.path(hash)                -> string    the object's local file path
+    cas.path(hash)                -> string    the object's path relative to the CAS root,
+                                                ``objects/<2>/<30>`` (never a host path)
     cas.store_file(path [, mime_type]) -> hash  store a file of the job's temp directory
                                                 (the path goes through the temp path check)
 
@@ -17,7 +18,12 @@ A missing object is a Lua error for ``get``, ``inspect`` and ``path`` (test with
 ``cas.exists`` first, or pcall).  ``cas.inspect`` leaves out hootenanny's ``local_path``:
 a script has no ``io`` library and no namespace function takes a CAS path (they take the
 hash), so ``cas.path`` exists only to hand the path on to something outside the sandbox
-(a backend, the garden, a result).  Paths from the CAS are read-only data for the script.
+(a backend, the garden, a result), which joins it to its own CAS root.  No value or
+error message a script sees holds a host path.
+
+Storage faults are Lua errors whose message, after the ``"cas.<function>: "`` prefix,
+starts with their code (see luanette/faults.py): ``cas_read_only`` (a read-only CAS:
+``HOOTENANNY_CAS_READONLY``, a read-only filesystem), ``storage_full`` (its disk is full).
 """
 
 from __future__ import annotations
@@ -26,8 +32,11 @@ import re
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, Final
 
-from luanette.cas import Cas, CasError, NotFound, ReadOnly, TooLarge, parse_hash
-from luanette.engine.api import LuaCallError, RunContext
+import structlog
+
+from luanette.cas import Cas, CasError, NotFound, TooLarge, UnsafePath, parse_hash
+from luanette.engine.api import LuaCallError, RunContext, charge_cas_write
+from luanette.faults import StorageFault
 from luanette.stdlib.paths import as_text, lua_type
 
 if TYPE_CHECKING:
@@ -64,20 +73,34 @@ def check_mime(value: Any, what: str = "mime_type") -> str | None:
     return text
 
 
+_log = structlog.get_logger("luanette.stdlib.cas")
+
+
 def cas_failure(exc: Exception, what: str, hash: str | None = None) -> LuaCallError:
     """The Lua error for a CAS failure while serving argument ``what`` (about ``hash``).
 
-    Anything that is not a CAS or OS error is raised again (an internal error)."""
+    A storage fault is ``"<code>: <what to do>"`` (``cas_read_only``, ``storage_full``).
+    No message names a host path: what only the daemon's operator can use goes to the
+    daemon log.  Anything that is not a CAS or OS error is raised again (an internal
+    error)."""
+    if isinstance(exc, StorageFault):
+        return LuaCallError(exc.lua_message())
     if isinstance(exc, NotFound):
         return LuaCallError(f"{what}: no object {hash} in the CAS")
     if isinstance(exc, TooLarge):
         return LuaCallError(
             f"{what}: object {exc.hash} is {exc.size} bytes, over the read limit of {exc.limit} bytes"
         )
-    if isinstance(exc, ReadOnly):
-        return LuaCallError("the CAS is read-only")
     if isinstance(exc, (CasError, OSError)):
-        return LuaCallError(f"{what}: CAS failure: {exc}")
+        _log.warning("cas.failure", what=what, hash=hash, error=str(exc))
+        if isinstance(exc, UnsafePath):
+            reason = "its file leads outside the CAS (a symlink)"
+        elif isinstance(exc, OSError):
+            reason = exc.strerror or type(exc).__name__
+        else:
+            reason = "see the daemon log"
+        subject = f"object {hash}" if hash else "the CAS"
+        return LuaCallError(f"{what}: CAS failure reading or writing {subject}: {reason}")
     raise exc
 
 
@@ -111,6 +134,7 @@ class CasNamespace:
         elif not isinstance(data, bytes):
             raise LuaCallError(f"data must be a string, got {lua_type(data)}")
         mime = check_mime(mime_type)
+        charge_cas_write(len(data))
         try:
             return self.cas.store(data, mime)
         except Exception as exc:
@@ -121,6 +145,7 @@ class CasNamespace:
             raise LuaCallError("this job has no temp directory")
         mime = check_mime(mime_type)
         data = self.temp.read_bytes(path, self.max_read_bytes, "path")
+        charge_cas_write(len(data))
         try:
             return self.cas.store(data, mime)
         except Exception as exc:
@@ -151,6 +176,6 @@ class CasNamespace:
     def path(self, hash: Any) -> str:
         h = check_hash(hash)
         try:
-            return str(self.cas.path(h))
+            return self.cas.relative_path(h)
         except Exception as exc:
             raise cas_failure(exc, "hash", h) from None

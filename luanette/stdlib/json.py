@@ -11,7 +11,9 @@
   as arrays (so they encode back as arrays, ``[]`` included), ``null`` inside a
   container is ``json.null`` (so the key survives) and a top-level ``null`` is ``nil``.
   Integers beyond 64 bits become floats.  Malformed text is an error with its byte
-  position.
+  position; text nested deeper than 128 levels (``hooteproto.depth.MAX_DEPTH``) is an
+  error too (``text is nested deeper than 128 levels``), as is a value to encode nested
+  deeper than that (Lua tables refuse to cross deeper).
 - ``json.null``: the null sentinel (``tostring(json.null) == "null"``; read-only).
 - ``json.array([t]) -> t``: marks ``t`` (default a new table) as an array, so an empty
   one encodes as ``[]``.
@@ -24,11 +26,11 @@ from typing import Any, Final
 
 import msgspec
 
+from hooteproto.depth import MAX_DEPTH, TooDeepError, decode_json
 from luanette.engine.api import LuaCallError, RunContext
 from luanette.stdlib.paths import as_text, lua_type
 
 MAX_INDENT: Final = 8
-MAX_DEPTH: Final = 200  # the runtime's nesting limit for values crossing into Lua
 _INT64: Final = range(-(2**63), 2**63)
 
 _compact = msgspec.json.Encoder(order="sorted")
@@ -50,14 +52,13 @@ def _check_text(value: Any, path: str) -> None:
             _check_text(v, f"{path}[{i}]")
 
 
-def _for_lua(value: Any, depth: int = 0) -> Any:
-    """Decoded JSON as the runtime can hand it to Lua: bounded depth, 64-bit integers."""
-    if depth > MAX_DEPTH:
-        raise LuaCallError(f"text is nested more than {MAX_DEPTH} levels deep")
+def _for_lua(value: Any) -> Any:
+    """Decoded JSON as the runtime can hand it to Lua: 64-bit integers.  (Its depth is
+    checked by the decoder: at most ``MAX_DEPTH`` levels of recursion here.)"""
     if isinstance(value, dict):
-        return {k: _for_lua(v, depth + 1) for k, v in value.items()}
+        return {k: _for_lua(v) for k, v in value.items()}
     if isinstance(value, list):
-        return [_for_lua(v, depth + 1) for v in value]
+        return [_for_lua(v) for v in value]
     if isinstance(value, int) and not isinstance(value, bool) and value not in _INT64:
         return float(value)
     return value
@@ -93,7 +94,9 @@ class JsonNamespace:
     def decode(self, text: Any) -> Any:
         raw = as_text(text, "text")
         try:
-            value = msgspec.json.decode(raw)
+            value = decode_json(raw, MAX_DEPTH)
         except msgspec.DecodeError as exc:
             raise LuaCallError(f"text is not valid JSON: {exc}") from None
+        except TooDeepError as exc:
+            raise LuaCallError(f"text is {exc}") from None
         return _for_lua(value)

@@ -56,7 +56,8 @@ CAS content is addressed by hash).  Wherever a MIDI table ``tbl`` is expected, a
 - ``midi.read(src) -> tbl``
 - ``midi.write(tbl [, dest]) -> {hash, mime_type = "audio/midi", size_bytes}`` stores the
   file in the CAS; with ``dest`` (a temp path) it writes there instead and returns
-  ``{path, mime_type, size_bytes}``.  ``midi.write(dest, tbl)`` (the seed's order) works too.
+  ``{path, mime_type, size_bytes}`` (``path`` as ``temp.path`` gives it: relative to the
+  job's directory).  ``midi.write(dest, tbl)`` (the seed's order) works too.
 - ``midi.transpose(tbl, semitones) -> tbl``: note numbers of note_on, note_off and
   polytouch move by ``semitones`` (an integer), clamped to 0..127; channel 9 (drums)
   is left alone.
@@ -108,9 +109,9 @@ import mido
 from mido.messages.checks import check_value
 
 from luanette.cas import Cas
-from luanette.engine.api import LuaCallError, RunContext
+from luanette.engine.api import LuaCallError, RunContext, charge_cas_write
 from luanette.stdlib.cas import cas_failure, check_hash
-from luanette.stdlib.paths import as_text, lua_type
+from luanette.stdlib.paths import as_text, lua_type, relative
 
 if TYPE_CHECKING:
     from luanette.stdlib.temp import TempNamespace
@@ -774,9 +775,10 @@ class MidiNamespace:
             if self.temp is None:
                 raise LuaCallError("dest: this job has no temp directory")
             path = self.temp.write_bytes(dest, data, "dest")
-            return {"path": str(path), "mime_type": MIME, "size_bytes": len(data)}
+            return {"path": relative(self.temp.directory, path), "mime_type": MIME, "size_bytes": len(data)}
         if self.cas is None:
             raise LuaCallError("this job has no CAS: give a dest path")
+        charge_cas_write(len(data))
         try:
             h = self.cas.store(data, MIME)
         except Exception as exc:

@@ -46,7 +46,9 @@ Errors are Lua errors (catch them with pcall) whose message, after the runtime's
   retry the job deadline leaves no time for, an answer that is not what the API promises;
 - ``invalid_params``: a wrong argument, or the service refused the request (400/422);
 - ``not_found``: a hash that is not in the CAS, a backend name that is not configured;
-- ``internal``: the CAS could not store the result.
+- ``cas_read_only``, ``storage_full``: the CAS could not store the result (read-only,
+  full disk; see luanette/faults.py);
+- ``internal``: the CAS failed otherwise.
 """
 
 from __future__ import annotations
@@ -61,9 +63,11 @@ import anyio
 import anyio.to_thread
 
 from luanette.backends import BackendError, Backends, UnknownBackend
-from luanette.cas import Cas, CasError, InvalidHash, NotFound, ReadOnly, TooLarge, parse_hash
-from luanette.engine.api import LuaCallError, RunContext
+from luanette.cas import Cas, CasError, InvalidHash, NotFound, TooLarge, parse_hash
+from luanette.engine.api import LuaCallError, RunContext, charge_cas_write
+from luanette.faults import StorageFault
 from luanette.settings import ModelRoutes
+from luanette.stdlib.cas import cas_failure
 from luanette.stdlib.paths import lua_type
 
 __all__ = [
@@ -260,8 +264,10 @@ class Models:
             raise _fail(
                 "invalid_params", f"{what}: object {hash} is {exc.size} bytes, over the limit of {limit} bytes"
             ) from None
+        except StorageFault as fault:
+            raise LuaCallError(fault.lua_message()) from None
         except (CasError, OSError) as exc:
-            raise _fail("internal", f"{what}: CAS failure: {exc}") from None
+            raise _fail("internal", cas_failure(exc, what, hash).message) from None
 
     def _retrieve(self, hash: str, limit: int) -> bytes:
         return self.cas.retrieve(hash, max_bytes=limit)
@@ -275,12 +281,13 @@ class Models:
 
     async def store(self, blobs: list[tuple[bytes, str]]) -> list[dict[str, Any]]:
         """Store (data, mime type) pairs; their ``{hash, mime_type, size_bytes}``."""
+        charge_cas_write(sum(len(data) for data, _ in blobs))  # the calling run's quota
         try:
             hashes = await anyio.to_thread.run_sync(self._store_all, blobs, limiter=self._limiter)
-        except ReadOnly:
-            raise _fail("internal", "the CAS is read-only: cannot store the result") from None
+        except StorageFault as fault:  # cas_read_only, storage_full
+            raise LuaCallError(fault.lua_message()) from None
         except (CasError, OSError) as exc:
-            raise _fail("internal", f"cannot store the result in the CAS: {exc}") from None
+            raise _fail("internal", f"cannot store the result: {cas_failure(exc, 'result').message}") from None
         return [
             {"hash": h, "mime_type": mime, "size_bytes": len(data)}
             for h, (data, mime) in zip(hashes, blobs, strict=True)

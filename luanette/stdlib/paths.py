@@ -6,14 +6,17 @@ and nothing else, so no script can name a file it was not given.  The rules:
 
 - the value is a string (UTF-8), not empty, without NUL, at most ``MAX_PATH_BYTES``
   long, with no component over ``MAX_NAME_BYTES``;
-- relative values are taken inside the directory; absolute values must lie under it
-  (the form ``temp.path`` and ``temp.list`` return);
+- relative values are taken inside the directory (the form ``temp.path`` and
+  ``temp.list`` return: a script never sees a host path); an absolute value must lie
+  under the directory's real path (a script can only know one if it was given it);
 - no ``..`` component at all, even one that would stay inside;
 - it must name something strictly inside the directory (not the directory itself);
 - after resolving every symlink it must still lie strictly inside the directory: a
   symlink pointing out, dangling or not, is refused.
 
-Failures raise :class:`~luanette.runtime.LuaCallError`, a Lua error the script can pcall.
+Failures raise :class:`~luanette.runtime.LuaCallError`, a Lua error the script can pcall;
+no message names a host path (only the script's own value and names inside the
+directory).
 
 Opening uses ``O_NOFOLLOW`` on the resolved path (which has no symlinks left), so a
 symlink swapped in after the check makes the call fail rather than follow it.  Scripts
@@ -29,6 +32,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from luanette.engine.api import LuaCallError
+from luanette.faults import temp_fault
 
 MAX_PATH_BYTES: Final = 1024
 MAX_NAME_BYTES: Final = 255  # NAME_MAX of common filesystems
@@ -110,6 +114,12 @@ def check_path(base: Path, value: Any, *, what: str = "path") -> Path:
     return Path(real)
 
 
+def relative(base: Path, path: Path) -> str:
+    """``path`` (a real path strictly inside ``base``) as a script sees it: relative
+    to ``base``, with ``/`` between names."""
+    return path.relative_to(base).as_posix()
+
+
 def read_regular(path: Path, max_bytes: int, what: str) -> bytes:
     """The bytes of a regular file (already checked), refusing more than ``max_bytes``."""
     flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
@@ -119,10 +129,11 @@ def read_regular(path: Path, max_bytes: int, what: str) -> bytes:
         raise LuaCallError(f"{what}: no file {path.name!r} in the temp directory") from None
     except OSError as exc:
         raise LuaCallError(f"{what}: cannot open {path.name!r}: {_reason(exc)}") from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):  # (before fdopen, which refuses a directory itself)
+        os.close(fd)
+        raise LuaCallError(f"{what}: {path.name!r} is not a regular file")
     with os.fdopen(fd, "rb") as f:
-        st = os.fstat(f.fileno())
-        if not stat.S_ISREG(st.st_mode):
-            raise LuaCallError(f"{what}: {path.name!r} is not a regular file")
         if st.st_size > max_bytes:
             raise LuaCallError(
                 f"{what}: {path.name!r} is {st.st_size} bytes, over the read limit of {max_bytes} bytes"
@@ -139,11 +150,21 @@ def write_regular(path: Path, data: bytes, what: str) -> None:
     try:
         fd = os.open(path, flags, 0o600)
     except OSError as exc:
-        raise LuaCallError(f"{what}: cannot write {path.name!r}: {_reason(exc)}") from None
-    with os.fdopen(fd, "wb") as f:
-        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
-            raise LuaCallError(f"{what}: {path.name!r} is not a regular file")
-        f.write(data)
+        raise _write_failure(exc, path, what) from None
+    try:
+        with os.fdopen(fd, "wb") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                raise LuaCallError(f"{what}: {path.name!r} is not a regular file")
+            f.write(data)
+    except OSError as exc:  # a full disk, most likely (on write or on close)
+        raise _write_failure(exc, path, what) from None
+
+
+def _write_failure(exc: OSError, path: Path, what: str) -> LuaCallError:
+    fault = temp_fault(exc)
+    if fault is not None:
+        return LuaCallError(fault.lua_message())
+    return LuaCallError(f"{what}: cannot write {path.name!r}: {_reason(exc)}")
 
 
 def _reason(exc: OSError) -> str:

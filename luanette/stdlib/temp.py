@@ -1,18 +1,23 @@
 """The `temp` namespace: one scratch directory per job, removed when the job ends.
 
-Lua API (every ``path`` argument goes through :func:`luanette.stdlib.paths.check_path`:
-a relative name inside the job's directory, or an absolute path under it as returned
-here; ``..``, absolute paths elsewhere, NUL, over-long names and symlinks leading out
-are Lua errors)::
+Paths are relative to the job's directory: a script never sees where on the host it
+is.  Every ``path`` argument goes through :func:`luanette.stdlib.paths.check_path`: a
+relative name inside the job's directory (``./`` in front is fine, so
+``temp.dir() .. "/x"`` works); ``..``, absolute paths, NUL, over-long names and
+symlinks leading out are Lua errors::
 
-    temp.dir()            -> string   the job's directory (absolute, symlinks resolved)
-    temp.path([name])     -> string   absolute path for a file named `name` inside it
-                                      (a fresh unique name when omitted); parent
-                                      directories of "sub/name" are created, the file is not
-    temp.list()           -> {string} absolute paths of the files in it, recursively, sorted
+    temp.dir()            -> "."      the job's directory, as the paths below are relative to it
+    temp.path([name])     -> string   the path of a file named `name` inside it, normalised
+                                      ("./a//b" -> "a/b"; a fresh unique name when
+                                      omitted); parent directories of "sub/name" are
+                                      created, the file is not
+    temp.list()           -> {string} paths of the files in it, recursively, sorted
     temp.exists(path)     -> boolean
     temp.remove(path)     -> boolean  true if a file (or directory, with its contents) was
                                       removed, false if nothing was there
+
+A full disk under the directory is the Lua error ``storage_full: ...`` (after the
+function's prefix).
 
 Scripts have no ``io`` library: a path is only useful to hand to other namespace
 functions that accept temp paths (``midi.read``, ``midi.write``, ``cas.store_file``).
@@ -44,9 +49,12 @@ from typing import Any, Final
 import structlog
 
 from luanette.engine.api import LuaCallError, RunContext
-from luanette.stdlib.paths import check_path, read_regular, write_regular
+from luanette.faults import temp_fault
+from luanette.stdlib.paths import check_path, read_regular, relative, write_regular
 
 DIR_PREFIX: Final = "job-"
+DIR_AS_SEEN: Final = "."
+"""What ``temp.dir()`` returns: the paths a script sees are relative to its directory."""
 
 _log = structlog.get_logger("luanette.stdlib.temp")
 
@@ -126,6 +134,9 @@ class TempNamespace:
                     self._dir = Path(os.path.realpath(tempfile.mkdtemp(prefix=DIR_PREFIX, dir=self.root)))
                 except OSError as exc:
                     _log.error("temp.mkdir_failed", root=str(self.root), error=str(exc))
+                    fault = temp_fault(exc)
+                    if fault is not None:
+                        raise LuaCallError(fault.lua_message()) from None
                     raise LuaCallError("cannot create the job's temp directory") from None
             yield self._dir
 
@@ -161,7 +172,8 @@ class TempNamespace:
         }
 
     def dir(self) -> str:
-        return str(self.directory)
+        self.directory  # noqa: B018 - refuses once the job has ended, like the others
+        return DIR_AS_SEEN
 
     def path(self, name: Any = None) -> str:
         with self._guard() as directory:
@@ -169,14 +181,14 @@ class TempNamespace:
                 name = f"tmp-{secrets.token_hex(8)}"
             path = check_path(directory, name, what="name")
             _make_parents(directory, path, "name")
-            return str(path)
+            return relative(directory, path)
 
     def list(self) -> list[str]:
         with self._guard() as directory:
             found: list[str] = []
             for parent, dirs, files in os.walk(directory):  # does not follow symlinks
                 dirs.sort()
-                found.extend(os.path.join(parent, f) for f in files)
+                found.extend(relative(directory, Path(parent, f)) for f in files)
             return sorted(found)
 
     def exists(self, path: Any) -> bool:
@@ -206,6 +218,9 @@ def _make_parents(directory: Path, path: Path, what: str) -> None:
     try:
         parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     except OSError as exc:
+        fault = temp_fault(exc)
+        if fault is not None:
+            raise LuaCallError(fault.lua_message()) from None
         raise LuaCallError(f"{what}: cannot create directory {parent.name!r}: {exc.strerror}") from None
     # A parent created just now is inside: check_path resolved it before it existed and
     # nothing else writes here; re-check anyway in case a component was a file/symlink.

@@ -27,6 +27,10 @@ def measure(source: Path | None, requests: int, clients: int) -> tuple[float, fl
     """Ping and LuaEval req/s at 64 in flight of one daemon."""
     endpoint = bench.free_endpoint()
     with bench.Daemon(endpoint, source=source):
+        # warm both before measuring: a daemon that has just started may still be
+        # starting its worker processes, which takes the CPU from the first row
+        bench.measure("LuaEval", endpoint, t.LuaEval(code=bench.EVAL_CODE), 2000, 64, clients)
+        bench.measure("Ping", endpoint, t.Ping(), 2000, 64, clients)
         ping = bench.measure("Ping", endpoint, t.Ping(), requests, 64, clients)
         lua = bench.measure("LuaEval", endpoint, t.LuaEval(code=bench.EVAL_CODE), requests // 2, 64, clients)
     return ping.rate, lua.rate

@@ -918,6 +918,8 @@ def measure_daemon(results: Results, args: argparse.Namespace, daemon_args: Sequ
     n, clients, skip = args.requests, args.clients, set(args.skip)
     endpoint = free_endpoint()
     with Daemon(endpoint, *daemon_args):
+        # warm first (not timed): a daemon just started may still be starting its workers
+        measure(EVAL, endpoint, t.LuaEval(code=EVAL_CODE), 2000, 64, clients)
         for k in (1, 64):
             results.daemon.append(measure(PING, endpoint, t.Ping(), n, k, clients))
         for k in (1, 64):

@@ -21,6 +21,7 @@ from luanette import cas
 from luanette import params as params_mod
 from luanette.auth import ANYONE, Caller
 from luanette.broadcast import Publisher
+from luanette.capabilities import CapabilityError, Policy
 from luanette.config import Config
 from luanette.engine.api import CancelToken, ErrorDetail, Limits, ScriptError
 from luanette.engine.channel import RunInfo
@@ -147,6 +148,7 @@ class Dispatcher:
         telemetry: Telemetry,
         triggers: Triggers | None = None,
         engine: Engine,
+        policy: Policy | None = None,
     ) -> None:
         self.triggers = triggers
         self.config = config
@@ -162,6 +164,8 @@ class Dispatcher:
         self._eval_slots = asyncio.Semaphore(config.max_evals)
         self._evals_waiting: collections.deque[RequestContext] = collections.deque()
         self._capacity = _Capacity()
+        # what every lua_eval is granted ([policy] eval)
+        self._eval_capabilities = (policy or Policy()).eval_grants().texts()
         self._evals_starting = 0  # let in by the socket loop, their tasks not yet admitted
         self._evals_running = 0  # holding a slot
         # one reply serves every refusal: they are all alike
@@ -270,7 +274,13 @@ class Dispatcher:
                     p.code,
                     p.params,
                     limits=self._limits,
-                    info=RunInfo("eval", traceparent=traceparent_of(span), sampled=recording),
+                    info=RunInfo(
+                        "eval",
+                        traceparent=traceparent_of(span),
+                        sampled=recording,
+                        capabilities=self._eval_capabilities,
+                        user=user_of(ctx.caller),
+                    ),
                     cancel=ctx.cancel,
                     hooks=RunHooks(lambda: ctx.log.bind(run="eval"), span=span),
                     chunk_name="eval",
@@ -348,6 +358,8 @@ class Dispatcher:
             record, described = await self.scripts.save(p.content, p.tags, p.creator)
         except ScriptProblem as e:
             return lua_error(e.detail)
+        except CapabilityError as e:
+            return error("invalid_params", f"describe().capabilities: {e}", {"reason": "capabilities"})
         self._publisher.publish(t.ScriptInvalidate(hash=record.hash))
         result: dict[str, Any] = {
             "hash": record.hash,
@@ -372,7 +384,7 @@ class Dispatcher:
         return t.Success(result=described.value)
 
     async def job_execute(self, p: t.JobExecute, ctx: RequestContext) -> t.Payload:
-        info = await self.jobs.submit(cas.parse_hash(p.script_hash), p.params, p.tags)
+        info = await self.jobs.submit(cas.parse_hash(p.script_hash), p.params, p.tags, user=user_of(ctx.caller))
         return t.Success(result={"job_id": info.job_id, "script_hash": info.source})
 
     async def job_status(self, p: t.JobStatusRequest, ctx: RequestContext) -> t.Payload:
@@ -392,7 +404,7 @@ class Dispatcher:
     async def timeline_event(self, p: t.TimelineEvent, ctx: RequestContext) -> t.Payload:
         if self.triggers is None:
             return t.Success(result={"job_id": None, "rule": None, "matched": False})
-        return t.Success(result=await self.triggers.handle(p))
+        return t.Success(result=await self.triggers.handle(p, user=user_of(ctx.caller)))
 
     async def read_resource(self, p: t.ReadResource, ctx: RequestContext) -> t.Payload:
         if p.uri == STATS_URI:
@@ -406,6 +418,13 @@ class Dispatcher:
 
 
 STATS_URI = "luanette://jobs/stats"
+
+
+def user_of(caller: Caller) -> str:
+    """Who asked for a run, as ``context.user()`` gives it: the client's public key (z85)
+    under CURVE, ``"local"`` without CURVE (nobody is authenticated: loopback clients, or
+    anyone who reaches a daemon started with ``--insecure``)."""
+    return caller.key if caller.key is not None else "local"
 
 
 def _script_view(record: ScriptRecord) -> dict[str, Any]:

@@ -11,6 +11,10 @@ stable code (docs/protocol.md, docs/lua.md):
 - ``unavailable``: the job database cannot be used now: locked by another process past
   the busy timeout, an I/O error, read-only, closed.
 
+Scripts also see ``read_only`` (a Lua error kind only, not a protocol code): an
+``fs.write`` to a file root that cannot be written (a read-only mount, a directory the
+daemon may not write); a full disk there is ``storage_full`` as everywhere.
+
 The stores map their own exceptions once, where they touch the disk (as httpx maps its
 transport's exceptions at the transport): :class:`luanette.cas.Cas` raises a
 :class:`StorageFault` for an ``OSError`` of a write (:func:`cas_fault`),
@@ -38,6 +42,10 @@ STORAGE_FULL: Final = "storage_full"
 UNAVAILABLE: Final = "unavailable"
 
 CODES: Final = (CAS_READ_ONLY, STORAGE_FULL, UNAVAILABLE)
+
+READ_ONLY: Final = "read_only"
+"""A write to a file root (``fs.write``) that cannot be written.  A kind of Lua error
+only, never a protocol error code (scripts see it after ``fs.write: ``)."""
 
 
 class StorageFault(Exception):
@@ -73,6 +81,12 @@ class Unavailable(StorageFault):
     """The job database cannot be used at the moment."""
 
     code = UNAVAILABLE
+
+
+class ReadOnly(StorageFault):
+    """A write to a file root (``[fs.roots]``) that cannot be written."""
+
+    code = READ_ONLY
 
 
 # --- the table --------------------------------------------------------------------------
@@ -153,6 +167,26 @@ def temp_fault(exc: BaseException) -> StorageFault | None:
     )
 
 
+def fs_fault(exc: BaseException, shown: str, where: str) -> StorageFault | None:
+    """The fault for an error of a write under a file root (``fs.write``), or None.
+
+    ``shown`` is the file as the script named it (``samples:out/a.wav``), ``where`` the
+    host directory for the daemon log; the script's message names only ``shown``."""
+    found = os_reason(exc)
+    if found is None:
+        return None
+    meaning, reason = found
+    if meaning == _FULL:
+        return StorageFull(
+            f"the disk under {where} is full ({reason}); {shown} was not written",
+            f"the disk holding {shown} is full ({reason}); nothing was written",
+        )
+    return ReadOnly(
+        f"{where} cannot be written ({reason}); {shown} was not written",
+        f"{shown} cannot be written ({reason}); nothing was written",
+    )
+
+
 def database_fault(
     exc: BaseException,
     path: Path,
@@ -199,7 +233,9 @@ __all__ = [
     "SQLITE_FAULTS",
     "STORAGE_FULL",
     "UNAVAILABLE",
+    "READ_ONLY",
     "CasReadOnly",
+    "ReadOnly",
     "StorageFault",
     "StorageFull",
     "Unavailable",
@@ -207,5 +243,6 @@ __all__ = [
     "cas_read_only",
     "closed_message",
     "database_fault",
+    "fs_fault",
     "temp_fault",
 ]

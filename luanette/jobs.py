@@ -28,6 +28,7 @@ from opentelemetry import context as otel_context
 from hooteproto.types import JobInfo, JobStateChanged, JobStatus, JobStoreStats, PollMode, Progress
 from luanette import params as params_mod
 from luanette.broadcast import Publisher
+from luanette.capabilities import Grants, Policy
 from luanette.cas import CasError
 from luanette.engine.api import CancelToken, Limits, ScriptError
 from luanette.engine.channel import RunInfo
@@ -36,7 +37,7 @@ from luanette.faults import STORAGE_FULL, StorageFault
 from luanette.groupcommit import GroupCommit
 from luanette.scripts import Scripts
 from luanette.stdlib.temp import TempNamespace
-from luanette.store import FINISHED, Store
+from luanette.store import FINISHED, ScriptRecord, Store
 from luanette.telemetry import StatusCode, Telemetry, script_attributes, span_ids, traceparent_of
 
 log = structlog.get_logger("luanette.jobs")
@@ -67,16 +68,24 @@ class PollResult(msgspec.Struct):
 class _Live:
     """A job this process has queued or is running."""
 
-    __slots__ = ("job_id", "script_hash", "params", "cancel", "progress", "trace_context")
+    __slots__ = (
+        "job_id", "script_hash", "params", "cancel", "progress", "trace_context", "capabilities",
+        "user", "creator", "trigger",
+    )  # fmt: skip
 
-    def __init__(self, job_id: str, script_hash: str, params: Any) -> None:
+    def __init__(self, job_id: str, script_hash: str, params: Any, capabilities: list[str] | None = None) -> None:
         self.job_id = job_id
         self.script_hash = script_hash
         self.params = params
+        self.capabilities = capabilities  # what the run is granted
         self.cancel = CancelToken()
         self.progress: dict[str, Any] | None = None
         # the context of the request that queued the job: its span is the job's parent
         self.trace_context = otel_context.get_current()
+        # for context.* (see Jobs.submit)
+        self.user: str | None = None
+        self.creator: str | None = None
+        self.trigger: dict[str, Any] | None = None
 
 
 _job_counter = itertools.count(1)
@@ -105,6 +114,7 @@ class Jobs:
         temp_root: Path,
         telemetry: Telemetry | None = None,
         pub_results: int = 64 * 2**10,
+        policy: Policy | None = None,
     ) -> None:
         self._telemetry = telemetry or Telemetry()
         self._engine = engine
@@ -119,6 +129,7 @@ class Jobs:
         self._queue_size = queue_size
         self._reserved = 0  # submissions waiting for their row's commit
         self._pub_results = pub_results
+        self._policy = policy or Policy()
         self._commits = GroupCommit(store)
         self._changed = anyio.Event()
         self._pollers = 0  # polls waiting on _changed
@@ -193,8 +204,21 @@ class Jobs:
 
     # --- requests --------------------------------------------------------------------
 
-    async def submit(self, script_hash: str, params: Any, tags: list[str] | None) -> JobInfo:
+    async def submit(
+        self,
+        script_hash: str,
+        params: Any,
+        tags: list[str] | None,
+        *,
+        user: str | None = None,
+        trigger: dict[str, Any] | None = None,
+    ) -> JobInfo:
         """Queue a job for a stored script; returns its pending JobInfo at once.
+
+        ``user`` (who asked: the client's CURVE key, or "local") and ``trigger`` (the
+        timeline event that started it, see luanette.triggers) are what the script's
+        ``context.user()`` and ``context.trigger()`` give; ``context.creator()`` is the
+        stored script's creator.
 
         Raises :class:`JobError` ``not_found`` (no such script), ``invalid_params``
         (params a script cannot be given, naming the place, or params that do not fit
@@ -212,6 +236,7 @@ class Jobs:
                 params = params_mod.validate(record.params_schema, params)
             except params_mod.InvalidParams as e:
                 raise JobError("invalid_params", f"params do not fit {record.name or script_hash}: {e}") from None
+        grants = self._grants(record, script_hash)  # before the job exists: a refusal costs nothing
         # The queue itself is the limit (live jobs also count the ones running, and a
         # worker between two jobs would let one more in than the queue can hold).
         if self._send.statistics().current_buffer_used + self._reserved >= self._queue_size:
@@ -225,11 +250,27 @@ class Jobs:
             info = await self._commits.write(write)  # the reply waits for the commit
         finally:
             self._reserved -= 1
-        live = _Live(job_id, script_hash, params)
+        live = _Live(job_id, script_hash, params, grants.texts())
+        live.user, live.trigger = user, trigger
+        live.creator = record.creator if record is not None else None
         self._live[job_id] = live
         self._send.send_nowait(live)
         self._announce(job_id, JobStatus.PENDING)
         return info
+
+    def _grants(self, record: ScriptRecord | None, script_hash: str) -> Grants:
+        """What a job of this script is granted; JobError ``permission_denied`` when it
+        declares a capability the policy does not let it have."""
+        declared = record.capabilities if record is not None else None
+        creator, tags = (record.creator, record.tags) if record is not None else (None, [])
+        refused = self._policy.refused(declared or [], creator, tags)
+        if refused:
+            name = (record.name if record else None) or script_hash
+            raise JobError(
+                "permission_denied",
+                f"{name} declares capabilities the daemon's [policy] does not allow it: {', '.join(refused)}",
+            )
+        return self._policy.grants_for(declared)
 
     def status(self, job_id: str) -> JobInfo:
         info = self.store.get(job_id)
@@ -360,6 +401,10 @@ class Jobs:
                     script_hash=live.script_hash,
                     traceparent=traceparent_of(span),
                     sampled=span.is_recording(),
+                    capabilities=live.capabilities,
+                    user=live.user,
+                    creator=live.creator,
+                    trigger=live.trigger,
                 ),
                 cancel=live.cancel,
                 hooks=RunHooks(lambda: jlog, span=span, progress=self._progress_reporter(live)),

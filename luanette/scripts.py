@@ -8,6 +8,7 @@ sandbox to index its name, description and params.
 from __future__ import annotations
 
 import collections
+import re
 import time
 from typing import Any
 
@@ -15,6 +16,7 @@ import anyio
 import msgspec
 import structlog
 
+from luanette.capabilities import declared_capabilities
 from luanette.cas import Cas, CasError
 from luanette.engine.api import CancelToken, ErrorDetail, Limits, ScriptError
 from luanette.engine.channel import RunInfo
@@ -25,6 +27,7 @@ from luanette.store import ScriptRecord, Store
 _log = structlog.get_logger("luanette.scripts")
 
 MIME = "text/x-lua"
+_DEFINES_DESCRIBE = re.compile(r"\bfunction\s+describe\s*\(|\bdescribe\s*=\s*function\b")
 TYPE_TAG = "type:lua"
 MAX_SCRIPT_BYTES = 4 * 2**20
 SOURCE_CACHE = 64  # sources kept in memory, each at most CACHED_SOURCE_BYTES
@@ -79,13 +82,28 @@ class Scripts:
         """Compile, store in the CAS, describe and index ``content``.
 
         Raises :class:`ScriptProblem` (kind ``lua_syntax``) for code that does not
-        compile; nothing is stored then.
+        compile, and :class:`~luanette.capabilities.CapabilityError` for a
+        ``describe().capabilities`` that is not a list of capabilities; nothing is
+        stored then.
         """
         described = await self.describe_source(content)
         if described.syntax is not None:
             raise ScriptProblem(described.syntax)
-        digest = await anyio.to_thread.run_sync(self.cas.store, content.encode(), MIME)
+        if described.problem is not None and _DEFINES_DESCRIBE.search(content):
+            # Its declarations (capabilities above all) cannot be read: storing it would
+            # give it the default grants instead of what it asked for.
+            raise ScriptProblem(
+                ErrorDetail(
+                    "describe_failed",
+                    f"describe() could not be read: the script failed while defining it: {described.problem.message}",
+                    described.problem.line,
+                    described.problem.stack,
+                    ["a script with describe() must do its work in main(), not at its top level"],
+                )
+            )
         info = described.value if described.found and isinstance(described.value, dict) else {}
+        capabilities = declared_capabilities(info)  # CapabilityError: nothing is stored
+        digest = await anyio.to_thread.run_sync(self.cas.store, content.encode(), MIME)
         record = ScriptRecord(
             hash=digest,
             name=_text(info.get("name")),
@@ -94,6 +112,7 @@ class Scripts:
             creator=creator,
             params_schema=info.get("params"),
             created_at=time.time(),
+            capabilities=capabilities,
         )
         self._records.pop(digest, None)  # storing again merges tags: re-read it
         return self.store.index_script(record), described

@@ -163,10 +163,11 @@ class Server:
             temp_root=state_dir / "temp",
             telemetry=self.telemetry,
             pub_results=config.pub_results,
+            policy=settings.policy,
         )
         self.triggers = Triggers(
             settings.triggers,
-            submit=lambda script_hash, params: self.jobs.submit(script_hash, params, ["trigger"]),
+            submit=lambda script_hash, params, **about: self.jobs.submit(script_hash, params, ["trigger"], **about),
             find_script=lambda name: getattr(self.store.find_script_by_name(name), "hash", None),
             is_live=self.jobs.is_live,
             base_dir=Path(settings.config_dir) if settings.config_dir else None,
@@ -182,6 +183,7 @@ class Server:
             telemetry=self.telemetry,
             triggers=self.triggers,
             engine=self.engine,
+            policy=settings.policy,
         )
         self._socket: zmq.asyncio.Socket | None = None
         self._in_flight: set[RequestContext] = set()

@@ -30,10 +30,12 @@ import os
 import re
 import tomllib
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Annotated, Any, Final, Literal
 
 import msgspec
 
+from luanette.capabilities import CapabilityError, Policy
 from luanette.triggers import TriggerRule
 
 __all__ = [
@@ -192,21 +194,63 @@ class GardenSettings(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_f
     """Seconds to wait for a reply (and at most the job's deadline)."""
 
 
+_ROOT_NAME: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
+
+
+def _root_problem(name: str, path: str) -> str | None:
+    """What is wrong with the root ``name = path`` of ``[fs.roots]``, or None."""
+    if not _ROOT_NAME.fullmatch(name):
+        return "a root name is an identifier: 1-64 letters, digits or '_', not starting with a digit"
+    if not path:
+        return "must be a directory path, got an empty string"
+    if "\x00" in path:
+        return "must not contain a NUL character"
+    return None
+
+
+class FsSettings(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
+    """``[fs]``: the directories ``fs.*`` may reach, by name (``[fs.roots]``)."""
+
+    roots: dict[str, str] = {}
+    """Root name -> directory: a script names ``samples:drums/kick.wav`` for
+    ``samples = "/srv/samples"``.  A relative directory is relative to the config file's
+    directory (as ``script_file`` is); ``~`` is the daemon user's home."""
+
+    def __post_init__(self) -> None:
+        for name, path in self.roots.items():
+            problem = _root_problem(name, path)
+            if problem is not None:
+                raise ValueError(f"roots: {name}: {problem}")
+
+    def resolved(self, base_dir: str | os.PathLike[str] | None = None) -> dict[str, Path]:
+        """The roots as absolute paths, relative ones taken from ``base_dir`` (default:
+        the working directory).  Symlinks are not resolved here: ``fs`` does that per call."""
+        base = Path(base_dir) if base_dir else Path.cwd()
+        return {name: (base / os.path.expanduser(path)).absolute() for name, path in self.roots.items()}
+
+
 class Settings(msgspec.Struct, kw_only=True, frozen=True):
     """The whole config file.  ``Settings()`` is the configuration without a file."""
 
     backends: dict[str, BackendSettings] = msgspec.field(default_factory=lambda: dict(DEFAULT_BACKENDS))
     models: ModelRoutes = ModelRoutes()
     garden: GardenSettings = GardenSettings()
+    fs: FsSettings = FsSettings()
     triggers: list[TriggerRule] = []
+    policy: Policy = Policy()
+    """``[policy]``: which capabilities scripts may declare and get (luanette.capabilities)."""
     config_dir: str = ""
     """Directory of the file the settings came from (not a key of the file): relative
     paths in it, such as ``script_file``, are relative to it."""
 
+    def fs_roots(self) -> dict[str, Path]:
+        """``[fs.roots]`` as absolute paths (relative ones from :attr:`config_dir`)."""
+        return self.fs.resolved(self.config_dir or None)
+
 
 # ------------------------------------------------------------------------- loading
 
-_TOP_LEVEL: Final = ("backends", "models", "garden", "triggers")
+_TOP_LEVEL: Final = ("backends", "models", "garden", "triggers", "policy", "fs")
 
 
 def load_settings(path: str | os.PathLike[str] | None) -> Settings:
@@ -274,7 +318,23 @@ def _parse(raw: Mapping[str, Any]) -> Settings:
     for name in names:
         if names.count(name) > 1:
             raise _KeyError("triggers", f"two rules are named {name!r}")
-    return Settings(backends=backends, models=models, garden=garden, triggers=triggers)
+    policy = _convert(raw.get("policy", {}), Policy, "policy")
+    try:
+        policy.check()
+    except CapabilityError as exc:
+        raise _KeyError("policy", str(exc)) from None
+    fs = _parse_fs(raw.get("fs", {}))
+    return Settings(backends=backends, models=models, garden=garden, triggers=triggers, policy=policy, fs=fs)
+
+
+def _parse_fs(raw: Any) -> FsSettings:
+    roots = raw.get("roots") if isinstance(raw, dict) else None
+    if isinstance(roots, dict):  # checked here first, to name the exact key
+        for name, path in roots.items():
+            problem = _root_problem(name, path) if isinstance(path, str) else None
+            if problem is not None:
+                raise _KeyError(f"fs.roots.{name}", problem)
+    return _convert(raw, FsSettings, "fs")
 
 
 _AT: Final = re.compile(r"^(?P<message>.*?)(?: - at `\$(?P<path>[^`]*)`)?$", re.S)

@@ -75,6 +75,8 @@ class ScriptRecord(msgspec.Struct, kw_only=True):
     creator: str | None = None
     params_schema: Any = None
     created_at: Seconds
+    capabilities: list[str] | None = None
+    """``describe().capabilities``; None when the script declares none (schema v2)."""
 
 
 class JobRecord(msgspec.Struct, kw_only=True):
@@ -172,7 +174,9 @@ _SCHEMA_V1 = (
     "CREATE INDEX scripts_creator ON scripts (creator)",
 )
 
-MIGRATIONS: tuple[Sequence[str], ...] = (_SCHEMA_V1,)
+_SCHEMA_V2 = ("ALTER TABLE scripts ADD COLUMN capabilities TEXT",)  # JSON list, NULL: none declared
+
+MIGRATIONS: tuple[Sequence[str], ...] = (_SCHEMA_V1, _SCHEMA_V2)
 """``MIGRATIONS[n]`` takes a database from ``user_version`` n to n + 1. Append, never
 edit: a file written by an older build replays only the steps it has not seen."""
 
@@ -308,7 +312,7 @@ def _words(text: str) -> set[str]:
 _JOB_COLUMNS = (
     "job_id, script_hash, params, tags, status, result, error, created_at, started_at, completed_at"
 )
-_SCRIPT_COLUMNS = "hash, name, description, tags, creator, params_schema, created_at"
+_SCRIPT_COLUMNS = "hash, name, description, tags, creator, params_schema, created_at, capabilities"
 
 
 def _job_from_row(row: tuple) -> JobRecord:
@@ -328,7 +332,7 @@ def _job_from_row(row: tuple) -> JobRecord:
 
 
 def _script_from_row(row: tuple) -> ScriptRecord:
-    hash_, name, description, tags, creator, params_schema, created = row
+    hash_, name, description, tags, creator, params_schema, created, capabilities = row
     return ScriptRecord(
         hash=hash_,
         name=name,
@@ -337,6 +341,7 @@ def _script_from_row(row: tuple) -> ScriptRecord:
         creator=creator,
         params_schema=_from_json(params_schema),
         created_at=created,
+        capabilities=_from_json(capabilities),
     )
 
 
@@ -368,6 +373,8 @@ def _merge_scripts(old: ScriptRecord, new: ScriptRecord) -> ScriptRecord:
         creator=old.creator if old.creator is not None else new.creator,
         params_schema=new.params_schema if new.params_schema is not None else old.params_schema,
         created_at=old.created_at,
+        # the same content has the same describe(): the new reading is the current one
+        capabilities=new.capabilities,
     )
 
 
@@ -735,8 +742,9 @@ class Store:
             row = conn.execute(sql, (new.hash,)).fetchone()
             merged = new if row is None else _merge_scripts(_script_from_row(row), new)
             schema = merged.params_schema
+            capabilities = merged.capabilities
             conn.execute(
-                f"INSERT OR REPLACE INTO scripts ({_SCRIPT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                f"INSERT OR REPLACE INTO scripts ({_SCRIPT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     merged.hash,
                     merged.name,
@@ -745,6 +753,7 @@ class Store:
                     merged.creator,
                     None if schema is None else _to_json("params_schema", schema),
                     merged.created_at,
+                    None if capabilities is None else _to_json("capabilities", capabilities),
                 ),
             )
         return merged

@@ -22,6 +22,8 @@ their text; ``$$`` is a literal ``$``.
 
 The first rule that matches starts one job and the reply is ``{job_id, rule,
 script_hash}``; an event no rule matches is acknowledged (``{job_id: null}``) and logged.
+The job's script reads the event and the rule with ``context.trigger()`` (see
+:func:`trigger_info`) and who sent it with ``context.user()``.
 
 A rule cannot fire itself in a loop: a job a rule started carries the event's trace
 (its span is a child of the event's), and everything it asks chaosgarden to do carries
@@ -42,6 +44,7 @@ import structlog
 from opentelemetry import trace
 
 from hooteproto import types as t
+from luanette import params as params_mod
 from luanette.cas import InvalidHash, parse_hash
 
 log = structlog.get_logger("luanette.triggers")
@@ -164,10 +167,32 @@ def matches(rule: TriggerRule, event: t.TimelineEvent) -> bool:
     return True
 
 
+def trigger_info(event: t.TimelineEvent, rule: str) -> dict[str, Any]:
+    """What ``context.trigger()`` gives a job the event started: ``{event_type,
+    position_beats, tempo, metadata, rule}``.  ``metadata`` is left out (nil in Lua)
+    when Lua cannot hold it (nested too deep with the table around it, a MessagePack
+    extension, a nil key, ...): the event still starts its job."""
+    info = {
+        "event_type": event.event_type.value,
+        "position_beats": event.position_beats,
+        "tempo": event.tempo,
+        "metadata": event.metadata,
+        "rule": rule,
+    }
+    try:
+        params_mod.check_representable(info, root="trigger")
+    except params_mod.InvalidParams as e:
+        log.warning("trigger.metadata_dropped", rule=rule, reason=str(e))
+        del info["metadata"]
+    return info
+
+
 class Triggers:
     """The rules of the config file and the jobs they have started.
 
-    ``submit(script_hash, params)`` queues a job (``Jobs.submit``); ``find_script(name)``
+    ``submit(script_hash, params, *, user, trigger)`` queues a job (``Jobs.submit``:
+    ``user`` is who sent the event, ``trigger`` what ``context.trigger()`` gives the
+    job's script, see :func:`trigger_info`); ``find_script(name)``
     gives the hash of the newest stored script called ``name`` (or None);
     ``store_file(text)`` stores a script and returns its hash; ``is_live(job_id)`` tells
     whether a job is queued or running.
@@ -177,7 +202,7 @@ class Triggers:
         self,
         rules: list[TriggerRule],
         *,
-        submit: Callable[[str, Any], Any],
+        submit: Callable[..., Any],
         find_script: Callable[[str], str | None],
         is_live: Callable[[str], bool],
         base_dir: Path | None = None,
@@ -233,8 +258,9 @@ class Triggers:
                 return job_id
         return None
 
-    async def handle(self, event: t.TimelineEvent) -> dict[str, Any]:
+    async def handle(self, event: t.TimelineEvent, *, user: str | None = None) -> dict[str, Any]:
         """Start the job of the first rule matching ``event``; the reply's result.
+        ``user``: who sent it (``context.user()`` of the job).
 
         Raises :class:`TriggerError` when the matched rule cannot start it.
         """
@@ -252,7 +278,7 @@ class Triggers:
             )
         script_hash = self._script_hash(rule)
         params = expand(rule.params, event)
-        info = await self._submit(script_hash, params)
+        info = await self._submit(script_hash, params, user=user, trigger=trigger_info(event, rule.name))
         self._started[info.job_id] = (rule.name, trace_id)
         log.info("trigger.fired", rule=rule.name, job_id=info.job_id, script_hash=script_hash,
                  event_type=event.event_type.value)

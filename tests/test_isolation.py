@@ -114,7 +114,8 @@ obs.global_meta = meta(_G)
 obs.libs, obs.lib_meta = {}, {}
 local libs = {}
 for name, value in next, _G do
-  if type(name) == "string" and type(value) == "table" and name ~= "_G" and name ~= "params" then
+  if type(name) == "string" and type(value) == "table" and name ~= "_G" and name ~= "params"
+      and name ~= "args" then
     libs[name] = value
     obs.libs[name] = fields(value)
     obs.lib_meta[name] = meta(value)

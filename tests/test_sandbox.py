@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import anyio
 import lupa.lua54
 import pytest
 
@@ -53,6 +54,23 @@ async def test_globals_are_exactly_the_allowed_set() -> None:
     names = await result_of(code, {"p": 1})
     expected = (SANDBOX_GLOBALS - {"main"}) | {"echo", "log"}
     assert set(names) == expected
+    assert {"params", "args"} <= expected  # the script's params, under seed 003's name too
+
+
+async def test_args_is_params() -> None:
+    assert await result_of("return {rawequal(args, params), args.p}", {"p": 1}) == [True, 1]
+    assert await result_of("return {args == nil, params == nil}") == [True, True]
+
+
+def test_no_namespace_may_be_called_args() -> None:
+    class Args:
+        name = "args"
+
+        def functions(self, run: RunContext) -> Mapping[str, Callable[..., Any]]:
+            return {}
+
+    with pytest.raises(ValueError, match="not usable as a Lua global"):
+        anyio.run(lambda: run_script("return 1", namespaces=[Args()]))
 
 
 @pytest.mark.parametrize(

@@ -98,7 +98,7 @@ def test_open_creates_state_dir_and_file_in_wal_mode(tmp_path: Path) -> None:
         conn = s._db()
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         assert conn.execute("PRAGMA synchronous").fetchone()[0] == 1  # NORMAL
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 1
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
 
 
 def test_closed_store_refuses_calls_and_close_is_idempotent(tmp_path: Path) -> None:
@@ -778,6 +778,7 @@ def test_opens_a_version_1_database(tmp_path: Path) -> None:
         assert s.recover_interrupted(30) == ["old-running"]
         assert hashes(s.search(vibe="old", creator="eve")) == [H1]
         assert s.get_script(H1).params_schema == {"p": {"type": "number"}}
+        assert s.get_script(H1).capabilities is None  # v2 added the column: nothing declared
         s.create_job("new", H1, {}, None, 40)
         assert s.stats() == JobStoreStats(total=3, pending=1, completed=1, failed=1)
 

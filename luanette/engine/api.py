@@ -19,12 +19,13 @@ import structlog
 
 from luanette.luaconv import NULL
 
-# Globals of the sandbox (plus the script convention's `params` and `main`); a namespace
-# may not take one of these names.  tests/test_sandbox.py checks this against Lua.
+# Globals of the sandbox (plus the script convention's `params`, its alias `args`, and
+# `main`); a namespace may not take one of these names.  tests/test_sandbox.py checks
+# this against Lua.
 SANDBOX_GLOBALS: Final = frozenset(
     "assert error ipairs next pairs pcall xpcall print rawequal rawget rawlen rawset "
     "select setmetatable getmetatable tonumber tostring type _VERSION _G load "
-    "collectgarbage string table math utf8 coroutine os params main".split()
+    "collectgarbage string table math utf8 coroutine os params args main".split()
 )
 
 _LOG_METHODS: Final = {"debug": "debug", "info": "info", "warn": "warning", "error": "error"}

@@ -44,6 +44,12 @@ class RunInfo(msgspec.Struct, array_like=True, omit_defaults=True):
     script_hash: str | None = None
     traceparent: str | None = None  # of the run's span in the front
     sampled: bool = False  # whether that span is recorded (otel.* events are worth sending)
+    # what the run is granted (luanette.capabilities); None: everything its kind offers
+    capabilities: list[str] | None = None
+    # for ``context.*`` (luanette.stdlib.context); appended last, so older messages decode
+    user: str | None = None  # who asked for the run: the client's CURVE key, "local" without CURVE
+    creator: str | None = None  # the stored script's creator (jobs)
+    trigger: dict[str, Any] | None = None  # the timeline event that started the job, and its rule
 
 
 class Run(Message, tag="run"):

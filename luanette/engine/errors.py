@@ -70,7 +70,10 @@ def runtime_detail(info: dict[str, Any], chunk_name: str, limits: Limits) -> Err
 
 
 NAMED_KINDS = frozenset(
-    {"cas_quota_exceeded", "log_quota_exceeded", "storage_full", "cas_read_only", "unavailable"}
+    {
+        "cas_quota_exceeded", "log_quota_exceeded", "storage_full", "cas_read_only", "unavailable",
+        "permission_denied", "read_only",
+    }  # fmt: skip
 )
 """Failures a namespace function reports as "<ns.fn>: <kind>: ..." (catchable with pcall);
 uncaught, the run's error has that kind instead of lua_runtime."""

@@ -339,6 +339,7 @@ local chunk, syntax_error = load(code, "=" .. chunk_name, code_mode, env)
 if not chunk then return "syntax", syntax_error end
 local params = decode(params_packed)
 env.params = params
+env.args = params  -- seed 003's name for the same table
 
 -- Script convention: run the chunk; if it defined a global function main, main(params)
 -- gives the result, else the chunk's first return value does.

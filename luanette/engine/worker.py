@@ -251,6 +251,7 @@ class Worker:
             models=model_namespaces(backends, cas, settings.models),  # type: ignore[arg-type]
             garden=garden,
             metrics=RemoteMetrics(self.send),
+            fs_roots=settings.fs_roots(),
         )
 
     def send(self, message: ch.Message) -> None:
@@ -363,6 +364,8 @@ class Worker:
                 job_id=info.job_id,
                 script_hash=info.script_hash,
                 progress=lambda percent, text: note("progress", [percent, text]),
+                capabilities=info.capabilities,
+                info=info,
             )
             outcome = await run_script(
                 message.code,

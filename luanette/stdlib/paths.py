@@ -77,12 +77,9 @@ def as_text(value: Any, what: str) -> str:
     return value
 
 
-def check_path(base: Path, value: Any, *, what: str = "path") -> Path:
-    """Resolve ``value`` to a real path strictly inside ``base`` or raise LuaCallError.
-
-    ``base`` must be an existing directory given as its real path (no symlinks).  The
-    result has every symlink resolved, so it can be opened with ``O_NOFOLLOW``.
-    """
+def path_text(value: Any, what: str = "path") -> str:
+    """A path argument as text: a non-empty string without NUL, at most MAX_PATH_BYTES
+    long; LuaCallError otherwise."""
     text = as_text(value, what)
     if not text:
         raise LuaCallError(f"{what} must not be empty")
@@ -90,6 +87,16 @@ def check_path(base: Path, value: Any, *, what: str = "path") -> Path:
         raise LuaCallError(f"{what} contains a NUL byte")
     if len(text.encode("utf-8", "surrogatepass")) > MAX_PATH_BYTES:
         raise LuaCallError(f"{what} is too long (over {MAX_PATH_BYTES} bytes)")
+    return text
+
+
+def check_path(base: Path, value: Any, *, what: str = "path") -> Path:
+    """Resolve ``value`` to a real path strictly inside ``base`` or raise LuaCallError.
+
+    ``base`` must be an existing directory given as its real path (no symlinks).  The
+    result has every symlink resolved, so it can be opened with ``O_NOFOLLOW``.
+    """
+    text = path_text(value, what)
     root = str(base)
     if text.startswith("/"):
         if not text.startswith(root + "/"):

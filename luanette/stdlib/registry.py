@@ -4,22 +4,31 @@ A worker process holds one :class:`Toolbox` (the namespaces that serve every run
 that process's CAS and its proxies of the front's services) and asks
 :func:`namespaces_for` for each run.  Kinds:
 
-- ``eval`` (``lua_eval``): log, clock, json, otel, garden.
+- ``eval`` (``lua_eval``): log, clock, json, otel, garden, context.
 - ``job`` (``job_execute`` and timeline triggers): the eval set, plus the model
   namespaces (orpheus, musicgen, llm, backend), progress, temp, cas, midi, job.
 - ``describe`` (``describe()`` of a script being stored): nothing but the sandbox.
+
+Within its kind a run gets what its capabilities admit (``luanette.capabilities``: a
+job's come from its script's ``describe().capabilities`` or the policy's default, an
+eval's from the policy), and calls that need more than a namespace's presence are
+gated per call.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
+from luanette.capabilities import Grants
+from luanette.capabilities import namespaces as gate
 from luanette.cas import Cas
 from luanette.engine.api import Namespace
 from luanette.stdlib.cas import CasNamespace
 from luanette.stdlib.clock import ClockNamespace
+from luanette.stdlib.context import ContextNamespace
+from luanette.stdlib.fs import FsNamespace
 from luanette.stdlib.garden import GardenNamespace
 from luanette.stdlib.job import JobNamespace
 from luanette.stdlib.json import JsonNamespace
@@ -28,6 +37,9 @@ from luanette.stdlib.midi import MidiNamespace
 from luanette.stdlib.otel import OtelNamespace
 from luanette.stdlib.progress import ProgressNamespace
 from luanette.stdlib.temp import TempNamespace
+
+if TYPE_CHECKING:
+    from luanette.engine.channel import RunInfo
 
 KINDS: Final = ("eval", "job", "describe")
 
@@ -43,8 +55,10 @@ class Toolbox:
         models: Sequence[Namespace],
         garden: GardenNamespace,
         metrics: Any,
+        fs_roots: Mapping[str, Path] | None = None,
     ) -> None:
         self.cas = cas
+        self.fs_roots = dict(fs_roots or {})  # [fs.roots]: what fs.* reaches
         self.temp_root = temp_root
         self.base: tuple[Namespace, ...] = (LogNamespace(), ClockNamespace(), JsonNamespace())
         self.otel = OtelNamespace(metrics)
@@ -72,12 +86,35 @@ def namespaces_for(
     job_id: str | None = None,
     script_hash: str | None = None,
     progress: Callable[[float, str | None], None] | None = None,
+    capabilities: Sequence[str] | None = None,
+    info: RunInfo | None = None,  # the front's description of the run (context.*)
 ) -> RunSet:
-    """The globals a run of ``kind`` gets. Raises ValueError for an unknown kind."""
+    """The globals a run of ``kind`` gets: those of its kind that ``capabilities`` (the
+    run's grants, see luanette.capabilities) admit, gated by them; all of its kind when
+    None. Raises ValueError for an unknown kind."""
+    runset = _of_kind(kind, toolbox, job_id=job_id, script_hash=script_hash, progress=progress, info=info)
+    if capabilities is not None:
+        grants = Grants.of(capabilities)
+        runset.namespaces = gate(runset.namespaces, grants)
+        if kind != "describe" and (grants.has("fs.read") or grants.has("fs.write")):
+            # fs is only ever declared: its globs are the run's own
+            runset.namespaces.append(FsNamespace.from_capabilities(toolbox.fs_roots, capabilities))
+    return runset
+
+
+def _of_kind(
+    kind: str,
+    toolbox: Toolbox,
+    *,
+    job_id: str | None,
+    script_hash: str | None,
+    progress: Callable[[float, str | None], None] | None,
+    info: RunInfo | None = None,
+) -> RunSet:
     if kind == "describe":
         return RunSet([])
     if kind == "eval":
-        return RunSet([*toolbox.base, toolbox.otel, toolbox.garden])
+        return RunSet([*toolbox.base, toolbox.otel, toolbox.garden, ContextNamespace.of(info)])
     if kind == "job":
         temp = TempNamespace(toolbox.temp_root)
         cas = toolbox.cas
@@ -92,6 +129,7 @@ def namespaces_for(
                 MidiNamespace(cas, temp),
                 toolbox.otel,
                 JobNamespace(job_id or "", script_hash or ""),
+                ContextNamespace.of(info, job_id=job_id, script_hash=script_hash),
             ],
             temp,
         )

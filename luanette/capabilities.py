@@ -1,0 +1,304 @@
+"""What a script may touch: seed 003's capabilities, and the policy that grants them.
+
+A script declares what it needs in ``describe().capabilities`` as ``name`` or
+``name:scope`` strings (``model:orpheus``, ``garden.write``, ``fs.read:samples:drums/*``,
+``net.http.client:llm``). A run gets only the namespaces its grants reach; a call
+outside a granted scope fails with a Lua error ``permission_denied: ...`` naming the
+capability it needed. ``[policy]`` in the config file says what scripts may declare at
+all (per creator or tag), what a script that declares nothing gets, and what
+``lua_eval`` gets.
+
+The tables below are the whole mapping from capabilities to namespaces and functions:
+data, read top to bottom, one small function per check (as Redis's ``script_lua.c``
+keeps its allow lists).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import inspect
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, Final
+
+import msgspec
+
+from luanette.engine.api import LuaCallError, Namespace, RunContext
+from luanette.stdlib.fs import check_glob
+
+# --- the tables ------------------------------------------------------------------------
+
+ALWAYS: Final = frozenset({"log", "clock", "json", "otel", "progress", "context", "job", "core"})
+"""Namespaces every run gets, declared or not (seed 003's always-available modules, with
+our clock, otel, progress and job; ``params``/``args`` and ``require`` are not namespaces)."""
+
+SCOPED: Final = frozenset({"model", "fs.read", "fs.write", "net.http.client"})
+"""Capabilities that take a scope (``name:scope``); a missing scope means ``*``."""
+
+PLAIN: Final = frozenset({"garden.read", "garden.write", "cas.read", "cas.write", "midi", "temp"})
+"""Capabilities without a scope."""
+
+MODEL_NAMESPACES: Final = frozenset({"orpheus", "musicgen", "llm"})
+"""Namespaces granted by ``model:<name>`` (``model:*`` grants them all)."""
+
+NAMESPACE_NEEDS: Final[Mapping[str, tuple[str, ...]]] = {
+    # a namespace is present when any one of these is granted
+    "cas": ("cas.read", "cas.write"),
+    "garden": ("garden.read", "garden.write"),
+    "midi": ("midi",),
+    "temp": ("temp",),
+    "fs": ("fs.read", "fs.write"),
+    "backend": ("net.http.client",),
+}
+
+FUNCTION_NEEDS: Final[Mapping[str, Mapping[str, str]]] = {
+    # per function, the capability a call needs ("*": every other function)
+    "cas": {"store": "cas.write", "store_file": "cas.write", "*": "cas.read"},
+    "garden": {
+        name: "garden.write"
+        for name in (
+            "play", "pause", "stop", "seek", "set_tempo", "create_region", "delete_region", "move_region",
+            "latent_started", "latent_progress", "latent_resolved", "latent_failed", "approve", "reject",
+        )
+    }  # fmt: skip
+    | {"*": "garden.read"},
+}
+
+CALL_SCOPE: Final[Mapping[tuple[str, str], tuple[str, int]]] = {
+    # functions whose argument N names the scope they touch: (capability, argument index)
+    ("backend", "call"): ("net.http.client", 0),
+}
+
+LEGACY: Final = ("model:*", "garden.read", "garden.write", "cas.read", "cas.write", "net.http.client:*", "midi", "temp")
+"""What a job of a script that declares nothing gets by default: every namespace jobs had
+before capabilities (so today's examples run unchanged); not ``fs``."""
+
+EVAL_DEFAULT: Final = ("garden.read", "garden.write")
+"""What ``lua_eval`` gets by default: what it had before capabilities."""
+
+
+class CapabilityError(ValueError):
+    """A capability string that is not one (unknown name, missing or stray scope)."""
+
+
+# --- capabilities ------------------------------------------------------------------------
+
+
+class Capability(msgspec.Struct, frozen=True):
+    """One capability: ``name`` and an optional ``scope`` glob."""
+
+    name: str
+    scope: str | None = None
+
+    def __str__(self) -> str:
+        return self.name if self.scope is None else f"{self.name}:{self.scope}"
+
+    def covers(self, name: str, target: str | None) -> bool:
+        """Whether this grants ``name`` on ``target`` (None: on anything at all)."""
+        if self.name != name:
+            return False
+        if self.scope is None or self.scope in ("*", "**"):
+            return True
+        return target is not None and fnmatch.fnmatchcase(target, self.scope)
+
+
+def parse(text: Any) -> Capability:
+    """A capability from its string form; :class:`CapabilityError` says what is wrong."""
+    if not isinstance(text, str) or not text:
+        raise CapabilityError(f"a capability is a non-empty string, got {text!r}")
+    name, sep, scope = text.partition(":")
+    if name in SCOPED:
+        if name in ("fs.read", "fs.write") and scope:
+            try:
+                check_glob(scope)
+            except ValueError as e:
+                raise CapabilityError(f"{text!r}: {e}") from None
+        return Capability(name, scope if sep and scope else None)
+    if name in PLAIN:
+        if sep:
+            raise CapabilityError(f"{name!r} takes no scope, got {text!r}")
+        return Capability(name)
+    known = ", ".join(sorted(SCOPED | PLAIN))
+    raise CapabilityError(f"unknown capability {text!r}; known: {known}")
+
+
+class Grants(msgspec.Struct, frozen=True):
+    """The capabilities a run has."""
+
+    capabilities: tuple[Capability, ...] = ()
+
+    @classmethod
+    def of(cls, texts: Iterable[str]) -> Grants:
+        """Grants from capability strings (:class:`CapabilityError` for a bad one)."""
+        return cls(tuple(parse(text) for text in texts))
+
+    def texts(self) -> list[str]:
+        return [str(c) for c in self.capabilities]
+
+    def allows(self, name: str, target: str | None = None) -> bool:
+        """Whether ``name`` is granted on ``target``."""
+        return any(c.covers(name, target) for c in self.capabilities)
+
+    def has(self, name: str) -> bool:
+        """Whether ``name`` is granted with any scope."""
+        return any(c.name == name for c in self.capabilities)
+
+    def scopes(self, name: str) -> list[str]:
+        """The scopes ``name`` is granted with (``*`` for an unscoped grant)."""
+        return [c.scope or "*" for c in self.capabilities if c.name == name]
+
+
+# --- which namespaces, which calls -------------------------------------------------------
+
+
+def admits(grants: Grants, namespace: str) -> bool:
+    """Whether a run with ``grants`` gets the namespace called ``namespace``."""
+    if namespace in ALWAYS:
+        return True
+    if namespace in MODEL_NAMESPACES:
+        return grants.allows("model", namespace)
+    return any(grants.has(need) for need in NAMESPACE_NEEDS.get(namespace, ()))
+
+
+def _denied(needed: str, grants: Grants) -> LuaCallError:
+    name = needed.partition(":")[0]
+    held = grants.scopes(name)
+    having = f" (this script has {', '.join(f'{name}:{s}' for s in held)})" if held else ""
+    return LuaCallError(
+        f"permission_denied: {needed} is not granted{having}; declare it in describe().capabilities"
+    )
+
+
+def _check_call(grants: Grants, namespace: str, function: str, args: tuple[Any, ...]) -> None:
+    needs = FUNCTION_NEEDS.get(namespace)
+    if needs is not None:
+        needed = needs.get(function, needs.get("*"))
+        if needed is not None and not grants.allows(needed):
+            raise _denied(needed, grants)
+    scoped = CALL_SCOPE.get((namespace, function))
+    if scoped is not None:
+        capability, index = scoped
+        target = args[index] if len(args) > index and isinstance(args[index], str) else None
+        if not grants.allows(capability, target):
+            raise _denied(f"{capability}:{target if target is not None else '?'}", grants)
+
+
+def _gated(grants: Grants, namespace: str, function: str, call: Callable[..., Any]) -> Callable[..., Any]:
+    if inspect.iscoroutinefunction(call):
+
+        async def checked_async(*args: Any) -> Any:
+            _check_call(grants, namespace, function, args)
+            return await call(*args)
+
+        return checked_async
+
+    def checked(*args: Any) -> Any:
+        _check_call(grants, namespace, function, args)
+        return call(*args)
+
+    return checked
+
+
+class Gated:
+    """A namespace whose calls are checked against a run's grants (the calls that need
+    no more than the namespace's presence are passed through untouched)."""
+
+    def __init__(self, inner: Namespace, grants: Grants) -> None:
+        self._inner = inner
+        self._grants = grants
+        self.name = inner.name
+        prelude = getattr(inner, "lua_prelude", None)
+        if prelude is not None:
+            self.lua_prelude = prelude
+
+    def functions(self, run: RunContext) -> Mapping[str, Callable[..., Any]]:
+        calls = self._inner.functions(run)
+        return {name: _gated(self._grants, self.name, name, call) for name, call in calls.items()}
+
+
+def namespaces(candidates: Sequence[Namespace], grants: Grants) -> list[Namespace]:
+    """The namespaces of a run with ``grants``: the ones it is admitted to, gated where
+    their functions need more than presence."""
+    chosen: list[Namespace] = []
+    for namespace in candidates:
+        if not admits(grants, namespace.name):
+            continue
+        gated = namespace.name in FUNCTION_NEEDS or any(ns == namespace.name for ns, _ in CALL_SCOPE)
+        chosen.append(Gated(namespace, grants) if gated else namespace)
+    return chosen
+
+
+# --- policy ---------------------------------------------------------------------------
+
+
+class RolePolicy(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """``[policy.creators.NAME]`` or ``[policy.tags.TAG]``: more that scripts of that
+    creator or tag may declare."""
+
+    allowed: list[str] = []
+
+
+class Policy(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """``[policy]``: what scripts may declare, get by default, and what ``lua_eval`` gets."""
+
+    allowed: list[str] = msgspec.field(default_factory=lambda: ["*"])
+    """What any script may declare (``*``: anything)."""
+    default: list[str] = msgspec.field(default_factory=lambda: list(LEGACY))
+    """What a job of a script that declares no capabilities gets."""
+    eval: list[str] = msgspec.field(default_factory=lambda: list(EVAL_DEFAULT))
+    """What ``lua_eval`` gets."""
+    creators: dict[str, RolePolicy] = {}
+    tags: dict[str, RolePolicy] = {}
+
+    def check(self) -> None:
+        """:class:`CapabilityError` for any capability string in the policy that is not one."""
+        for text in [*self.default, *self.eval]:
+            parse(text)
+        for text in [*self.allowed, *(t for r in [*self.creators.values(), *self.tags.values()] for t in r.allowed)]:
+            if text != "*":
+                parse(text)
+
+    def refused(self, declared: Sequence[str], creator: str | None, tags: Sequence[str]) -> list[str]:
+        """The declared capabilities this policy does not let a script of ``creator``
+        with ``tags`` have (empty: all are allowed)."""
+        allowed = list(self.allowed)
+        if creator is not None and creator in self.creators:
+            allowed += self.creators[creator].allowed
+        for tag in tags:
+            if tag in self.tags:
+                allowed += self.tags[tag].allowed
+        if "*" in allowed:
+            return []
+        permitted = [parse(text) for text in allowed]
+        return [text for text in declared if not _permitted(parse(text), permitted)]
+
+    def grants_for(self, declared: Sequence[str] | None) -> Grants:
+        """A job's grants: what it declared, else the policy's default."""
+        return Grants.of(self.default if declared is None else declared)
+
+    def eval_grants(self) -> Grants:
+        return Grants.of(self.eval)
+
+
+def _permitted(wanted: Capability, permitted: Sequence[Capability]) -> bool:
+    # a declared scope is permitted when a permitted capability of the same name has no
+    # scope, or its glob matches the declared scope taken literally
+    return any(
+        p.name == wanted.name
+        and (p.scope in (None, "*", "**") or (wanted.scope is not None and fnmatch.fnmatchcase(wanted.scope, p.scope)))
+        for p in permitted
+    )
+
+
+def declared_capabilities(described: Any) -> list[str] | None:
+    """``describe().capabilities`` of a script (None when it declares none);
+    :class:`CapabilityError` for a declaration that is not a list of capabilities."""
+    if not isinstance(described, dict) or "capabilities" not in described:
+        return None
+    value = described["capabilities"]
+    if isinstance(value, dict) and not value:  # an empty Lua table reads as {}
+        return []
+    if not isinstance(value, list):
+        raise CapabilityError(f"describe().capabilities must be a list of strings, got {type(value).__name__}")
+    for text in value:
+        parse(text)
+    return list(value)

@@ -23,6 +23,7 @@ from luanette.engine.channel import RunInfo
 from luanette.engine.errors import syntax_detail
 from luanette.engine.pool import Engine, RunHooks
 from luanette.store import ScriptRecord, Store
+from luanette.triggers import declared_emits
 
 _log = structlog.get_logger("luanette.scripts")
 
@@ -103,6 +104,10 @@ class Scripts:
             )
         info = described.value if described.found and isinstance(described.value, dict) else {}
         capabilities = declared_capabilities(info)  # CapabilityError: nothing is stored
+        try:
+            emits = declared_emits(info)
+        except ValueError as e:
+            raise ScriptProblem(ErrorDetail("invalid_params", str(e), hints=['e.g. emits = {"cue_point"}'])) from None
         digest = await anyio.to_thread.run_sync(self.cas.store, content.encode(), MIME)
         record = ScriptRecord(
             hash=digest,
@@ -113,6 +118,7 @@ class Scripts:
             params_schema=info.get("params"),
             created_at=time.time(),
             capabilities=capabilities,
+            emits=emits,
         )
         self._records.pop(digest, None)  # storing again merges tags: re-read it
         return self.store.index_script(record), described

@@ -171,6 +171,7 @@ class Server:
             find_script=lambda name: getattr(self.store.find_script_by_name(name), "hash", None),
             is_live=self.jobs.is_live,
             base_dir=Path(settings.config_dir) if settings.config_dir else None,
+            cancel=self.jobs.cancel,
         )
         self._scripts = scripts
         self.dispatcher = Dispatcher(
@@ -285,9 +286,11 @@ class Server:
             log.info("server.stopped", reason=self.shutdown_reason, **msgspec.to_builtins(self.stats))
 
     async def load_trigger_scripts(self) -> None:
-        """Store the scripts trigger rules name by file (:meth:`serve` does it too).
-        Raises :class:`TriggerError` for a file that is missing or does not compile."""
+        """Store the scripts trigger rules name by file (:meth:`serve` does it too),
+        then check the rules for cycles. Raises :class:`TriggerError` for a file that is
+        missing or does not compile, or rules that could fire each other in a circle."""
         await self.triggers.load_files(self._store_trigger_script)
+        self.triggers.check_cycles(self.store.get_script)
 
     async def _store_trigger_script(self, text: str) -> str:
         try:

@@ -77,6 +77,10 @@ class ScriptRecord(msgspec.Struct, kw_only=True):
     created_at: Seconds
     capabilities: list[str] | None = None
     """``describe().capabilities``; None when the script declares none (schema v2)."""
+    emits: list[str] | None = None
+    """``describe().emits``: the timeline event types the script may make chaosgarden
+    send (luanette.triggers checks rules for cycles with it); None when it declares
+    none (schema v3)."""
 
 
 class JobRecord(msgspec.Struct, kw_only=True):
@@ -176,7 +180,9 @@ _SCHEMA_V1 = (
 
 _SCHEMA_V2 = ("ALTER TABLE scripts ADD COLUMN capabilities TEXT",)  # JSON list, NULL: none declared
 
-MIGRATIONS: tuple[Sequence[str], ...] = (_SCHEMA_V1, _SCHEMA_V2)
+_SCHEMA_V3 = ("ALTER TABLE scripts ADD COLUMN emits TEXT",)  # JSON list, NULL: none declared
+
+MIGRATIONS: tuple[Sequence[str], ...] = (_SCHEMA_V1, _SCHEMA_V2, _SCHEMA_V3)
 """``MIGRATIONS[n]`` takes a database from ``user_version`` n to n + 1. Append, never
 edit: a file written by an older build replays only the steps it has not seen."""
 
@@ -312,7 +318,7 @@ def _words(text: str) -> set[str]:
 _JOB_COLUMNS = (
     "job_id, script_hash, params, tags, status, result, error, created_at, started_at, completed_at"
 )
-_SCRIPT_COLUMNS = "hash, name, description, tags, creator, params_schema, created_at, capabilities"
+_SCRIPT_COLUMNS = "hash, name, description, tags, creator, params_schema, created_at, capabilities, emits"
 
 
 def _job_from_row(row: tuple) -> JobRecord:
@@ -332,7 +338,7 @@ def _job_from_row(row: tuple) -> JobRecord:
 
 
 def _script_from_row(row: tuple) -> ScriptRecord:
-    hash_, name, description, tags, creator, params_schema, created, capabilities = row
+    hash_, name, description, tags, creator, params_schema, created, capabilities, emits = row
     return ScriptRecord(
         hash=hash_,
         name=name,
@@ -342,6 +348,7 @@ def _script_from_row(row: tuple) -> ScriptRecord:
         params_schema=_from_json(params_schema),
         created_at=created,
         capabilities=_from_json(capabilities),
+        emits=_from_json(emits),
     )
 
 
@@ -375,6 +382,7 @@ def _merge_scripts(old: ScriptRecord, new: ScriptRecord) -> ScriptRecord:
         created_at=old.created_at,
         # the same content has the same describe(): the new reading is the current one
         capabilities=new.capabilities,
+        emits=new.emits,
     )
 
 
@@ -744,7 +752,7 @@ class Store:
             schema = merged.params_schema
             capabilities = merged.capabilities
             conn.execute(
-                f"INSERT OR REPLACE INTO scripts ({_SCRIPT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                f"INSERT OR REPLACE INTO scripts ({_SCRIPT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     merged.hash,
                     merged.name,
@@ -754,6 +762,7 @@ class Store:
                     None if schema is None else _to_json("params_schema", schema),
                     merged.created_at,
                     None if capabilities is None else _to_json("capabilities", capabilities),
+                    None if merged.emits is None else _to_json("emits", merged.emits),
                 ),
             )
         return merged

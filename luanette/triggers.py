@@ -25,7 +25,18 @@ script_hash}``; an event no rule matches is acknowledged (``{job_id: null}``) an
 The job's script reads the event and the rule with ``context.trigger()`` (see
 :func:`trigger_info`) and who sent it with ``context.user()``.
 
-A rule cannot fire itself in a loop: a job a rule started carries the event's trace
+``when`` narrows a rule further with a condition over the event (luanette.when: a
+small expression language, parsed when the config is loaded).  ``concurrency`` says
+what a match does while a job the rule started is still queued or running: ``queue``
+(the default) starts another, ``single`` ignores the match (the reply has ``job_id:
+null``, ``ignored: true`` and ``running``), ``replace`` cancels the running job(s) and
+starts a new one (the reply's ``replaced`` lists them).
+
+A rule cannot fire itself in a loop.  At start-up, once the trigger scripts are stored,
+:meth:`Triggers.check_cycles` refuses rules that could: a graph rule -> its script ->
+the event types the script declares in ``describe().emits`` -> the rules listening to
+them, whose strongly connected components (Tarjan) must be single nodes.  At run time,
+as the safety net for what no script declared: a job a rule started carries the event's trace
 (its span is a child of the event's), and everything it asks chaosgarden to do carries
 that trace on.  While that job runs, an event of the same trace (by its traceparent) or
 naming the job (metadata ``luanette_job_id``) that matches the same rule is refused
@@ -34,11 +45,13 @@ with ``invalid_state``.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Final
 
+import anyio
 import msgspec
 import structlog
 from opentelemetry import trace
@@ -46,6 +59,8 @@ from opentelemetry import trace
 from hooteproto import types as t
 from luanette import params as params_mod
 from luanette.cas import InvalidHash, parse_hash
+from luanette.when import Condition, WhenError
+from luanette.when import parse as parse_condition
 
 log = structlog.get_logger("luanette.triggers")
 
@@ -53,6 +68,7 @@ EVENT_TYPES: Final = tuple(e.value for e in t.TimelineEventType)
 _PLACEHOLDER: Final = re.compile(r"\$(\$|position_beats|tempo|event_type|metadata((?:\.[A-Za-z0-9_\-]+)+))")
 _ANY_DOLLAR_WORD: Final = re.compile(r"\$(?!\$)([A-Za-z_][A-Za-z0-9_.\-]*)")
 JOB_ID_KEY: Final = "luanette_job_id"
+CONCURRENCY: Final = ("queue", "single", "replace")
 
 
 class TriggerError(Exception):
@@ -79,6 +95,11 @@ class TriggerRule(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fiel
     """A Lua file (relative to the config file) stored when the daemon starts."""
     params: Any = None
     """The job's params; strings may hold placeholders (see the module docs)."""
+    when: str | None = None
+    """A condition over the event (see luanette.when) that must hold as well."""
+    concurrency: str = "queue"
+    """What a match does while a job of this rule is queued or running: start another
+    (queue), do nothing (single), or cancel it and start anew (replace)."""
 
     def __post_init__(self) -> None:
         if self.event_type != "*" and self.event_type not in EVENT_TYPES:
@@ -86,6 +107,19 @@ class TriggerRule(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fiel
         if (self.script is None) == (self.script_file is None):
             raise ValueError("script: give exactly one of script (a stored name or hash) and script_file")
         _check_template(self.params, "params")
+        if self.concurrency not in CONCURRENCY:
+            raise ValueError(f"concurrency: must be one of {', '.join(CONCURRENCY)}, got {self.concurrency!r}")
+        if self.when is not None:
+            try:
+                _condition(self.when)
+            except WhenError as e:
+                rule = f"rule {self.name!r}" if self.name else "the rule"
+                raise ValueError(f"when: {e} (in the condition of {rule})") from None
+
+
+@functools.lru_cache(maxsize=256)
+def _condition(text: str) -> Condition:
+    return parse_condition(text)
 
 
 def _check_template(value: Any, where: str) -> None:
@@ -164,7 +198,97 @@ def matches(rule: TriggerRule, event: t.TimelineEvent) -> bool:
             return False
         if found != wanted and not (isinstance(wanted, list) and found in wanted):
             return False
-    return True
+    return rule.when is None or _condition(rule.when).holds(event)
+
+
+def declared_emits(described: Any) -> list[str] | None:
+    """``describe().emits`` of a script: the timeline event types it may make
+    chaosgarden send (``"*"``: any); None when it declares none.  ``ValueError`` for a
+    declaration that is not a list of event types."""
+    if not isinstance(described, dict) or "emits" not in described:
+        return None
+    value = described["emits"]
+    if isinstance(value, dict) and not value:  # an empty Lua table reads as {}
+        return []
+    if not isinstance(value, list):
+        raise ValueError(f"describe().emits must be a list of event types, got {type(value).__name__}")
+    for item in value:
+        if item != "*" and item not in EVENT_TYPES:
+            raise ValueError(f"describe().emits: {item!r} is not an event type (known: {', '.join(EVENT_TYPES)}, *)")
+    return list(dict.fromkeys(value))
+
+
+def _strongly_connected(graph: Mapping[str, list[str]]) -> list[list[str]]:
+    """Tarjan's strongly connected components of ``graph`` (node -> successors), with
+    an explicit stack (no recursion limit to hit with many rules)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    on_stack: set[str] = set()
+    stack: list[str] = []
+    components: list[list[str]] = []
+    for root in graph:
+        if root in index:
+            continue
+        work: list[tuple[str, int]] = [(root, 0)]
+        while work:
+            node, i = work.pop()
+            if i == 0:
+                index[node] = low[node] = len(index)
+                stack.append(node)
+                on_stack.add(node)
+            successors = graph.get(node, [])
+            if i < len(successors):
+                work.append((node, i + 1))
+                succ = successors[i]
+                if succ not in index:
+                    work.append((succ, 0))
+                elif succ in on_stack:
+                    low[node] = min(low[node], index[succ])
+                continue
+            if low[node] == index[node]:
+                component = []
+                while True:
+                    top = stack.pop()
+                    on_stack.discard(top)
+                    component.append(top)
+                    if top == node:
+                        break
+                components.append(component)
+            if work:
+                parent = work[-1][0]
+                low[parent] = min(low[parent], low[node])
+    return components
+
+
+def find_cycle(graph: Mapping[str, list[str]], start_kind: str = "rule ") -> list[str] | None:
+    """A cycle of ``graph`` as a node list that ends where it begins, starting at a
+    node whose name begins with ``start_kind`` where one lies on it; None when the
+    graph has none."""
+    for component in _strongly_connected(graph):
+        members = set(component)
+        if len(component) == 1 and component[0] not in graph.get(component[0], []):
+            continue
+        start = min((n for n in component if n.startswith(start_kind)), default=min(component))
+        # breadth first inside the component: the shortest way back to start
+        came_from: dict[str, str] = {}
+        frontier = [start]
+        while frontier:
+            following = []
+            for node in frontier:
+                for succ in graph.get(node, []):
+                    if succ not in members:
+                        continue
+                    if succ == start:
+                        path = [start]
+                        while node != start:
+                            path.append(node)
+                            node = came_from[node]
+                        return [start, *reversed(path[1:]), start]
+                    if succ not in came_from:
+                        came_from[succ] = node
+                        following.append(succ)
+            frontier = following
+    return None
 
 
 def trigger_info(event: t.TimelineEvent, rule: str) -> dict[str, Any]:
@@ -206,6 +330,7 @@ class Triggers:
         find_script: Callable[[str], str | None],
         is_live: Callable[[str], bool],
         base_dir: Path | None = None,
+        cancel: Callable[[str], Any] | None = None,
     ) -> None:
         self.rules = [
             rule if rule.name else msgspec.structs.replace(rule, name=f"trigger{i}") for i, rule in enumerate(rules, 1)
@@ -213,6 +338,8 @@ class Triggers:
         self._submit = submit
         self._find_script = find_script
         self._is_live = is_live
+        self._cancel = cancel
+        self._lock: anyio.Lock | None = None  # made in the event loop, on first use
         self._base_dir = base_dir or Path.cwd()
         self._file_hashes: dict[str, str] = {}
         # job id -> (rule name, trace id) of the jobs rules started
@@ -230,6 +357,45 @@ class Triggers:
                 raise TriggerError("not_found", f"trigger {rule.name!r}: cannot read {path}: {e}") from None
             self._file_hashes[rule.name] = await store_file(text)
             log.info("trigger.script_stored", rule=rule.name, path=str(path), hash=self._file_hashes[rule.name])
+
+    def check_cycles(self, record: Callable[[str], Any]) -> None:
+        """Refuse rules that could fire each other in a circle (after :meth:`load_files`).
+
+        ``record(hash)`` gives a stored script's index entry (its ``emits`` and
+        ``name``) or None.  The graph: each rule -> its script (a rule whose named
+        script is not stored yet has none), each script -> the event types of its
+        ``describe().emits`` (``"*"``: all), each event type -> the rules listening to
+        it (``event_type = "*"``: all).  ``match``, ``when`` and rule order are not
+        considered: a rule that could fire is taken to fire.  Raises
+        :class:`TriggerError` (``trigger_cycle``) naming a cycle, e.g. ``rule a ->
+        script x -> event cue_point -> rule a``."""
+        graph: dict[str, list[str]] = {}
+        labels: dict[str, str] = {}
+        for rule in self.rules:
+            node = f"rule {rule.name}"
+            graph.setdefault(node, [])
+            try:
+                script_hash = self._script_hash(rule)
+            except TriggerError:
+                continue  # not stored yet: nothing known of it (the run-time guard stays)
+            entry = record(script_hash)
+            script_node = f"script {script_hash}"
+            labels[script_node] = f"script {getattr(entry, 'name', None) or script_hash[:12]}"
+            graph[node].append(script_node)
+            emits = getattr(entry, "emits", None) or []
+            graph[script_node] = [f"event {e}" for e in (EVENT_TYPES if "*" in emits else emits)]
+        for event_type in EVENT_TYPES:
+            graph[f"event {event_type}"] = [
+                f"rule {rule.name}" for rule in self.rules if rule.event_type in ("*", event_type)
+            ]
+        cycle = find_cycle(graph)
+        if cycle is not None:
+            raise TriggerError(
+                "trigger_cycle",
+                f"trigger rules form a cycle: {' -> '.join(labels.get(n, n) for n in cycle)} (a script's "
+                "describe().emits names the events it may cause; change the rules or the scripts so that no "
+                "rule can start itself again)",
+            )
 
     def _script_hash(self, rule: TriggerRule) -> str:
         if rule.script_file is not None:
@@ -258,6 +424,16 @@ class Triggers:
                 return job_id
         return None
 
+    def running(self, rule_name: str) -> list[str]:
+        """The queued or running jobs ``rule_name`` started, oldest first."""
+        live = []
+        for job_id, (name, _) in list(self._started.items()):
+            if not self._is_live(job_id):
+                del self._started[job_id]
+            elif name == rule_name:
+                live.append(job_id)
+        return live
+
     async def handle(self, event: t.TimelineEvent, *, user: str | None = None) -> dict[str, Any]:
         """Start the job of the first rule matching ``event``; the reply's result.
         ``user``: who sent it (``context.user()`` of the job).
@@ -278,6 +454,32 @@ class Triggers:
             )
         script_hash = self._script_hash(rule)
         params = expand(rule.params, event)
+        if rule.concurrency == "queue":
+            return await self._start(rule, event, script_hash, params, user, trace_id)
+        if self._lock is None:
+            self._lock = anyio.Lock()
+        async with self._lock:  # look and start as one step: two events cannot both start one
+            running = self.running(rule.name)
+            if running and rule.concurrency == "single":
+                log.info("trigger.ignored", rule=rule.name, running=running, event_type=event.event_type.value)
+                return {"job_id": None, "rule": rule.name, "matched": True, "ignored": True, "running": running[0]}
+            replaced = []
+            for job_id in running:  # "replace"
+                try:
+                    if self._cancel is not None:
+                        self._cancel(job_id)
+                        replaced.append(job_id)
+                except Exception as e:  # it finished meanwhile: nothing to replace
+                    log.info("trigger.replace_skipped", rule=rule.name, job_id=job_id, reason=str(e))
+                self._started.pop(job_id, None)
+            reply = await self._start(rule, event, script_hash, params, user, trace_id)
+            if rule.concurrency == "replace":
+                reply["replaced"] = replaced
+            return reply
+
+    async def _start(
+        self, rule: TriggerRule, event: t.TimelineEvent, script_hash: str, params: Any, user: str | None, trace_id: int
+    ) -> dict[str, Any]:
         info = await self._submit(script_hash, params, user=user, trigger=trigger_info(event, rule.name))
         self._started[info.job_id] = (rule.name, trace_id)
         log.info("trigger.fired", rule=rule.name, job_id=info.job_id, script_hash=script_hash,

@@ -98,7 +98,7 @@ def test_open_creates_state_dir_and_file_in_wal_mode(tmp_path: Path) -> None:
         conn = s._db()
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         assert conn.execute("PRAGMA synchronous").fetchone()[0] == 1  # NORMAL
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
 
 
 def test_closed_store_refuses_calls_and_close_is_idempotent(tmp_path: Path) -> None:
@@ -779,6 +779,7 @@ def test_opens_a_version_1_database(tmp_path: Path) -> None:
         assert hashes(s.search(vibe="old", creator="eve")) == [H1]
         assert s.get_script(H1).params_schema == {"p": {"type": "number"}}
         assert s.get_script(H1).capabilities is None  # v2 added the column: nothing declared
+        assert s.get_script(H1).emits is None  # v3 added the column: nothing declared
         s.create_job("new", H1, {}, None, 40)
         assert s.stats() == JobStoreStats(total=3, pending=1, completed=1, failed=1)
 
@@ -810,3 +811,19 @@ def test_failed_migration_rolls_back(tmp_path: Path) -> None:
     # the jobs table created before the failing statement was rolled back with it
     assert [r[0] for r in conn.execute("SELECT name FROM sqlite_master")] == ["scripts"]
     conn.close()
+
+
+def test_a_version_2_database_gains_emits(tmp_path: Path) -> None:
+    conn = raw(tmp_path / DB_FILENAME)
+    conn.executescript(V1_SQL)
+    conn.execute("ALTER TABLE scripts ADD COLUMN capabilities TEXT")
+    conn.execute("UPDATE scripts SET capabilities = '[\"lua\"]'")
+    conn.execute("PRAGMA user_version = 2")
+    conn.commit()
+    conn.close()
+    with Store.open(tmp_path) as s:
+        old = s.get_script(H1)
+        assert old.capabilities == ["lua"] and old.emits is None
+        stored = s.index_script(ScriptRecord(hash=H1, created_at=5.0, emits=["cue_point"]))
+        assert stored.emits == ["cue_point"] and stored.capabilities is None
+        assert s.get_script(H1).emits == ["cue_point"] and s.get_script(H1).name == "Old"

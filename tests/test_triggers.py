@@ -75,7 +75,9 @@ def test_rules_match_type_and_metadata_fields():
         ([{"event_type": "cue_point"}], "give exactly one of script"),
         ([{"event_type": "cue_point", "script": "x", "script_file": "y.lua"}], "give exactly one of script"),
         ([{"event_type": "cue_point", "script": "x", "params": {"t": "$tmpo"}}], "unknown placeholder $tmpo"),
-        ([{"event_type": "cue_point", "script": "x", "when": 1}], "unknown key"),
+        ([{"event_type": "cue_point", "script": "x", "when": 1}], "when"),
+        ([{"event_type": "cue_point", "script": "x", "mode": "session"}], "unknown key"),
+        ([{"event_type": "cue_point", "script": "x", "concurrency": "parallel"}], "must be one of queue, single"),
         ([{"name": "a", "event_type": "cue_point", "script": "x"}] * 2, "two rules are named 'a'"),
     ],
 )

@@ -25,7 +25,7 @@ from luanette.luaconv import NULL
 SANDBOX_GLOBALS: Final = frozenset(
     "assert error ipairs next pairs pcall xpcall print rawequal rawget rawlen rawset "
     "select setmetatable getmetatable tonumber tostring type _VERSION _G load "
-    "collectgarbage string table math utf8 coroutine os params args main".split()
+    "collectgarbage string table math utf8 coroutine os params args main core".split()
 )
 
 _LOG_METHODS: Final = {"debug": "debug", "info": "info", "warn": "warning", "error": "error"}

@@ -72,7 +72,7 @@ def runtime_detail(info: dict[str, Any], chunk_name: str, limits: Limits) -> Err
 NAMED_KINDS = frozenset(
     {
         "cas_quota_exceeded", "log_quota_exceeded", "storage_full", "cas_read_only", "unavailable",
-        "permission_denied", "read_only",
+        "permission_denied", "read_only", "too_many_tasks",
     }  # fmt: skip
 )
 """Failures a namespace function reports as "<ns.fn>: <kind>: ..." (catchable with pcall);

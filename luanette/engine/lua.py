@@ -10,8 +10,11 @@ other abnormal end is dropped, never reused.  Compiled chunks are cached by thei
 The driver (``run_script``) resumes the script's coroutine in threads of a small pool
 (lupa releases the GIL while Lua runs): a script that does no I/O costs one thread step
 and one call into Lua.  Whenever the script calls an ``async`` namespace function the
-coroutine yields a private I/O request: the driver awaits the Python coroutine on the
-event loop, then resumes the script with the answer.
+coroutine yields a private I/O request to the sandbox's scheduler, which runs the run's
+other tasks (``core.spawn``, ``core.all``, ...) until none can run, then returns every
+new request (by number) to the driver: it runs each as an asyncio task on the event
+loop and resumes the sandbox with the answers that came first.  Requests of cancelled
+tasks, and all of them when the run ends, are cancelled.
 
 Stopping: the count hook calls a Python check every ``hook_interval`` instructions; once
 the deadline has passed or the cancel token is set, the hook raises a private sentinel
@@ -288,10 +291,35 @@ def release_idle_states() -> None:
 
 
 class _Request(msgspec.Struct, frozen=True):
-    """The script waits for an async namespace function."""
+    """A task of the script waits for an async namespace function (or core.sleep)."""
 
     index: int
-    args: bytes
+    args: Any  # MessagePack arguments; core.sleep's milliseconds
+
+
+# Bridge index of core.sleep's request (sandbox.lua's SLEEP): the driver sleeps itself.
+_SLEEP_INDEX: Final = -1
+_NIL: Final = to_lua(None)
+
+
+class _Waits(msgspec.Struct, frozen=True):
+    """No task of the script can run: new requests by number, and the numbers of
+    requests whose tasks were cancelled (core.all, core.race)."""
+
+    requests: list[tuple[int, _Request]]
+    cancels: list[int]
+
+    @classmethod
+    def of(cls, values: Sequence[Any]) -> _Waits:
+        """From the sandbox's "io" reply: number, index, args, ... (number < 0: cancel)."""
+        requests, cancels = [], []
+        for position in range(0, len(values), 3):
+            number = values[position]
+            if number < 0:
+                cancels.append(-number)
+            else:
+                requests.append((number, _Request(values[position + 1], values[position + 2])))
+        return cls(requests, cancels)
 
 
 class _Final(msgspec.Struct, frozen=True):
@@ -402,10 +430,17 @@ class _Bridge:
             except Exception:  # never let a Python exception object reach Lua
                 return False, b"internal error"
 
+    def qualname(self, index: int) -> str:
+        """The Lua name of the function at a bridge index."""
+        return "core.sleep" if index == _SLEEP_INDEX else self.qualnames[index]
+
     async def call_async(self, request: _Request) -> tuple[bool, bytes]:
-        """Await an async namespace function on the loop for a suspended script."""
+        """Await an async namespace function on the loop for a waiting task."""
         index = request.index
         self.calls += 1
+        if index == _SLEEP_INDEX:
+            await asyncio.sleep(request.args / 1000)
+            return True, _NIL
         try:
             return True, to_lua(await self._function(index)(*self._arguments(index, request.args)))
         except Exception as exc:  # every failure becomes a Lua error
@@ -515,7 +550,7 @@ class _Session:
         self._where: Callable[[], bytes] | None = None
         self._release: Callable[[], None] | None = None
 
-    def start(self) -> _Request | _Final:
+    def start(self) -> _Waits | _Final:
         """Build the sandbox and run the script until it finishes or waits for I/O."""
         try:
             self._state = state = _states.take()
@@ -535,8 +570,9 @@ class _Session:
             )
             self.lua_seconds = time.perf_counter() - began
             if reply[0] == b"io":
-                self._step, self._where, self._release = reply[3:]
-            return self._reply(*reply[:3])
+                self._step, self._where, self._release = reply[1:4]
+                return _Waits.of(reply[4:])
+            return self._reply(*reply)
         except LuaError as exc:
             return self._final(self._lua_failure(exc))
 
@@ -560,11 +596,14 @@ class _Session:
         _chunks.put(key, compiled)
         return compiled, b"b"
 
-    def resume(self, ok: bool, payload: bytes) -> _Request | _Final:
-        """Give the script the answer to its I/O request and run it on."""
+    def resume(self, answers: list[Any]) -> _Waits | _Final:
+        """Give the script's tasks the answers to their requests (number, ok, payload, ...)
+        and run them on."""
         assert self._step is not None
         try:
-            return self._reply(*self._step(ok, payload))
+            reply = self._step(*answers)
+            # (lupa gives a single returned value as itself, not as a tuple)
+            return self._reply(*(reply if isinstance(reply, tuple) else (reply,)))
         except LuaError as exc:
             return self._final(self._lua_failure(exc))
 
@@ -588,23 +627,22 @@ class _Session:
         else:
             _count(states_discarded=1)
 
-    def interrupted(self, reason: str, request: _Request) -> _Final:
+    def interrupted(self, reason: str, waiting_for: str | None) -> _Final:
         """The driver stopped waiting on the script's I/O: say where it waited, then close."""
         assert self._where is not None
         try:
             stack = frames(from_lua(self._where()))
         except LuaError:  # out of memory: report without a stack
             stack = []
-        waiting_for = self._bridge.qualnames[request.index]
         return self._final(_Final(error=stopped_detail(reason, self._run.cancel, self._run.limits, stack, waiting_for)))
 
     def stopped(self, reason: str) -> _Final:
         """The driver gave up on a thread step that did not come back."""
         return _Final(error=stopped_detail(reason, self._run.cancel, self._run.limits, []))
 
-    def _reply(self, tag: bytes, *values: Any) -> _Request | _Final:
+    def _reply(self, tag: bytes, *values: Any) -> _Waits | _Final:
         if tag == b"io":
-            return _Request(*values)
+            return _Waits.of(values)
         if tag == b"memory":
             assert self._state is not None
             self._out_of_memory = True
@@ -844,7 +882,10 @@ class _Driver:
         self._loop = asyncio.get_running_loop()
         self._step: asyncio.Future[Any] | None = None  # the thread step being waited for
         self._abandon: asyncio.TimerHandle | None = None  # gives up on that step
-        self._io_scope: anyio.CancelScope | None = None  # of the I/O wait in progress
+        # the script's requests in progress, by number (several when core tasks wait)
+        self._pending: dict[int, tuple[_Request, asyncio.Task[tuple[bool, bytes]]]] = {}
+        self._dropped: set[asyncio.Task[Any]] = set()  # cancelled requests not yet ended
+        self._wake: asyncio.Future[None] | None = None  # set on a cancel while I/O is awaited
 
     async def run(self) -> _Final:
         """Run the script to its end; the runtime is released before returning."""
@@ -870,22 +911,25 @@ class _Driver:
                     ):
                         _chunks.learn(self._session.key, True)
                 while not isinstance(reply, _Final):
-                    answer = await self._wait_io(reply)
-                    if answer is None:
-                        return await self._thread_step(self._session.interrupted, self._killer.expire(), reply)
-                    reply = await self._thread_step(self._session.resume, *answer)
+                    answers = await self._wait_io(reply)
+                    if answers is None:
+                        reason, waiting_for = self._killer.expire(), self._waiting_for()
+                        self._cancel_io()
+                        return await self._thread_step(self._session.interrupted, reason, waiting_for)
+                    reply = await self._thread_step(self._session.resume, answers)
                 return reply
             finally:
                 _busy_runs -= 1
         finally:
             token.unlisten(listener)
             self._killer.stop()
+            await self._end_io()
             # unless the last step closed it, or an abandoned thread will
             if not (self._session.closed or self._worker.busy):
                 with anyio.CancelScope(shield=True):
                     await _in_thread(self._loop, self._session.close)
 
-    def _inline_start(self) -> _Request | _Final | None:
+    def _inline_start(self) -> _Waits | _Final | None:
         """Run the first step on the event loop itself, speculatively, when that is safe
         and likely to pay: no other run of this process is busy, and earlier runs of the
         same script ended within the inline budget without calling out.  The step is
@@ -927,23 +971,71 @@ class _Driver:
             return self._session.stopped(self._killer.expire())
         return result
 
-    async def _wait_io(self, request: _Request) -> tuple[bool, bytes] | None:
-        with anyio.CancelScope(deadline=self._loop_deadline(0.0)) as self._io_scope:
-            if self._killer.token.cancelled:
-                self._io_scope.cancel()
-            try:
-                return await self._bridge.call_async(request)
-            finally:
-                self._io_scope = None
-        return None
+    async def _wait_io(self, waits: _Waits) -> list[Any] | None:
+        """Start the new requests, cancel the dropped ones, and wait for the first answers:
+        [number, ok, payload, ...]; None when the deadline passed or the run was cancelled."""
+        for number in waits.cancels:
+            entry = self._pending.pop(number, None)
+            if entry is not None:
+                entry[1].cancel()
+                self._dropped.add(entry[1])
+                entry[1].add_done_callback(self._dropped.discard)
+        for number, request in waits.requests:
+            self._pending[number] = (request, self._loop.create_task(self._bridge.call_async(request)))
+        if self._killer.token.cancelled or not self._pending:
+            return None
+        self._wake = self._loop.create_future()
+        try:
+            waiting: list[asyncio.Future[Any]] = [self._wake, *(task for _, task in self._pending.values())]
+            done, _ = await asyncio.wait(
+                waiting,
+                timeout=max(0.0, self._killer.deadline - time.monotonic()),
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+        finally:
+            self._wake.cancel()
+            self._wake = None
+        if self._killer.token.cancelled or not done or time.monotonic() >= self._killer.deadline:
+            return None
+        answers: list[Any] = []
+        for number, (request, task) in list(self._pending.items()):
+            if task.done():
+                del self._pending[number]
+                try:
+                    ok, payload = task.result()
+                except BaseException:  # (call_async turns every Exception into an answer)
+                    ok, payload = False, f"internal error in {self._bridge.qualname(request.index)}".encode()
+                answers += (number, ok, payload)
+        return answers
+
+    def _waiting_for(self) -> str | None:
+        """The function the script waits for (its oldest request in progress)."""
+        if not self._pending:
+            return None
+        return self._bridge.qualname(self._pending[min(self._pending)][0].index)
+
+    def _cancel_io(self) -> None:
+        """Cancel every request in progress (the run is ending)."""
+        for _, task in self._pending.values():
+            task.cancel()
+            self._dropped.add(task)
+        self._pending.clear()
+
+    async def _end_io(self) -> None:
+        """Cancel every request in progress and wait until they have ended."""
+        self._cancel_io()
+        if self._dropped:
+            dropped, self._dropped = list(self._dropped), set()
+            with anyio.CancelScope(shield=True):
+                await asyncio.gather(*dropped, return_exceptions=True)
 
     def _loop_deadline(self, grace: float) -> float:
         return self._loop.time() + (self._killer.deadline - time.monotonic()) + grace
 
     def _on_cancel(self) -> None:
         # Loop thread.  A wait on I/O ends now; a thread step gets the grace to come back.
-        if self._io_scope is not None:
-            self._io_scope.cancel()
+        if self._wake is not None and not self._wake.done():
+            self._wake.set_result(None)
         if self._step is not None and self._abandon is not None:  # a thread step
             when = self._loop.time() + ABANDON_GRACE_S
             if when < self._abandon.when():

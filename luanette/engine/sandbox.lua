@@ -19,7 +19,8 @@ local co_create, co_resume, co_yield = coroutine.create, coroutine.resume, corou
 local co_status, co_running, co_isyieldable = coroutine.status, coroutine.running, coroutine.isyieldable
 local sethook, getinfo, getmetatable = debug.sethook, debug.getinfo, debug.getmetatable
 local format, sub, rep, gmatch = string.format, string.sub, string.rep, string.gmatch
-local concat, sort = table.concat, table.sort
+local concat, sort, pack, unpack = table.concat, table.sort, table.pack, table.unpack
+local math_type, getlocal, getupvalue, rawlen = math.type, debug.getlocal, debug.getupvalue, rawlen
 local encode, encode_args, decode, failure = codec.encode, codec.encode_args, codec.decode, codec.failure
 local NULL = codec.NULL
 
@@ -36,11 +37,21 @@ local lib = {pcall = pcall, load = load, setmetatable = setmetatable, create = c
 local KILL = {}    -- error value of a stopped run
 local MEMORY_ERROR = "not enough memory"
 local IO = {}      -- first value yielded to the driver: an I/O request
+local WAIT = {}    -- first value a task yields to the scheduler: it waits for other tasks
+local SLEEP = -1   -- bridge index of core.sleep's request (the driver itself sleeps)
+local EMPTY = {n = 0}
+-- Tasks (core.*): the script's main function is the first; see "The scheduler" below.
+local task_of = setmetatable({}, {__mode = "k"})  -- a task's coroutine -> the task
+local queue, qhead, qtail = {}, 1, 0  -- tasks to resume, in order
+local pending = {}  -- request number -> the task waiting for its answer
+local out = {}      -- for the next "io" reply: number, index, args (a negative number: cancel it)
+local main_task, current, raised
+local next_number = 0  -- of the last request
 local killed = false
 local env = {}
 local script_co
 local main_function  -- the script's main, named in stacks (its caller has no debug information)
-local qualnames = {}  -- "ns.fn" by bridge index
+local qualnames = {[SLEEP] = "core.sleep"}  -- "ns.fn" by bridge index
 
 -- Count hook: ask Python whether the run must stop; once it must, keep raising.
 local function hook()
@@ -61,8 +72,8 @@ local function unless_killed(...)
   return ...
 end
 
-local function c_boundary(qualname)
-  return "attempt to yield across a C-call boundary: " .. qualname .. " waits for I/O, "
+local function c_boundary(qualname, what)
+  return "attempt to yield across a C-call boundary: " .. qualname .. " waits for " .. (what or "I/O") .. ", "
     .. "which cannot happen inside a function called from C (a table.sort comparator, "
     .. "a string.gsub replacement function, a __tostring metamethod, ...)"
 end
@@ -115,19 +126,30 @@ local function script_where()
   end
 end
 
--- coroutine.resume for scripts: I/O requests of the inner coroutine go on outward to
--- the driver, and the answer comes back in.
+-- coroutine.resume for scripts: I/O requests (and core.await's waits) of the inner
+-- coroutine go on outward to the scheduler, and the answer comes back in.
 local function forward(co, ok, first, ...)
   if killed then error(KILL, 0) end
-  if ok and rawequal(first, IO) then
-    local index = ...
-    if not co_isyieldable() then error(script_where() .. c_boundary(qualnames[index]), 0) end
-    return forward(co, co_resume(co, co_yield(IO, ...)))
+  if ok and (rawequal(first, IO) or rawequal(first, WAIT)) then
+    if not co_isyieldable() then
+      if rawequal(first, WAIT) then error(script_where() .. c_boundary("core.await", "other tasks"), 0) end
+      error(script_where() .. c_boundary(qualnames[(...)]), 0)
+    end
+    return forward(co, co_resume(co, co_yield(first, ...)))
   end
   return ok, first, ...
 end
 
+-- A task's coroutine is resumed by the scheduler only (a script resuming one would
+-- answer its I/O itself).
+local function not_a_task(co, what)
+  if task_of[co] and co_status(co) == "suspended" then
+    error("cannot " .. what .. " the coroutine of a core task (use core.await, core.race)", 3)
+  end
+end
+
 local function sb_resume(co, ...)
+  not_a_task(co, "resume")
   return forward(co, lib.resume(co, ...))
 end
 
@@ -146,7 +168,7 @@ local function sb_wrap(f)
 end
 
 local function sb_yield(...)
-  if co_running() == script_co then error("attempt to yield from outside a coroutine", 2) end
+  if task_of[co_running()] then error("attempt to yield from outside a coroutine", 2) end
   return co_yield(...)
 end
 
@@ -196,7 +218,7 @@ env.string, env.table, env.math, env.utf8 = copy(string), copy(table), copy(math
 env.os = {clock = os.clock, time = os.time, date = os.date}
 env.coroutine = {
   create = sb_create, resume = sb_resume, wrap = sb_wrap, yield = sb_yield,
-  close = function(co) return unless_killed(lib.close(co)) end,
+  close = function(co) not_a_task(co, "close") return unless_killed(lib.close(co)) end,
   status = co_status, running = co_running, isyieldable = co_isyieldable,
 }
 env._G = env
@@ -283,11 +305,26 @@ local function render(err)
   return "{" .. concat(parts, ", ") .. "}"
 end
 
+local task_names = setmetatable({}, {__mode = "k"})  -- a spawned function -> its local name, or true
+
+local function global_name(f)
+  for k, v in next, env do
+    if rawequal(v, f) and type(k) == "string" then return k end
+  end
+end
+
 local function function_name(info)
   if info.what == "main" then return "main chunk" end
   if rawequal(info.func, main_function) then return "main" end
   -- "?": called by privileged code, which has no names for Lua to give
   if info.name and info.name ~= "?" then return info.name end
+  -- a task's function: the name it has where it was spawned, or as a global
+  local named = task_names[info.func]
+  if type(named) == "string" then return named end
+  if named then
+    named = global_name(info.func)
+    if named then return named end
+  end
   return format("function <%s:%d>", info.short_src, info.linedefined)
 end
 
@@ -326,8 +363,22 @@ local function global_names()
   return names
 end
 
+-- The frames of a coroutine that failed with err; when err came from core.await of a
+-- failed task, that task's frames come first (innermost first).
+local function frames_with_tasks(co, err)
+  local frames = frames_of(co)
+  if not (raised and rawequal(raised.err, err)) then return frames end
+  local all = {}
+  for i = 1, #raised.frames do all[#all + 1] = raised.frames[i] end
+  for i = 1, #frames do
+    if #all >= 32 then break end
+    all[#all + 1] = frames[i]
+  end
+  return all
+end
+
 local function describe(err)
-  local info = {message = render(err), frames = frames_of(script_co)}
+  local info = {message = render(err), frames = frames_with_tasks(script_co, err)}
   if not (err == MEMORY_ERROR or killed) then info.names = global_names() end
   return encode(info, "error", "described", true)
 end
@@ -374,6 +425,7 @@ local function blank_64k() return rep(rep(" ", 256), 256) end  -- (rep of 1 byte
 -- lua_close, which frees it faster than a full collection would.
 local function release()
   script_co, env, chunk, params = nil, nil, nil, nil
+  queue, pending, out, main_task, current, raised = {}, {}, {}, nil, nil, nil
   if collectgarbage("count") > RELEASE_ABOVE_KB then
     collectgarbage()
     blank_64k()
@@ -393,23 +445,341 @@ local function describe_memory_error()
   return over("error", describe(MEMORY_ERROR))
 end
 
--- Replies to the driver: "io", index, args | "done", result | "unserializable", message
--- | "error", description | "killed", description | "memory", describe_memory_error.
--- The run is over after any reply but "io" and "memory", so the script's memory is
--- released before answering.
+-- The scheduler --------------------------------------------------------------------
+-- Every piece of script code runs in a task: a hooked coroutine, the main script the
+-- first.  A task that calls an async function yields (IO, index, args) here; it is given
+-- a request number and waits while other tasks run.  When no task can run, the step
+-- returns to the driver with every request not yet handed over (and the numbers of
+-- requests whose tasks were cancelled); the driver runs them all at once and calls
+-- `step` with the answers that came first (number, ok, payload, ...).  A task waiting
+-- for other tasks (core.await, core.all, core.race) yields (WAIT, tasks) and runs again
+-- when one of them ends.  The run ends when the main task ends: tasks still running
+-- then are dropped, and the driver cancels their requests.
+
+-- Replies to the driver: "io", number, index, args, ... | "done", result
+-- | "unserializable", message | "error", description | "killed", description
+-- | "memory", describe_memory_error.  The run is over after any reply but "io" and
+-- "memory", so the script's memory is released before answering.
 local function finish(ok, first, ...)
   if killed then return over("killed", describe(KILL)) end
   if not ok and first == MEMORY_ERROR then return "memory", describe_memory_error end
   if not ok then return over("error", describe(first)) end
-  if co_status(script_co) == "suspended" then return "io", ... end
   if first then return over("done", first) end
   return over("unserializable", (...))
 end
 
-local function step(...)
-  return finish(co_resume(script_co, ...))
+local function terminal(task)
+  local state = task.state
+  return state == "done" or state == "failed" or state == "cancelled"
 end
 
-local tag, io_index, io_args = step()
-if tag == "io" then return tag, io_index, io_args, step, where, release end
-return tag, io_index
+local function ready(task, args)
+  task.state, task.args = "ready", args
+  qtail = qtail + 1
+  queue[qtail] = task
+end
+
+local function wake_waiters(task)
+  local waiters = task.waiters
+  task.waiters = {}
+  for i = 1, #waiters do
+    if waiters[i].state == "wait" then ready(waiters[i], EMPTY) end
+  end
+end
+
+local function settle(task, ok, ...)
+  if ok then
+    task.state, task.results = "done", pack(...)
+  else
+    local err = ...
+    task.state, task.err = "failed", err
+    task.frames = frames_with_tasks(task.co, err)
+  end
+  if task.parent then task.parent.children[task] = nil end
+  wake_waiters(task)
+end
+
+-- Stop a task that has not ended: its request is cancelled, its coroutine closed (its
+-- to-be-closed variables run), the tasks it spawned are cancelled too.
+local function cancel(task)
+  local state = task.state
+  if terminal(task) or state == "running" then return end
+  if state == "io" then
+    pending[task.reqno] = nil
+    local n = #out
+    out[n + 1], out[n + 2], out[n + 3] = -task.reqno, 0, 0
+    task.reqno = nil
+  end
+  task.state = "cancelled"
+  if task.parent then task.parent.children[task] = nil end
+  lib.close(task.co)
+  if killed then error(KILL, 0) end
+  for child in next, task.children do cancel(child) end
+  wake_waiters(task)
+end
+
+-- A task resumed by the scheduler came back: it waits, or it ended.
+local function after(task, ok, first, ...)
+  current = nil
+  if killed then return finish(false, KILL) end
+  if not ok and first == MEMORY_ERROR then return finish(false, MEMORY_ERROR) end
+  if ok and co_status(task.co) == "suspended" then
+    if rawequal(first, IO) then
+      local index, args = ...
+      next_number = next_number + 1
+      pending[next_number] = task
+      task.state, task.reqno = "io", next_number
+      local n = #out
+      out[n + 1], out[n + 2], out[n + 3] = next_number, index, args
+    elseif rawequal(first, WAIT) then
+      local targets = ...
+      task.state = "wait"
+      for i = 1, #targets do
+        local waiters = targets[i].waiters
+        waiters[#waiters + 1] = task
+      end
+    else
+      ready(task, EMPTY)
+    end
+    return
+  end
+  if rawequal(task, main_task) then return finish(ok, first, ...) end
+  settle(task, ok, first, ...)
+end
+
+local function schedule()
+  while qhead <= qtail do
+    local task = queue[qhead]
+    queue[qhead] = nil
+    qhead = qhead + 1
+    if task.state == "ready" then
+      local args = task.args
+      task.args, task.state, current = nil, "running", task
+      local tag, value = after(task, co_resume(task.co, unpack(args, 1, args.n)))
+      if tag then return tag, value end
+    end
+  end
+  if next(pending) == nil then
+    return over("error", describe("deadlock: every task waits for another task (core.await)"))
+  end
+  local reply = out
+  out = {}
+  return "io", unpack(reply, 1, #reply)
+end
+
+-- The driver's answers: number, ok, payload, ... (requests it was given).
+local function step(...)
+  local answers = pack(...)
+  for i = 1, answers.n, 3 do
+    local task = pending[answers[i]]
+    if task then
+      pending[answers[i]] = nil
+      task.reqno = nil
+      ready(task, pack(answers[i + 1], answers[i + 2]))
+    end
+  end
+  return schedule()
+end
+
+-- core.* ---------------------------------------------------------------------------
+
+local HANDLE_META = {__name = "core.task", __metatable = "core.task"}
+local task_of_handle = setmetatable({}, {__mode = "k"})  -- a handle -> its task
+local MAX_SLEEP_MS = 24 * 3600 * 1000
+
+-- The name of fn among the locals and upvalues of the innermost script frame (the one
+-- spawning it), else true (a global's name is looked for if a stack needs it).
+local function local_name(fn)
+  local level, info = 3
+  while true do
+    info = getinfo(level, "lf")
+    if not info then return true end
+    if info.currentline >= 0 then break end
+    level = level + 1
+  end
+  for i = 1, 250 do
+    local name, value = getlocal(level, i)
+    if not name then break end
+    if rawequal(value, fn) and sub(name, 1, 1) ~= "(" then return name end
+  end
+  for i = 1, 255 do
+    local name, value = getupvalue(info.func, i)
+    if not name then break end
+    if rawequal(value, fn) then return name end
+  end
+  return true
+end
+
+-- Tasks one run may start (each is a coroutine with its own stack): past it, core.spawn
+-- and core.all/race raise "core.spawn: too_many_tasks: ..." (catchable).
+local MAX_TASKS = 10000
+local tasks_started = 0
+
+local function new_task(fn, args)
+  if tasks_started >= MAX_TASKS then
+    error(script_where() .. "core.spawn: too_many_tasks: a run may start at most " .. MAX_TASKS .. " tasks", 0)
+  end
+  tasks_started = tasks_started + 1
+  local co = hooked(co_create(fn))
+  local task = {co = co, waiters = {}, children = {}, parent = current, handle = setmetatable({}, HANDLE_META)}
+  task_of[co] = task
+  task_of_handle[task.handle] = task
+  if current then current.children[task] = true end
+  ready(task, args)
+  return task
+end
+
+local function wait_for(tasks)
+  if not co_isyieldable() then error(script_where() .. c_boundary("core.await", "other tasks"), 0) end
+  co_yield(WAIT, tasks)
+end
+
+-- A finished task's results, or its error raised again (a cancelled task: an error
+-- naming `what`).
+local function outcome(task, what)
+  if task.state == "done" then return unpack(task.results, 1, task.results.n) end
+  if task.state == "cancelled" then error(script_where() .. what .. ": the task was cancelled", 0) end
+  raised = {err = task.err, frames = task.frames}
+  error(task.err, 0)
+end
+
+local function spawn(fn, ...)
+  if type(fn) ~= "function" then
+    error("bad argument #1 to 'spawn' (function expected, got " .. type(fn) .. ")", 2)
+  end
+  task_names[fn] = task_names[fn] or local_name(fn)
+  return new_task(fn, pack(...)).handle
+end
+
+local function await(v, ...)
+  local task = task_of_handle[v]
+  if not task then return v, ... end  -- a plain value is its own result
+  if rawequal(task, current) then error("core.await: a task cannot wait for itself", 2) end
+  while not terminal(task) do wait_for({task}) end
+  return outcome(task, "core.await")
+end
+
+-- The tasks of core.all{...}'s argument: handles as they are, functions spawned.
+local function branches(list, name)
+  if type(list) ~= "table" or task_of_handle[list] then
+    error(format("bad argument #1 to '%s' (table of tasks or functions expected, got %s)", name,
+      task_of_handle[list] and "a task" or type(list)), 3)
+  end
+  local n = rawlen(list)
+  for i = 1, n do
+    local v = rawget(list, i)
+    local task = task_of_handle[v]
+    if rawequal(task, current) then error("core." .. name .. ": a task cannot wait for itself", 3) end
+    if not task and type(v) ~= "function" then
+      error(format("bad argument #1 to '%s' (item %d is a %s, not a task or a function)", name, i, type(v)), 3)
+    end
+  end
+  local tasks = {}
+  for i = 1, n do
+    local v = rawget(list, i)
+    local task = task_of_handle[v]
+    if not task then
+      task_names[v] = task_names[v] or local_name(v)
+      task = new_task(v, EMPTY)
+    end
+    tasks[i] = task
+  end
+  return tasks, n
+end
+
+local function cancel_others(tasks, n, keep)
+  for j = 1, n do
+    if not rawequal(tasks[j], keep) then cancel(tasks[j]) end
+  end
+end
+
+local function all(list)
+  local tasks, n = branches(list, "all")
+  while true do
+    local left = {}
+    for i = 1, n do
+      local task = tasks[i]
+      if task.state == "failed" or task.state == "cancelled" then
+        cancel_others(tasks, n, task)
+        return outcome(task, "core.all")
+      end
+      if task.state ~= "done" then left[#left + 1] = task end
+    end
+    if #left == 0 then break end
+    wait_for(left)
+  end
+  local results = {}
+  for i = 1, n do results[i] = tasks[i].results[1] end
+  return results
+end
+
+local function all_settled(list)
+  local tasks, n = branches(list, "all_settled")
+  while true do
+    local left = {}
+    for i = 1, n do
+      if not terminal(tasks[i]) then left[#left + 1] = tasks[i] end
+    end
+    if #left == 0 then break end
+    wait_for(left)
+  end
+  local results = {}
+  for i = 1, n do
+    local task = tasks[i]
+    if task.state == "done" then
+      results[i] = {ok = true, value = task.results[1]}
+    else
+      results[i] = {ok = false, error = task.state == "cancelled" and "cancelled" or task.err}
+    end
+  end
+  return results
+end
+
+local function race(list)
+  local tasks, n = branches(list, "race")
+  if n == 0 then error("bad argument #1 to 'race' (no tasks to race)", 2) end
+  while true do
+    for i = 1, n do
+      if terminal(tasks[i]) then
+        cancel_others(tasks, n, tasks[i])
+        return outcome(tasks[i], "core.race")
+      end
+    end
+    wait_for(tasks)
+  end
+end
+
+local function milliseconds(ms, name)
+  if not math_type(ms) or ms ~= ms or ms < 0 or ms > MAX_SLEEP_MS then
+    error(format("bad argument #1 to '%s' (milliseconds from 0 to %d expected, got %s)", name, MAX_SLEEP_MS,
+      quote(ms)), 3)
+  end
+end
+
+local function sleep(ms)
+  milliseconds(ms, "sleep")
+  if not co_isyieldable() then error(c_boundary("core.sleep"), 2) end
+  local ok, reply = co_yield(IO, SLEEP, ms)
+  if not ok then error(reply, 2) end
+end
+
+local function timeout(ms)
+  milliseconds(ms, "timeout")
+  return new_task(function()
+    sleep(ms)
+    error("core.timeout: timeout after " .. tostring(ms) .. " ms", 0)
+  end, EMPTY).handle
+end
+
+env.core = {spawn = spawn, await = await, all = all, all_settled = all_settled, race = race,
+  sleep = sleep, timeout = timeout}
+
+main_task = {co = script_co, waiters = {}, children = {}}
+task_of[script_co] = main_task
+ready(main_task, EMPTY)
+
+local function first_reply(tag, ...)
+  if tag == "io" then return tag, step, where, release, ... end
+  return tag, ...
+end
+return first_reply(schedule())

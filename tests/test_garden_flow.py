@@ -29,7 +29,10 @@ async def stack(make_server):
     await garden.start()
     try:
         async with run_models("all", seed=5) as models:
-            raw = msgspec_dict(settings_for(models.url))
+            # short retry backoff: a failing backend is reported in well under the script's
+            # time limit even on a loaded machine (5 retries at the default 0.5 s doubling
+            # took ~4 of its 5 s)
+            raw = msgspec_dict(settings_for(models.url, retry_backoff_s=0.05))
             raw["garden"] = {"endpoint": garden.endpoint, "timeout_s": 5.0}
             raw["triggers"] = [{
                 "name": "transition",

@@ -2,7 +2,9 @@
 -- starts this job (see [[triggers]] in deploy/luanette.toml). It bridges the two
 -- sections with orpheus and stores the result. Given a `position`, it also shows its
 -- work on the timeline: a latent region that reports started, progress and resolved
--- (or failed), and then waits in the garden for a person to approve it.
+-- (or failed), and then waits in the garden for a person to approve it. A region the
+-- run leaves open (an error, a cancel, a timeout) is marked failed by on_shutdown, which
+-- runs after main however it ended.
 function describe()
   return {
     name = "transition",
@@ -35,8 +37,12 @@ function timeline.progress(region, fraction, message)
   if region then garden.latent_progress(region, fraction) end
 end
 
+-- What on_shutdown needs to know: the open region, and why the work failed.
+local open_region, failure
+
 function main(p)
   local region = timeline.open(p)
+  open_region = region
   local ok, result = pcall(function()
     timeline.progress(region, 0.1, "reading sections")
     local from, to = midi.info(p.current_section), midi.info(p.next_section)
@@ -49,12 +55,22 @@ function main(p)
              from_notes = from.notes, to_notes = to.notes, region_id = region }
   end)
   if not ok then
-    if region then garden.latent_failed(region, tostring(result)) end
+    failure = tostring(result)  -- on_shutdown marks the region failed with it
     error(result, 0)
   end
   if region then
     garden.latent_resolved(region, { artifact_id = result.hash, content_hash = result.hash, content_type = "midi" })
+    open_region = nil
   end
   progress.update(100, "done")
   return result
+end
+
+-- After main, however it ended ("completed", "error", "cancelled", "timeout"): a cancel
+-- fails every wait of main at once, so the region is settled here, where waits work
+-- again (for at most describe().shutdown_timeout seconds, 5 by default).
+function on_shutdown(reason)
+  if open_region then
+    garden.latent_failed(open_region, failure or reason)
+  end
 end

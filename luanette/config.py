@@ -16,6 +16,9 @@ class Config(msgspec.Struct, kw_only=True, frozen=True):
     worker_name: str = "luanette"
     script_timeout: float = 30.0
     """Wall-clock seconds a script may run before it is stopped."""
+    cancel_grace: float = 5.0
+    """After a cancel (JobCancel, the shutdown drain), seconds a script has to end by
+    itself (its waits fail with "cancelled: <reason>") before it is stopped hard."""
     script_memory: int = 256 * 2**20
     """Bytes of memory one Lua runtime may allocate."""
     workers: int | None = None

@@ -70,7 +70,7 @@ class _Live:
 
     __slots__ = (
         "job_id", "script_hash", "params", "cancel", "progress", "trace_context", "capabilities",
-        "user", "creator", "trigger",
+        "user", "creator", "trigger", "shutdown_timeout",
     )  # fmt: skip
 
     def __init__(self, job_id: str, script_hash: str, params: Any, capabilities: list[str] | None = None) -> None:
@@ -86,6 +86,7 @@ class _Live:
         self.user: str | None = None
         self.creator: str | None = None
         self.trigger: dict[str, Any] | None = None
+        self.shutdown_timeout: float | None = None  # describe().shutdown_timeout
 
 
 _job_counter = itertools.count(1)
@@ -253,6 +254,7 @@ class Jobs:
         live = _Live(job_id, script_hash, params, grants.texts())
         live.user, live.trigger = user, trigger
         live.creator = record.creator if record is not None else None
+        live.shutdown_timeout = record.shutdown_timeout if record is not None else None
         self._live[job_id] = live
         self._send.send_nowait(live)
         self._announce(job_id, JobStatus.PENDING)
@@ -394,7 +396,9 @@ class Jobs:
             outcome = await self._engine.run(
                 code,
                 live.params,
-                limits=self._limits,
+                limits=self._limits
+                if live.shutdown_timeout is None
+                else msgspec.structs.replace(self._limits, shutdown_timeout_s=live.shutdown_timeout),
                 info=RunInfo(
                     "job",
                     job_id=live.job_id,

@@ -18,7 +18,7 @@ import structlog
 
 from luanette.capabilities import declared_capabilities
 from luanette.cas import Cas, CasError
-from luanette.engine.api import CancelToken, ErrorDetail, Limits, ScriptError
+from luanette.engine.api import MAX_SHUTDOWN_TIMEOUT_S, CancelToken, ErrorDetail, Limits, ScriptError
 from luanette.engine.channel import RunInfo
 from luanette.engine.errors import syntax_detail
 from luanette.engine.pool import Engine, RunHooks
@@ -38,15 +38,30 @@ DESCRIBE_TIMEOUT_S = 5.0
 
 # Compiles the chunk (a syntax error is answered as such), runs it, then its describe().
 # `main` is cleared so the runtime returns this wrapper's value instead of calling the
-# script's main.
+# script's main; the script's on_shutdown is never defined, so it does not run here.
 _DESCRIBE = """
 local chunk, err = load(params.source, "=script", "t")
 if not chunk then return {syntax = err} end
+setmetatable(_G, {__newindex = function(t, k, v) if k ~= "on_shutdown" then rawset(t, k, v) end end})
 chunk()
 main = nil
 if type(describe) ~= "function" then return {found = false} end
 return {found = true, value = describe()}
 """
+
+
+def declared_shutdown_timeout(described: Any) -> float | None:
+    """``describe().shutdown_timeout``: seconds the script's on_shutdown may run (more
+    than 0, at most 60); None when it declares none.  ``ValueError`` otherwise."""
+    if not isinstance(described, dict) or described.get("shutdown_timeout") is None:
+        return None
+    value = described["shutdown_timeout"]
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= MAX_SHUTDOWN_TIMEOUT_S:
+        raise ValueError(
+            f"describe().shutdown_timeout must be a number of seconds above 0 and at most "
+            f"{MAX_SHUTDOWN_TIMEOUT_S:g}, got {value!r}"
+        )
+    return float(value)
 
 
 class ScriptProblem(Exception):
@@ -108,6 +123,10 @@ class Scripts:
             emits = declared_emits(info)
         except ValueError as e:
             raise ScriptProblem(ErrorDetail("invalid_params", str(e), hints=['e.g. emits = {"cue_point"}'])) from None
+        try:
+            shutdown_timeout = declared_shutdown_timeout(info)
+        except ValueError as e:
+            raise ScriptProblem(ErrorDetail("invalid_params", str(e), hints=["e.g. shutdown_timeout = 10"])) from None
         digest = await anyio.to_thread.run_sync(self.cas.store, content.encode(), MIME)
         record = ScriptRecord(
             hash=digest,
@@ -119,6 +138,7 @@ class Scripts:
             created_at=time.time(),
             capabilities=capabilities,
             emits=emits,
+            shutdown_timeout=shutdown_timeout,
         )
         self._records.pop(digest, None)  # storing again merges tags: re-read it
         return self.store.index_script(record), described

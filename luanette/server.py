@@ -131,6 +131,7 @@ class Server:
         # one run may not take more than its worker's share of the budget
         limits = Limits(
             timeout_s=config.script_timeout,
+            cancel_grace_s=config.cancel_grace,
             memory_bytes=min(config.script_memory, share),
             cas_write_bytes=config.run_cas_bytes,
             result_bytes=config.run_result_bytes,
@@ -324,11 +325,22 @@ class Server:
             for ctx in list(self._in_flight):
                 ctx.cancel.cancel("the daemon is shutting down")
             self.jobs.cancel_all("the daemon is shutting down")
-            # Cancelled scripts stop within a hook interval; give their replies time to go.
-            with anyio.move_on_after(2.0):
-                await self._idle.wait()
-                while self.jobs.active:
-                    await anyio.sleep(0.02)
+            # Cancelled scripts have their grace to end by themselves (their waits fail)
+            # and stop hard after it; give their replies time to go.
+            if not await self._quiet_within(self.config.cancel_grace + 2.0):
+                # A second cancel stops what is left at once, on_shutdown included.
+                for ctx in list(self._in_flight):
+                    ctx.cancel.cancel("the daemon is shutting down")
+                self.jobs.cancel_all("the daemon is shutting down")
+                await self._quiet_within(2.0)
+
+    async def _quiet_within(self, seconds: float) -> bool:
+        """Wait up to ``seconds`` until no request or job is in flight; whether none is."""
+        with anyio.move_on_after(seconds):
+            await self._idle.wait()
+            while self.jobs.active:
+                await anyio.sleep(0.02)
+        return not (self._in_flight or self.jobs.active)
 
     @property
     def draining(self) -> bool:

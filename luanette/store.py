@@ -81,6 +81,9 @@ class ScriptRecord(msgspec.Struct, kw_only=True):
     """``describe().emits``: the timeline event types the script may make chaosgarden
     send (luanette.triggers checks rules for cycles with it); None when it declares
     none (schema v3)."""
+    shutdown_timeout: float | None = None
+    """``describe().shutdown_timeout``: seconds the script's on_shutdown may run; None:
+    the default (schema v4)."""
 
 
 class JobRecord(msgspec.Struct, kw_only=True):
@@ -182,7 +185,9 @@ _SCHEMA_V2 = ("ALTER TABLE scripts ADD COLUMN capabilities TEXT",)  # JSON list,
 
 _SCHEMA_V3 = ("ALTER TABLE scripts ADD COLUMN emits TEXT",)  # JSON list, NULL: none declared
 
-MIGRATIONS: tuple[Sequence[str], ...] = (_SCHEMA_V1, _SCHEMA_V2, _SCHEMA_V3)
+_SCHEMA_V4 = ("ALTER TABLE scripts ADD COLUMN shutdown_timeout REAL",)  # NULL: the default
+
+MIGRATIONS: tuple[Sequence[str], ...] = (_SCHEMA_V1, _SCHEMA_V2, _SCHEMA_V3, _SCHEMA_V4)
 """``MIGRATIONS[n]`` takes a database from ``user_version`` n to n + 1. Append, never
 edit: a file written by an older build replays only the steps it has not seen."""
 
@@ -318,7 +323,9 @@ def _words(text: str) -> set[str]:
 _JOB_COLUMNS = (
     "job_id, script_hash, params, tags, status, result, error, created_at, started_at, completed_at"
 )
-_SCRIPT_COLUMNS = "hash, name, description, tags, creator, params_schema, created_at, capabilities, emits"
+_SCRIPT_COLUMNS = (
+    "hash, name, description, tags, creator, params_schema, created_at, capabilities, emits, shutdown_timeout"
+)
 
 
 def _job_from_row(row: tuple) -> JobRecord:
@@ -338,7 +345,7 @@ def _job_from_row(row: tuple) -> JobRecord:
 
 
 def _script_from_row(row: tuple) -> ScriptRecord:
-    hash_, name, description, tags, creator, params_schema, created, capabilities, emits = row
+    hash_, name, description, tags, creator, params_schema, created, capabilities, emits, shutdown_timeout = row
     return ScriptRecord(
         hash=hash_,
         name=name,
@@ -349,6 +356,7 @@ def _script_from_row(row: tuple) -> ScriptRecord:
         created_at=created,
         capabilities=_from_json(capabilities),
         emits=_from_json(emits),
+        shutdown_timeout=shutdown_timeout,
     )
 
 
@@ -383,6 +391,7 @@ def _merge_scripts(old: ScriptRecord, new: ScriptRecord) -> ScriptRecord:
         # the same content has the same describe(): the new reading is the current one
         capabilities=new.capabilities,
         emits=new.emits,
+        shutdown_timeout=new.shutdown_timeout,
     )
 
 
@@ -752,7 +761,7 @@ class Store:
             schema = merged.params_schema
             capabilities = merged.capabilities
             conn.execute(
-                f"INSERT OR REPLACE INTO scripts ({_SCRIPT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                f"INSERT OR REPLACE INTO scripts ({_SCRIPT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     merged.hash,
                     merged.name,
@@ -763,6 +772,7 @@ class Store:
                     merged.created_at,
                     None if capabilities is None else _to_json("capabilities", capabilities),
                     None if merged.emits is None else _to_json("emits", merged.emits),
+                    merged.shutdown_timeout,
                 ),
             )
         return merged

@@ -40,6 +40,7 @@ def config_for_tests(tmp: Path, **overrides) -> Config:
         script_timeout=5.0,
         drain_timeout=2.0,
         send_timeout=1.0,
+        cancel_grace=0.5,  # cooperative cancel: short, so cancelled busy loops end quickly
     )
     return Config(**(base | overrides))
 

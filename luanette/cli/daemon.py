@@ -45,6 +45,17 @@ def positive(kind: type) -> Callable[[str], Any]:
     return check
 
 
+def non_negative(text: str) -> float:
+    """An argparse type: a number of seconds, 0 or more."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more: {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``luanette`` argument parser (tests check docker-compose command lines with it)."""
     parser = argparse.ArgumentParser(prog="luanette", description="Sandboxed Lua job daemon over ZeroMQ.")
@@ -55,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--name", dest="worker_name", default=d.worker_name, help="worker name in logs and Pong")
     serve.add_argument("--script-timeout", type=positive(float), default=d.script_timeout, metavar="SECONDS",
                        help=f"wall-clock limit per script (default {d.script_timeout:g})")
+    serve.add_argument("--cancel-grace", type=non_negative, default=d.cancel_grace, metavar="SECONDS",
+                       help="after a cancel, time a script has to end by itself before it is stopped "
+                       f"(default {d.cancel_grace:g})")
     serve.add_argument("--script-memory", type=parse_size, default=d.script_memory, metavar="SIZE",
                        help="memory limit per Lua runtime, e.g. 256M (default 256M)")
     serve.add_argument("--workers", type=positive(int), default=None, metavar="N",

@@ -32,6 +32,11 @@ _LOG_METHODS: Final = {"debug": "debug", "info": "info", "warn": "warning", "err
 _log = structlog.get_logger("luanette.runtime")
 
 
+# Longest time limit a script may ask for its on_shutdown (describe().shutdown_timeout).
+MAX_SHUTDOWN_TIMEOUT_S: Final = 60.0
+DEFAULT_SHUTDOWN_TIMEOUT_S: Final = 5.0
+
+
 class Limits(msgspec.Struct, frozen=True):
     """Resource limits of one run."""
 
@@ -43,12 +48,19 @@ class Limits(msgspec.Struct, frozen=True):
     result_bytes: int = 16 * 2**20  # the result, as MessagePack
     log_lines: int = 5_000  # log.* and print lines
     log_bytes: int = 2**20  # their messages and fields
+    # after a cancel, seconds the script has to end by itself (its waits fail with
+    # "cancelled: <reason>") before it is stopped hard; 0: stopped at once
+    cancel_grace_s: float = 0.0
+    # time limit of the script's on_shutdown(reason), which runs after main ends
+    shutdown_timeout_s: float = 5.0
 
     def __post_init__(self) -> None:
         # a zero interval would install no hook at all, and so no deadline
         if not (self.timeout_s > 0 and self.memory_bytes > 0 and self.hook_interval >= 1):
             raise ValueError(f"invalid limits: {self}")
         if min(self.cas_write_bytes, self.result_bytes, self.log_lines, self.log_bytes) < 0:
+            raise ValueError(f"invalid limits: {self}")
+        if not (self.cancel_grace_s >= 0 and 0 < self.shutdown_timeout_s <= MAX_SHUTDOWN_TIMEOUT_S):
             raise ValueError(f"invalid limits: {self}")
 
 
@@ -160,6 +172,7 @@ class CancelToken:
 
     def __init__(self) -> None:
         self._reason: str | None = None
+        self._count = 0
         self._lock = threading.Lock()
         self._listeners: list[Callable[[], object]] = []
 
@@ -173,12 +186,19 @@ class CancelToken:
         """The reason given to the first ``cancel`` call."""
         return self._reason
 
+    @property
+    def count(self) -> int:
+        """How many times ``cancel`` has been called (a second cancel stops a run that
+        is ending cooperatively, or its on_shutdown, at once)."""
+        return self._count
+
     def cancel(self, reason: str = "cancelled") -> None:
-        """Ask the run to stop; callable from any thread, idempotent."""
+        """Ask the run to stop; callable from any thread.  The first reason stays;
+        every call wakes the listeners."""
         with self._lock:
-            if self._reason is not None:
-                return
-            self._reason = reason
+            self._count += 1
+            if self._reason is None:
+                self._reason = reason
             listeners = list(self._listeners)
         for listener in listeners:
             listener()

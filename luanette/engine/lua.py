@@ -24,6 +24,13 @@ cancelled on the loop.  A thread stuck in one long C call is abandoned one secon
 the deadline (or after a cancel); ``stats`` counts those, and the worker process that
 holds it is replaced by its supervisor (``luanette.engine.pool``).
 
+A cancel with a grace (``Limits.cancel_grace_s``) is cooperative first: the script's
+waits fail at once with a catchable "cancelled: <reason>" and the hook stops the run
+only once the grace has passed (or at a second cancel); the run ends as cancelled
+either way.  After the main phase, however it ended (except out of memory or an
+abandoned thread), the script's global ``on_shutdown(reason)`` runs in the same sandbox
+with a deadline of its own (``Limits.shutdown_timeout_s``); its failure is logged.
+
 Only the runtime's own bridge functions are Python objects inside Lua, and they are
 upvalues of privileged closures; values cross as MessagePack bytes (``luaconv``).
 """
@@ -334,22 +341,53 @@ _PREEMPTED: Final = _Final(error=ErrorDetail("preempted", "the step was taken ba
 
 
 class _Killer:
-    """The count hook's view of a run: a deadline and a cancel token, read as plain values."""
+    """The count hook's view of a run: a deadline and a cancel token, read as plain values.
 
-    __slots__ = ("deadline", "inline_until", "reason", "token")
+    A cancel with a grace (``Limits.cancel_grace_s``) first only makes the script's waits
+    fail ("cancelled: <reason>", see ``_Driver``); the run is stopped hard once the grace
+    has passed, or at a second cancel.  During on_shutdown (``begin_shutdown``) the
+    deadline is its own and any cancel after it began stops it at once."""
 
-    def __init__(self, deadline: float, token: CancelToken) -> None:
+    __slots__ = ("cancelled_at", "deadline", "grace", "inline_until", "reason", "shutdown_cancels", "token")
+
+    def __init__(self, deadline: float, token: CancelToken, grace: float = 0.0) -> None:
         self.deadline = deadline
         self.token = token
+        self.grace = grace
         self.reason: str | None = None
         # while a step runs inline on the event loop: when it must give the loop back
         self.inline_until: float | None = None
+        self.cancelled_at: float | None = None  # when the cancel was first seen
+        self.shutdown_cancels: int | None = None  # token.count as on_shutdown began
+
+    def begin_shutdown(self, timeout_s: float) -> None:
+        """on_shutdown starts: a deadline of its own and a fresh cancel state."""
+        self.deadline = time.monotonic() + timeout_s
+        self.shutdown_cancels = self.token.count
+        self.reason = None
+
+    def cooperative(self) -> bool:
+        """Whether the run is cancelled but within its grace: its waits fail, it runs on."""
+        if self.shutdown_cancels is not None or not self.token.cancelled:
+            return False
+        if self.cancelled_at is None:
+            self.cancelled_at = time.monotonic()
+        return True
+
+    def _hard_cancel(self, now: float) -> bool:
+        if self.shutdown_cancels is not None:
+            return self.token.count > self.shutdown_cancels
+        if not self.token.cancelled:
+            return False
+        if self.cancelled_at is None:
+            self.cancelled_at = now
+        return self.token.count > 1 or now >= self.cancelled_at + self.grace
 
     def check(self) -> bool:
         """True once the run must stop; called from the Lua hook in the worker thread."""
         if self.reason is None:
             now = time.monotonic()
-            if self.token.cancelled:
+            if self._hard_cancel(now):
                 self.reason = "cancelled"
             elif now >= self.deadline:
                 self.reason = "timeout"
@@ -362,7 +400,7 @@ class _Killer:
     def expire(self) -> str:
         """The driver stopped waiting: record and return why."""
         if self.reason is None:
-            self.reason = "cancelled" if self.token.cancelled else "timeout"
+            self.reason = "cancelled" if self._hard_cancel(time.monotonic()) else "timeout"
         return self.reason
 
     def stop(self) -> None:
@@ -429,6 +467,18 @@ class _Bridge:
                 return False, self._failure(index, exc)
             except Exception:  # never let a Python exception object reach Lua
                 return False, b"internal error"
+
+    @property
+    def limits(self) -> Limits:
+        return self._run.limits
+
+    def shutdown_failed(self, reason: str, error: ErrorDetail) -> None:
+        """on_shutdown failed or was stopped: a script log line (the job's log) with the
+        error as field on_shutdown_error, and a warning in the daemon's log."""
+        detail = msgspec.to_builtins(error)
+        self._run.logger.warning("lua.on_shutdown_failed", reason=reason, kind=error.kind, error=error.message)
+        with contextlib.suppress(Exception):  # (the run's log quota may be spent)
+            self._run.script_log("error", f"on_shutdown failed: {error.message}", {"on_shutdown_error": detail})
 
     def qualname(self, index: int) -> str:
         """The Lua name of the function at a bridge index."""
@@ -549,6 +599,11 @@ class _Session:
         self._step: Callable[..., Any] | None = None
         self._where: Callable[[], bytes] | None = None
         self._release: Callable[[], None] | None = None
+        self._begin_shutdown: Callable[..., Any] | None = None
+        # the main phase ended and the script's on_shutdown may run (see shutdown)
+        self.shutdown_pending = False
+        self.phase = "main"
+        self.shutdown_error: ErrorDetail | None = None  # how on_shutdown failed
 
     def start(self) -> _Waits | _Final:
         """Build the sandbox and run the script until it finishes or waits for I/O."""
@@ -570,11 +625,35 @@ class _Session:
             )
             self.lua_seconds = time.perf_counter() - began
             if reply[0] == b"io":
-                self._step, self._where, self._release = reply[1:4]
-                return _Waits.of(reply[4:])
+                self._step, self._where, self._release, self._begin_shutdown = reply[1:5]
+                return _Waits.of(reply[5:])
             return self._reply(*reply)
         except LuaError as exc:
             return self._final(self._lua_failure(exc))
+
+    def shutdown(self, reason: str) -> _Waits | _Final:
+        """Run the script's on_shutdown(reason), if it defines one, in the same sandbox
+        (after the main phase ended; the killer has its own deadline by now)."""
+        begin, self._begin_shutdown = self._begin_shutdown, None
+        self.shutdown_pending = False
+        self.phase = "shutdown"
+        assert begin is not None
+        # namespaces bound their waits to the run's deadline: on_shutdown has its own
+        msgspec.structs.force_setattr(self._run, "deadline", max(self._run.deadline, self._killer.deadline))
+        try:
+            reply = begin(reason.encode())
+            if not isinstance(reply, tuple):  # "none": no on_shutdown, the script was released
+                self._release = None
+                return self._final(_Final())
+            if reply[0] == b"io":
+                self._step, self._where, self._release, self._begin_shutdown = reply[1:5]
+                self._begin_shutdown = None
+                return _Waits.of(reply[5:])
+            return self._reply(*reply)
+        except LuaError as exc:
+            final = self._lua_failure(exc)
+            self.shutdown_error = final.error
+            return self._final(_Final())
 
     @property
     def key(self) -> tuple[bytes, bytes]:
@@ -634,7 +713,19 @@ class _Session:
             stack = frames(from_lua(self._where()))
         except LuaError:  # out of memory: report without a stack
             stack = []
+        if self.phase == "shutdown":
+            self.shutdown_error = self._shutdown_stopped(reason, stack, waiting_for)
+            return self._final(_Final())
+        self.shutdown_pending = self._begin_shutdown is not None
         return self._final(_Final(error=stopped_detail(reason, self._run.cancel, self._run.limits, stack, waiting_for)))
+
+    def _shutdown_stopped(self, reason: str, stack: list[Any], waiting_for: str | None = None) -> ErrorDetail:
+        waiting = f" while waiting for {waiting_for}" if waiting_for else ""
+        line = stack[0].line if stack else None
+        if reason == "timeout":
+            limit = self._run.limits.shutdown_timeout_s
+            return ErrorDetail("timeout", f"on_shutdown exceeded its time limit of {limit:g} s{waiting}", line, stack)
+        return ErrorDetail("cancelled", f"on_shutdown was cancelled{waiting}", line, stack)
 
     def stopped(self, reason: str) -> _Final:
         """The driver gave up on a thread step that did not come back."""
@@ -648,12 +739,20 @@ class _Session:
             self._out_of_memory = True
             self._state.lua.set_max_memory(self._run.limits.memory_bytes + _DESCRIBE_MEMORY_BYTES)
             return self._reply(*values[0]())
-        self._release = None  # every other reply is final, and the sandbox released the script
+        if tag == b"shutdown":  # final, but the sandbox is kept for on_shutdown
+            self._begin_shutdown, self._release = values[0], values[1]
+            self.shutdown_pending = True
+            return self._reply(*values[2:])
+        if self.phase == "shutdown":
+            return self._shutdown_reply(tag, values)
+        if not self.shutdown_pending:
+            self._release = None  # every other reply is final, and the sandbox released the script
         # a run that ended by itself leaves a state fit for the next; a killed one,
         # or one out of memory, does not
         preempted = tag == b"killed" and self._killer.reason == PREEMPTED
         self._reusable = (tag != b"killed" or preempted) and not self._out_of_memory
         if preempted:  # taken back at a hook or before a call: the state is sound
+            self.shutdown_pending = False  # it runs again from the start
             return self._final(_PREEMPTED)
         if tag == b"done":
             if len(values[0]) > self._run.limits.result_bytes:
@@ -671,6 +770,16 @@ class _Session:
             detail = runtime_detail(info, self._chunk_name, self._run.limits)
         return self._final(_Final(error=detail))
 
+    def _shutdown_reply(self, tag: bytes, values: tuple[Any, ...]) -> _Final:
+        """The end of on_shutdown: its result is ignored, its failure kept."""
+        self._release = None
+        self._reusable = self._reusable and tag != b"killed" and not self._out_of_memory
+        if tag == b"killed":
+            self.shutdown_error = self._shutdown_stopped(self._killer.expire(), frames(from_lua(values[0])))
+        elif tag == b"error":
+            self.shutdown_error = runtime_detail(from_lua(values[0]), self._chunk_name, self._run.limits)
+        return self._final(_Final())
+
     def _lua_failure(self, exc: LuaError) -> _Final:
         # Only privileged code raises into Python, and only when Lua runs out of memory.
         if isinstance(exc, LuaMemoryError) or text(exc.args[0]).startswith(MEMORY_MESSAGE):
@@ -678,7 +787,8 @@ class _Session:
         raise exc
 
     def _final(self, final: _Final) -> _Final:
-        self.close()
+        if not self.shutdown_pending:
+            self.close()
         return final
 
 
@@ -873,7 +983,14 @@ _busy_runs = 0
 class _Driver:
     """Drives one session from the event loop: thread steps and I/O waits in turn."""
 
-    def __init__(self, session: _Session, bridge: _Bridge, killer: _Killer) -> None:
+    def __init__(
+        self,
+        session: _Session,
+        bridge: _Bridge,
+        killer: _Killer,
+        on_shutdown_start: Callable[[float], object] | None = None,
+    ) -> None:
+        self._on_shutdown_start = on_shutdown_start
         self._session = session
         self._bridge = bridge
         self._killer = killer
@@ -896,8 +1013,8 @@ class _Driver:
         global _busy_runs
         try:
             reply = self._inline_start()
-            if isinstance(reply, _Final):
-                return reply
+            if isinstance(reply, _Final) and not self._session.shutdown_pending:
+                return self._cancelled(reply)
             _busy_runs += 1
             try:
                 if reply is None:
@@ -910,14 +1027,10 @@ class _Driver:
                         and self._bridge.calls == 0
                     ):
                         _chunks.learn(self._session.key, True)
-                while not isinstance(reply, _Final):
-                    answers = await self._wait_io(reply)
-                    if answers is None:
-                        reason, waiting_for = self._killer.expire(), self._waiting_for()
-                        self._cancel_io()
-                        return await self._thread_step(self._session.interrupted, reason, waiting_for)
-                    reply = await self._thread_step(self._session.resume, answers)
-                return reply
+                final = self._cancelled(await self._drive(reply))
+                if self._session.shutdown_pending:
+                    await self._shutdown(final)
+                return final
             finally:
                 _busy_runs -= 1
         finally:
@@ -928,6 +1041,44 @@ class _Driver:
             if not (self._session.closed or self._worker.busy):
                 with anyio.CancelScope(shield=True):
                     await _in_thread(self._loop, self._session.close)
+
+    async def _drive(self, reply: _Waits | _Final) -> _Final:
+        """Answer the script's requests until its phase (main or on_shutdown) ends."""
+        while not isinstance(reply, _Final):
+            answers = await self._wait_io(reply)
+            if answers is None:
+                reason, waiting_for = self._killer.expire(), self._waiting_for()
+                self._cancel_io()
+                return await self._thread_step(self._session.interrupted, reason, waiting_for)
+            reply = await self._thread_step(self._session.resume, answers)
+        return reply
+
+    def _cancelled(self, final: _Final) -> _Final:
+        """A run that saw a cancel ends as cancelled, even if it ended by itself in its
+        grace (having caught the cancellation errors of its waits)."""
+        if self._killer.cancelled_at is None or (final.error is not None and final.error.kind == "cancelled"):
+            return final
+        stack = final.error.stack if final.error is not None else []
+        return _Final(error=stopped_detail("cancelled", self._killer.token, self._bridge.limits, stack))
+
+    async def _shutdown(self, final: _Final) -> None:
+        """Run the script's on_shutdown(reason) with its own time limit; its result is
+        ignored and its failure logged (never the run's outcome)."""
+        if final.error is None:
+            reason = "completed"
+        elif final.error.kind in ("timeout", "cancelled"):
+            reason = final.error.kind
+        else:
+            reason = "error"
+        self._cancel_io()
+        timeout_s = self._bridge.limits.shutdown_timeout_s
+        self._killer.begin_shutdown(timeout_s)
+        if self._on_shutdown_start is not None:
+            self._on_shutdown_start(timeout_s)
+        end = await self._drive(await self._thread_step(self._session.shutdown, reason))
+        error = self._session.shutdown_error or end.error
+        if error is not None:
+            self._bridge.shutdown_failed(reason, error)
 
     def _inline_start(self) -> _Waits | _Final | None:
         """Run the first step on the event loop itself, speculatively, when that is safe
@@ -956,7 +1107,7 @@ class _Driver:
     async def _thread_step(self, step: Callable[..., _T], *args: Any) -> _T | _Final:
         self._step = _in_thread(self._loop, self._worker.run, step, *args)
         self._abandon = self._loop.call_at(self._loop_deadline(ABANDON_GRACE_S), _resolve, self._step, _ABANDONED, None)
-        if self._killer.token.cancelled:
+        if self._killer.token.cancelled and self._killer.shutdown_cancels is None:
             self._on_cancel()
         try:
             result = await self._step
@@ -982,8 +1133,10 @@ class _Driver:
                 entry[1].add_done_callback(self._dropped.discard)
         for number, request in waits.requests:
             self._pending[number] = (request, self._loop.create_task(self._bridge.call_async(request)))
-        if self._killer.token.cancelled or not self._pending:
+        if self._killer.check() or not self._pending:
             return None
+        if self._killer.cooperative():
+            return self._fail_waits()
         self._wake = self._loop.create_future()
         try:
             waiting: list[asyncio.Future[Any]] = [self._wake, *(task for _, task in self._pending.values())]
@@ -995,8 +1148,10 @@ class _Driver:
         finally:
             self._wake.cancel()
             self._wake = None
-        if self._killer.token.cancelled or not done or time.monotonic() >= self._killer.deadline:
+        if self._killer.check() or not done:
             return None
+        if self._killer.cooperative():
+            return self._fail_waits()
         answers: list[Any] = []
         for number, (request, task) in list(self._pending.items()):
             if task.done():
@@ -1006,6 +1161,19 @@ class _Driver:
                 except BaseException:  # (call_async turns every Exception into an answer)
                     ok, payload = False, f"internal error in {self._bridge.qualname(request.index)}".encode()
                 answers += (number, ok, payload)
+        return answers
+
+    def _fail_waits(self) -> list[Any]:
+        """Cancelled, within the grace: every wait fails with a Lua error the script may
+        catch to clean up ("cancelled: <reason>"), and its request is cancelled."""
+        message = f"cancelled: {self._killer.token.reason or 'cancelled'}".encode()
+        answers: list[Any] = []
+        for number, (_, task) in self._pending.items():
+            task.cancel()
+            self._dropped.add(task)
+            task.add_done_callback(self._dropped.discard)
+            answers += (number, False, message)
+        self._pending.clear()
         return answers
 
     def _waiting_for(self) -> str | None:
@@ -1038,6 +1206,8 @@ class _Driver:
             self._wake.set_result(None)
         if self._step is not None and self._abandon is not None:  # a thread step
             when = self._loop.time() + ABANDON_GRACE_S
+            if self._killer.shutdown_cancels is None and self._killer.token.count < 2:
+                when += self._killer.grace
             if when < self._abandon.when():
                 self._abandon.cancel()
                 self._abandon = self._loop.call_at(when, _resolve, self._step, _ABANDONED, None)
@@ -1061,6 +1231,7 @@ async def run_script(
     log: Any = None,
     span: Any = None,
     log_sink: LogSink | None = None,
+    on_shutdown_start: Callable[[float], object] | None = None,
 ) -> Outcome:
     """Run a Lua script in a fresh sandbox (on a warm state) and return its result.
 
@@ -1070,7 +1241,8 @@ async def run_script(
     rules in ``luanette.luaconv``.  ``log`` is a structlog logger whose bound context
     (e.g. request_id) every script log line carries; ``log_sink``, when given, takes
     the script's log lines instead.  ``span`` is the run's OpenTelemetry span for
-    ``otel.*`` (default: the span current here).
+    ``otel.*`` (default: the span current here).  ``on_shutdown_start`` is called (on
+    the loop, with its time limit in seconds) when the script's on_shutdown begins.
 
     Raises ScriptError with an ErrorDetail for syntax and runtime errors, timeouts,
     cancellation, the memory limit, results that cannot be converted and params that
@@ -1099,10 +1271,10 @@ async def run_script(
         packed_params = to_lua(params)
     except (TypeError, ValueError, OverflowError) as exc:
         raise ScriptError(ErrorDetail("invalid_params", f"params cannot be passed to Lua: {exc}")) from None
-    killer = _Killer(run.deadline, token)
+    killer = _Killer(run.deadline, token, limits.cancel_grace_s)
     bridge = _Bridge(run, namespaces, killer)
     session = _Session(code, packed_params, chunk_name, run, bridge, killer)
-    final = await _Driver(session, bridge, killer).run()
+    final = await _Driver(session, bridge, killer, on_shutdown_start).run()
     if final.error is not None:
         raise ScriptError(final.error)
     return Outcome(final.result, (time.perf_counter() - started) * 1000)

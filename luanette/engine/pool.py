@@ -473,11 +473,23 @@ class Engine:
         self._send(pending.worker, ch.Cancel(run=pending.number, reason=pending.cancel.reason or "cancelled"))
         loop = self._loop
         assert loop is not None
-        when = loop.time() + self.config.grace_s
+        # a first cancel leaves the script its grace (on_shutdown announces itself)
+        grace = pending.limits.cancel_grace_s if pending.cancel.count < 2 else 0.0
+        when = loop.time() + grace + self.config.grace_s
         if pending.timer is None or when < pending.timer.when():
             if pending.timer is not None:
                 pending.timer.cancel()
             pending.timer = loop.call_at(when, self._overdue, pending)
+
+    def _shutdown_started(self, pending: _Pending, timeout_s: Any) -> None:
+        """The run's on_shutdown began: it may take ``timeout_s``, even past the run's
+        deadline or after a cancel (a cancel from now on stops it at once)."""
+        loop = self._loop
+        if pending.future.done() or loop is None or not isinstance(timeout_s, int | float):
+            return
+        if pending.timer is not None:
+            pending.timer.cancel()
+        pending.timer = loop.call_at(loop.time() + float(timeout_s) + self.config.grace_s, self._overdue, pending)
 
     def _overdue(self, pending: _Pending) -> None:
         """The run's worker did not answer in time: answer for it, replace the worker."""
@@ -734,6 +746,9 @@ class Engine:
             return
         pending = self._pending.get(message.run)
         if pending is None:
+            return
+        if message.kind == "shutdown":  # the script's on_shutdown runs, for its own time limit
+            self._shutdown_started(pending, message.data[0])
             return
         hooks = pending.hooks
         with contextlib.suppress(Exception):  # a note is news, never a reason to fail

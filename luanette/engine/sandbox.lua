@@ -48,6 +48,10 @@ local out = {}      -- for the next "io" reply: number, index, args (a negative 
 local main_task, current, raised
 local next_number = 0  -- of the last request
 local killed = false
+-- "main" while the script runs; "shutdown" while its on_shutdown(reason) runs (see
+-- begin_shutdown); an out-of-memory end runs no on_shutdown
+local phase = "main"
+local out_of_memory = false
 local env = {}
 local script_co
 local main_function  -- the script's main, named in stacks (its caller has no debug information)
@@ -432,7 +436,14 @@ local function release()
   end
 end
 
+local begin_shutdown
+
+-- A final reply.  When the script defines on_shutdown, its main phase keeps its memory
+-- and hands the driver begin_shutdown (and release) ahead of the reply itself.
 local function over(tag, ...)
+  if phase == "main" and not out_of_memory and env and type(rawget(env, "on_shutdown")) == "function" then
+    return "shutdown", begin_shutdown, release, tag, ...
+  end
   pcall(release)  -- out of memory here is no reason to fail the run: lua_close frees it all
   return tag, ...
 end
@@ -441,6 +452,7 @@ end
 -- memory limit, then calls this.  (A reserve freed at this point, allocated by every
 -- run, made every run ~10% slower.)
 local function describe_memory_error()
+  out_of_memory = true
   collectgarbage()
   return over("error", describe(MEMORY_ERROR))
 end
@@ -555,8 +567,9 @@ local function schedule()
     if task.state == "ready" then
       local args = task.args
       task.args, task.state, current = nil, "running", task
-      local tag, value = after(task, co_resume(task.co, unpack(args, 1, args.n)))
-      if tag then return tag, value end
+      -- (a final reply has at most 4 values after its tag: see over)
+      local tag, v1, v2, v3, v4 = after(task, co_resume(task.co, unpack(args, 1, args.n)))
+      if tag then return tag, v1, v2, v3, v4 end
     end
   end
   if next(pending) == nil then
@@ -579,6 +592,35 @@ local function step(...)
     end
   end
   return schedule()
+end
+
+-- on_shutdown(reason): after the main task ended (or was stopped; the driver has
+-- cancelled its requests), a fresh main task runs the script's on_shutdown in the same
+-- environment; the tasks of the main phase are dropped.  Its result is ignored.
+begin_shutdown = function(reason)
+  phase = "shutdown"
+  killed = false
+  queue, qhead, qtail = {}, 1, 0
+  pending, out, current, raised = {}, {}, nil, nil
+  local fn = env and rawget(env, "on_shutdown")
+  if type(fn) ~= "function" then
+    pcall(release)
+    return "none"
+  end
+  task_names[fn] = "on_shutdown"
+  main_function = nil
+  script_co = hooked(co_create(function()
+    fn(reason)
+    return true
+  end))
+  main_task = {co = script_co, waiters = {}, children = {}}
+  task_of[script_co] = main_task
+  ready(main_task, EMPTY)
+  local function reply(tag, ...)
+    if tag == "io" then return tag, step, where, release, begin_shutdown, ... end
+    return tag, ...
+  end
+  return reply(schedule())
 end
 
 -- core.* ---------------------------------------------------------------------------
@@ -779,7 +821,7 @@ task_of[script_co] = main_task
 ready(main_task, EMPTY)
 
 local function first_reply(tag, ...)
-  if tag == "io" then return tag, step, where, release, ... end
+  if tag == "io" then return tag, step, where, release, begin_shutdown, ... end
   return tag, ...
 end
 return first_reply(schedule())

@@ -377,6 +377,7 @@ class Worker:
                 log=log.bind(run=number),
                 span=_RemoteSpan(span_context_of(info.traceparent), note, info.sampled),
                 log_sink=lambda level, text, fields: note("log", [level, text, fields]),
+                on_shutdown_start=lambda timeout_s: note("shutdown", [timeout_s]),
             )
             done = ch.Done(run=number, result=outcome.result, duration_ms=outcome.duration_ms)
         except ScriptError as e:

@@ -292,13 +292,20 @@ def _permitted(wanted: Capability, permitted: Sequence[Capability]) -> bool:
 def declared_capabilities(described: Any) -> list[str] | None:
     """``describe().capabilities`` of a script (None when it declares none);
     :class:`CapabilityError` for a declaration that is not a list of capabilities."""
-    if not isinstance(described, dict) or "capabilities" not in described:
+    value = manifest_list(described, "capabilities", CapabilityError)
+    for text in value or ():
+        parse(text)
+    return value
+
+
+def manifest_list(described: Any, key: str, error: type[ValueError] = ValueError) -> list[Any] | None:
+    """``describe()[key]`` as a list (an empty Lua table reads as ``{}``: an empty list);
+    None when absent; ``error`` when it is not a list."""
+    if not isinstance(described, dict) or key not in described:
         return None
-    value = described["capabilities"]
-    if isinstance(value, dict) and not value:  # an empty Lua table reads as {}
+    value = described[key]
+    if isinstance(value, dict) and not value:
         return []
     if not isinstance(value, list):
-        raise CapabilityError(f"describe().capabilities must be a list of strings, got {type(value).__name__}")
-    for text in value:
-        parse(text)
+        raise error(f"describe().{key} must be a list, got {type(value).__name__}")
     return list(value)

@@ -58,6 +58,7 @@ from opentelemetry import trace
 
 from hooteproto import types as t
 from luanette import params as params_mod
+from luanette.capabilities import manifest_list
 from luanette.cas import InvalidHash, parse_hash
 from luanette.when import Condition, WhenError
 from luanette.when import parse as parse_condition
@@ -205,13 +206,9 @@ def declared_emits(described: Any) -> list[str] | None:
     """``describe().emits`` of a script: the timeline event types it may make
     chaosgarden send (``"*"``: any); None when it declares none.  ``ValueError`` for a
     declaration that is not a list of event types."""
-    if not isinstance(described, dict) or "emits" not in described:
+    value = manifest_list(described, "emits")
+    if value is None:
         return None
-    value = described["emits"]
-    if isinstance(value, dict) and not value:  # an empty Lua table reads as {}
-        return []
-    if not isinstance(value, list):
-        raise ValueError(f"describe().emits must be a list of event types, got {type(value).__name__}")
     for item in value:
         if item != "*" and item not in EVENT_TYPES:
             raise ValueError(f"describe().emits: {item!r} is not an event type (known: {', '.join(EVENT_TYPES)}, *)")

@@ -917,7 +917,9 @@ def measure_echo(results: Results, n: int, clients: int) -> None:
 def measure_daemon(results: Results, args: argparse.Namespace, daemon_args: Sequence[str]) -> None:
     n, clients, skip = args.requests, args.clients, set(args.skip)
     endpoint = free_endpoint()
-    with Daemon(endpoint, *daemon_args):
+    # --cancel-grace 0: the cancel row measures the hard stop of a tight loop (with the
+    # default grace a loop that ignores the cancel runs on for 5 s, by design)
+    with Daemon(endpoint, "--cancel-grace", "0", *daemon_args):
         # warm first (not timed): a daemon just started may still be starting its workers
         measure(EVAL, endpoint, t.LuaEval(code=EVAL_CODE), 2000, 64, clients)
         for k in (1, 64):

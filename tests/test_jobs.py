@@ -222,7 +222,15 @@ async def test_poll_timeout_is_capped_at_30_s(client):
 
 
 @TIMED
-async def test_cancel_stops_a_tight_loop_within_100_ms(client, timed):
+async def test_cancel_stops_a_tight_loop_within_100_ms(make_server, timed):
+    # no grace: a loop that never waits is stopped hard at once (tests/test_on_shutdown.py
+    # covers the cooperative cancel that comes first with a grace)
+    running = await make_server(cancel_grace=0)
+    async with Client(running.endpoint) as client:
+        await _cancel_a_tight_loop(client, timed)
+
+
+async def _cancel_a_tight_loop(client: Client, timed: bool) -> None:
     digest = await store(client, SPIN)
     job = (await run(client, digest))["job_id"]
     await until_running(client, job)

@@ -22,11 +22,20 @@ from luanette.server import Server
 BIN = Path(sys.executable).parent
 
 
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
-    """A TCP port that was free a moment ago on 127.0.0.1."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A TCP port that was free a moment ago on 127.0.0.1, never one handed out before
+    in this process (the kernel may offer a just-closed port again, and two of a
+    daemon's endpoints on one port fail its start)."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
 
 
 def config_for_tests(tmp: Path, **overrides) -> Config:
@@ -118,29 +127,52 @@ def zctx():
     ctx.destroy(linger=0)
 
 
+class PortTaken(RuntimeError):
+    """The daemon could not bind a port chosen free a moment before."""
+
+
 class DaemonProcess:
-    """``luanette serve`` started through its console script."""
+    """``luanette serve`` started through its console script.
+
+    A port chosen free can be taken by another process before the daemon binds it;
+    the start is then tried again on new ports (a test about something else should
+    not fail on that race)."""
+
+    STARTS = 3
 
     def __init__(self, tmp: Path, *args: str) -> None:
-        self.port = free_port()
-        self.endpoint = f"tcp://127.0.0.1:{self.port}"
-        self.pub = f"tcp://127.0.0.1:{free_port()}"
         self.state_dir = tmp / "state"
         self.cas_root = tmp / "cas"
-        self.proc = subprocess.Popen(
-            [str(BIN / "luanette"), "serve", "--bind", self.endpoint, "--pub", self.pub,
-             "--cas-root", str(self.cas_root), "--state-dir", str(self.state_dir), *args],
+        for attempt in range(self.STARTS):
+            self.port = free_port()
+            self.endpoint = f"tcp://127.0.0.1:{self.port}"
+            self.pub = f"tcp://127.0.0.1:{free_port()}"
+            self.proc = self._spawn(
+                [str(BIN / "luanette"), "serve", "--bind", self.endpoint, "--pub", self.pub,
+                 "--cas-root", str(self.cas_root), "--state-dir", str(self.state_dir), *args])
+            try:
+                self._wait_listening()
+                return
+            except PortTaken:
+                if attempt == self.STARTS - 1:
+                    raise
+
+    def _spawn(self, argv: list[str]) -> subprocess.Popen:
+        return subprocess.Popen(
+            argv,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             env=os.environ | {"PYTHONUNBUFFERED": "1"},
         )
-        self._wait_listening()
 
     def _wait_listening(self) -> None:
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"daemon exited: {self.proc.stderr.read().decode()}")
+                err = self.proc.stderr.read().decode() if self.proc.stderr else ""
+                if "Address already in use" in err:
+                    raise PortTaken(err)
+                raise RuntimeError(f"daemon exited: {err}")
             with socket.socket() as s:
                 if s.connect_ex(("127.0.0.1", self.port)) == 0:
                     return

@@ -39,7 +39,7 @@ from luanette import store as store_mod
 from luanette.cas import Cas
 from luanette.jobs import REWRITE_FIRST_S
 from luanette.scripts import MIME
-from tests.conftest import BIN, DaemonProcess, free_port
+from tests.conftest import DaemonProcess
 from tests.waiting import until
 
 pytestmark = pytest.mark.timeout(120)
@@ -251,16 +251,9 @@ def test_cas_file_size_limit_simulated_efbig_is_storage_full(tmp_path):
     class Limited(DaemonProcess):
         """``luanette serve`` as DaemonProcess starts it, under the file-size limit."""
 
-        def __init__(self, tmp: Path) -> None:
-            self.port = free_port()
-            self.endpoint = f"tcp://127.0.0.1:{self.port}"
-            self.state_dir, self.cas_root = tmp / "state", tmp / "cas"
-            self.proc = subprocess.Popen(
-                [str(BIN / "luanette"), "serve", "--bind", self.endpoint, "--pub", f"tcp://127.0.0.1:{free_port()}",
-                 "--cas-root", str(self.cas_root), "--state-dir", str(self.state_dir), "--workers", "1"],
-                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, preexec_fn=limited,
-            )
-            self._wait_listening()
+        def _spawn(self, argv: list[str]) -> subprocess.Popen:
+            return subprocess.Popen(argv + ["--workers", "1"], stdout=subprocess.DEVNULL,
+                                    stderr=subprocess.PIPE, preexec_fn=limited)
 
     daemon = Limited(tmp_path)
     try:

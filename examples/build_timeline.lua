@@ -11,6 +11,10 @@ print("Created region: " .. region_id)
 -- Move it to bar 5
 garden.move_region(region_id, 16)
 
+-- Both edits are in this run's session overlay (get_regions would already show them);
+-- commit them to the garden now, so the listing carries the garden's region ids
+core.commit()
+
 -- List all regions
 local regions = garden.get_regions()
 for i, r in ipairs(regions) do

@@ -8,6 +8,10 @@ local region_id = garden.create_region({
     content_id = "job_orpheus_001"
 })
 
+-- The region is in this run's session overlay: the latent lifecycle needs it in the
+-- garden, so commit now and go on with the id the garden gave it
+region_id = core.commit().created[region_id]
+
 -- Simulate job progress (in real use, this would be from orpheus callbacks)
 garden.latent_started(region_id, "job_orpheus_001")
 

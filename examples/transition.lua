@@ -17,6 +17,9 @@ function describe()
       position = { type = "number", description = "beat of the marker; with it, a latent region is made" },
     },
     returns = "{hash, beats, notes, region_id} of the transition",
+    -- the latent region must be in the garden at once (latent_started follows it), so
+    -- the garden edits are not held in a session overlay
+    execution_mode = "autoCommit",
   }
 end
 

@@ -317,6 +317,37 @@ class ToolList(Variant, tag="tool_list"):
     tools: list[ToolInfo]
 
 
+# Sessions: Luanette's additions (not in seed 001; docs/protocol.md#sessions)
+
+
+class SessionList(Variant, tag="session_list"):
+    """List the garden sessions pending review (all, or those of one job)."""
+
+    job_id: str | None = None
+
+
+class SessionShow(Variant, tag="session_show"):
+    """Show one pending session with its operations."""
+
+    session_id: str
+
+
+class SessionCommit(Variant, tag="session_commit"):
+    """Apply a pending session to the garden, all or nothing."""
+
+    session_id: str
+
+
+class SessionDiscard(Variant, tag="session_discard"):
+    """Drop a pending session; nothing reaches the garden."""
+
+    session_id: str
+
+
+LUANETTE_REQUESTS = (SessionList, SessionShow, SessionCommit, SessionDiscard)
+"""Payload variants Luanette adds to seed 001's (they have no golden vectors)."""
+
+
 # Responses
 
 
@@ -343,6 +374,7 @@ Payload = (
     | TimelineQuery | TimelineAddMarker
     | ListTools | ToolList
     | Success | Error
+    | SessionList | SessionShow | SessionCommit | SessionDiscard
 )  # fmt: skip
 """Every message a peer may send; the tag is ``"type"``."""
 
@@ -401,7 +433,19 @@ class LogLine(Variant, tag="log"):
     source: str
 
 
-Broadcast = ConfigUpdate | ShutdownNotice | ScriptInvalidate | JobStateChanged | Progress | LogLine
+class SessionChanged(Variant, tag="session_changed"):
+    """A garden session was kept for review (``pending``), ``committed`` or
+    ``discarded``; ``operations`` is how many it holds."""
+
+    session_id: str
+    job_id: str | None
+    state: str
+    operations: int
+
+
+Broadcast = (
+    ConfigUpdate | ShutdownNotice | ScriptInvalidate | JobStateChanged | Progress | LogLine | SessionChanged
+)
 """Messages published on the PUB socket, one JSON frame each with ``"type"`` first."""
 
 

@@ -16,8 +16,9 @@ keeps its allow lists).
 from __future__ import annotations
 
 import fnmatch
+import functools
 import inspect
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, Final
 
 import msgspec
@@ -129,7 +130,7 @@ class Grants(msgspec.Struct, frozen=True):
     @classmethod
     def of(cls, texts: Iterable[str]) -> Grants:
         """Grants from capability strings (:class:`CapabilityError` for a bad one)."""
-        return cls(tuple(parse(text) for text in texts))
+        return _grants_of(tuple(texts)) if cls is Grants else cls(tuple(parse(text) for text in texts))
 
     def texts(self) -> list[str]:
         return [str(c) for c in self.capabilities]
@@ -145,6 +146,12 @@ class Grants(msgspec.Struct, frozen=True):
     def scopes(self, name: str) -> list[str]:
         """The scopes ``name`` is granted with (``*`` for an unscoped grant)."""
         return [c.scope or "*" for c in self.capabilities if c.name == name]
+
+
+@functools.lru_cache(maxsize=256)
+def _grants_of(texts: tuple[str, ...]) -> Grants:
+    # every run parses its grants, and a daemon's scripts declare a few distinct lists
+    return Grants(tuple(parse(text) for text in texts))
 
 
 # --- which namespaces, which calls -------------------------------------------------------
@@ -183,18 +190,24 @@ def _check_call(grants: Grants, namespace: str, function: str, args: tuple[Any, 
 
 
 def _gated(grants: Grants, namespace: str, function: str, call: Callable[..., Any]) -> Callable[..., Any]:
+    # __wrapped__: the engine checks a call's arguments against the signature of what it
+    # calls (inspect.signature follows it); without it every gated call would accept any
+    # arguments and fail inside as an internal error.  (Not functools.wraps: that copies
+    # half a dozen attributes, for every function of every gated namespace of every run.)
     if inspect.iscoroutinefunction(call):
 
         async def checked_async(*args: Any) -> Any:
             _check_call(grants, namespace, function, args)
             return await call(*args)
 
+        checked_async.__wrapped__ = call  # type: ignore[attr-defined]
         return checked_async
 
     def checked(*args: Any) -> Any:
         _check_call(grants, namespace, function, args)
         return call(*args)
 
+    checked.__wrapped__ = call  # type: ignore[attr-defined]
     return checked
 
 
@@ -211,8 +224,30 @@ class Gated:
             self.lua_prelude = prelude
 
     def functions(self, run: RunContext) -> Mapping[str, Callable[..., Any]]:
-        calls = self._inner.functions(run)
-        return {name: _gated(self._grants, self.name, name, call) for name, call in calls.items()}
+        return _GatedFunctions(self._inner.functions(run), self._grants, self.name)
+
+
+class _GatedFunctions(Mapping[str, Callable[..., Any]]):
+    """A namespace's functions, each gated when it is first asked for (a run calls few of
+    the forty-odd functions it could)."""
+
+    def __init__(self, calls: Mapping[str, Callable[..., Any]], grants: Grants, namespace: str) -> None:
+        self._calls = calls
+        self._grants = grants
+        self._namespace = namespace
+        self._gated: dict[str, Callable[..., Any]] = {}
+
+    def __getitem__(self, name: str) -> Callable[..., Any]:
+        gated = self._gated.get(name)
+        if gated is None:
+            gated = self._gated[name] = _gated(self._grants, self._namespace, name, self._calls[name])
+        return gated
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._calls)
+
+    def __len__(self) -> int:
+        return len(self._calls)
 
 
 def namespaces(candidates: Sequence[Namespace], grants: Grants) -> list[Namespace]:

@@ -47,6 +47,9 @@ class Config(msgspec.Struct, kw_only=True, frozen=True):
     """CAS root; else ``$HOOTENANNY_CAS_PATH``; else ``~/.hootenanny/cas``."""
     state_dir: str | None = None
     """Where the job and script database lives; else the user state directory."""
+    modules: str | None = None
+    """Directory of Lua modules scripts load with ``require("a/b")`` (``DIR/a/b.lua``);
+    ``None``: only stored scripts can be required (``require("script:NAME")``)."""
     run_cas_bytes: int = 512 * 2**20
     """Bytes one run may write to the CAS (``cas_quota_exceeded`` past it)."""
     run_result_bytes: int = 16 * 2**20

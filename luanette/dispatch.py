@@ -29,6 +29,7 @@ from luanette.engine.pool import Engine, RunHooks
 from luanette.faults import StorageFault
 from luanette.jobs import JobError, Jobs
 from luanette.scripts import ScriptProblem, Scripts
+from luanette.sessions import SessionError, Sessions
 from luanette.store import ScriptRecord
 from luanette.telemetry import Span, Telemetry, script_attributes, span_ids, traceparent_of
 from luanette.triggers import TriggerError, Triggers
@@ -149,8 +150,10 @@ class Dispatcher:
         triggers: Triggers | None = None,
         engine: Engine,
         policy: Policy | None = None,
+        sessions: Sessions | None = None,
     ) -> None:
         self.triggers = triggers
+        self.sessions = sessions
         self.config = config
         self._telemetry = telemetry
         self.jobs = jobs
@@ -193,6 +196,10 @@ class Dispatcher:
             t.ReadResource: self.read_resource,
             t.ListResources: self.list_resources,
             t.TimelineEvent: self.timeline_event,
+            t.SessionList: self.session_list,
+            t.SessionShow: self.session_show,
+            t.SessionCommit: self.session_commit,
+            t.SessionDiscard: self.session_discard,
         }
 
     async def dispatch(self, payload: t.Payload, ctx: RequestContext) -> t.Payload:
@@ -205,6 +212,8 @@ class Dispatcher:
             return await handler(payload, ctx)
         except (JobError, TriggerError) as e:
             return error(e.code, str(e))
+        except SessionError as e:
+            return error(e.code, e.message)
         except cas.InvalidHash as e:
             return error("invalid_params", f"not a script hash: {e}")
         except cas.NotFound as e:
@@ -405,6 +414,27 @@ class Dispatcher:
         if self.triggers is None:
             return t.Success(result={"job_id": None, "rule": None, "matched": False})
         return t.Success(result=await self.triggers.handle(p, user=user_of(ctx.caller)))
+
+    def _sessions(self) -> Sessions:
+        if self.sessions is None:
+            raise SessionError("unsupported", "this daemon keeps no sessions")
+        return self.sessions
+
+    async def session_list(self, p: t.SessionList, ctx: RequestContext) -> t.Payload:
+        return t.Success(result=self._sessions().list(p.job_id))
+
+    async def session_show(self, p: t.SessionShow, ctx: RequestContext) -> t.Payload:
+        return t.Success(result=self._sessions().show(p.session_id))
+
+    async def session_commit(self, p: t.SessionCommit, ctx: RequestContext) -> t.Payload:
+        done = await self._sessions().commit_pending(p.session_id, user_of(ctx.caller), ctx.caller.admin)
+        ctx.log.info("session.committed", session_id=p.session_id, operations=done["operations"])
+        return t.Success(result=done)
+
+    async def session_discard(self, p: t.SessionDiscard, ctx: RequestContext) -> t.Payload:
+        done = self._sessions().discard_pending(p.session_id, user_of(ctx.caller), ctx.caller.admin)
+        ctx.log.info("session.discarded", session_id=p.session_id, operations=done["operations"])
+        return t.Success(result=done)
 
     async def read_resource(self, p: t.ReadResource, ctx: RequestContext) -> t.Payload:
         if p.uri == STATS_URI:

@@ -13,6 +13,7 @@ so a late result can never relabel a cancelled one (the Rust version's bug).
 from __future__ import annotations
 
 import builtins
+import functools
 import itertools
 import os
 import time
@@ -70,7 +71,7 @@ class _Live:
 
     __slots__ = (
         "job_id", "script_hash", "params", "cancel", "progress", "trace_context", "capabilities",
-        "user", "creator", "trigger", "shutdown_timeout",
+        "user", "creator", "trigger", "shutdown_timeout", "session",
     )  # fmt: skip
 
     def __init__(self, job_id: str, script_hash: str, params: Any, capabilities: list[str] | None = None) -> None:
@@ -87,6 +88,8 @@ class _Live:
         self.creator: str | None = None
         self.trigger: dict[str, Any] | None = None
         self.shutdown_timeout: float | None = None  # describe().shutdown_timeout
+        # describe()'s execution_mode, review, on_error (None: the defaults)
+        self.session: tuple[str | None, bool | None, str | None] = (None, None, None)
 
 
 _job_counter = itertools.count(1)
@@ -255,6 +258,8 @@ class Jobs:
         live.user, live.trigger = user, trigger
         live.creator = record.creator if record is not None else None
         live.shutdown_timeout = record.shutdown_timeout if record is not None else None
+        if record is not None:
+            live.session = (record.execution_mode, record.review, record.on_error)
         self._live[job_id] = live
         self._send.send_nowait(live)
         self._announce(job_id, JobStatus.PENDING)
@@ -380,13 +385,15 @@ class Jobs:
             parent=live.trace_context,
             attributes=script_attributes(live.script_hash, name, live.job_id),
         ) as span:
-            jlog = log.bind(job_id=live.job_id, script_hash=live.script_hash, **span_ids(span))
+            # bound on first use: most jobs never log, and binding costs more than a
+            # trivial job's other bookkeeping in the front
+            jlog = _lazy_logger(live.job_id, live.script_hash, span)
             status = await self._run(live, name, jlog, span)
             span.set_attribute("job.status", status.value)
             if status is JobStatus.FAILED:
                 span.set_status(StatusCode.ERROR, "the script failed")
 
-    async def _run(self, live: _Live, name: str | None, jlog: Any, span: Any) -> JobStatus:
+    async def _run(self, live: _Live, name: str | None, jlog: Callable[[], Any], span: Any) -> JobStatus:
         try:
             code = await self.scripts.source(live.script_hash)
         except CasError as e:
@@ -409,9 +416,12 @@ class Jobs:
                     user=live.user,
                     creator=live.creator,
                     trigger=live.trigger,
+                    execution_mode=live.session[0] or "session",
+                    review=bool(live.session[1]),
+                    on_error=live.session[2] or "abort",
                 ),
                 cancel=live.cancel,
-                hooks=RunHooks(lambda: jlog, span=span, progress=self._progress_reporter(live)),
+                hooks=RunHooks(jlog, span=span, progress=self._progress_reporter(live)),
                 chunk_name=name or "script",
             )
         except ScriptError as e:
@@ -539,3 +549,13 @@ class Jobs:
             if self._pollers:  # a fresh event per finished job only when someone waits
                 self._changed.set()
                 self._changed = anyio.Event()
+
+
+def _lazy_logger(job_id: str, script_hash: str, span: Any) -> Callable[[], Any]:
+    """A job's logger, bound with its ids and trace when first asked for."""
+
+    @functools.cache
+    def bound() -> Any:
+        return log.bind(job_id=job_id, script_hash=script_hash, **span_ids(span))
+
+    return bound

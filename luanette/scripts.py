@@ -64,6 +64,27 @@ def declared_shutdown_timeout(described: Any) -> float | None:
     return float(value)
 
 
+EXECUTION_MODES = ("session", "autoCommit")
+ON_ERROR = ("skip", "abort")
+
+
+def declared_session(described: Any) -> tuple[str | None, bool | None, str | None]:
+    """``describe()``'s ``execution_mode``, ``review`` and ``on_error`` (None where not
+    declared); ``ValueError`` naming the field for any other value."""
+    if not isinstance(described, dict):
+        return None, None, None
+    mode, review, on_error = (described.get(k) for k in ("execution_mode", "review", "on_error"))
+    if mode is not None and mode not in EXECUTION_MODES:
+        raise ValueError(f'describe().execution_mode must be "session" or "autoCommit", got {mode!r}')
+    if review is not None and not isinstance(review, bool):
+        raise ValueError(f"describe().review must be true or false, got {review!r}")
+    if review and mode == "autoCommit":
+        raise ValueError('describe().review = true needs execution_mode = "session" (autoCommit keeps no overlay)')
+    if on_error is not None and on_error not in ON_ERROR:
+        raise ValueError(f'describe().on_error must be "skip" or "abort", got {on_error!r}')
+    return mode, review, on_error
+
+
 class ScriptProblem(Exception):
     """A script could not be stored or described; ``detail`` is the structured error."""
 
@@ -127,6 +148,11 @@ class Scripts:
             shutdown_timeout = declared_shutdown_timeout(info)
         except ValueError as e:
             raise ScriptProblem(ErrorDetail("invalid_params", str(e), hints=["e.g. shutdown_timeout = 10"])) from None
+        try:
+            execution_mode, review, on_error = declared_session(info)
+        except ValueError as e:
+            hint = 'e.g. execution_mode = "autoCommit", review = true, on_error = "skip"'
+            raise ScriptProblem(ErrorDetail("invalid_params", str(e), hints=[hint])) from None
         digest = await anyio.to_thread.run_sync(self.cas.store, content.encode(), MIME)
         record = ScriptRecord(
             hash=digest,
@@ -139,6 +165,9 @@ class Scripts:
             capabilities=capabilities,
             emits=emits,
             shutdown_timeout=shutdown_timeout,
+            execution_mode=execution_mode,
+            review=review,
+            on_error=on_error,
         )
         self._records.pop(digest, None)  # storing again merges tags: re-read it
         return self.store.index_script(record), described

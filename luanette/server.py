@@ -45,7 +45,9 @@ from luanette.engine.api import Limits
 from luanette.engine.pool import Engine, EngineConfig
 from luanette.garden import GardenClient
 from luanette.jobs import Jobs
-from luanette.scripts import ScriptProblem, Scripts
+from luanette.modules import Modules
+from luanette.scripts import MAX_SCRIPT_BYTES, ScriptProblem, Scripts
+from luanette.sessions import Sessions
 from luanette.settings import Settings, load_settings
 from luanette.store import Store
 from luanette.telemetry import SpanKind, StatusCode, Telemetry, parent_context
@@ -126,6 +128,8 @@ class Server:
         settings = settings or load_settings(None)
         self.backends = Backends(settings.backends, telemetry=self.telemetry)
         self.garden = GardenClient(settings.garden, context=self._context, telemetry=self.telemetry)
+        # garden edits of runs in session mode: commits, and sessions pending review
+        self.sessions = Sessions(self.garden, self.store, self.publisher.publish)
         workers = config.workers or os.cpu_count() or 1
         share = (config.lua_memory_total or default_lua_memory_total()) // workers
         # one run may not take more than its worker's share of the budget
@@ -151,8 +155,10 @@ class Server:
             garden=self.garden,
             telemetry=self.telemetry,
             context=self._context,
+            sessions=self.sessions,
         )
         scripts = Scripts(self.cas, self.store, limits, self.engine)
+        self.engine.modules = Modules(config.modules, scripts, max_bytes=MAX_SCRIPT_BYTES)
         self.jobs = Jobs(
             store=self.store,
             scripts=scripts,
@@ -186,6 +192,7 @@ class Server:
             triggers=self.triggers,
             engine=self.engine,
             policy=settings.policy,
+            sessions=self.sessions,
         )
         self._socket: zmq.asyncio.Socket | None = None
         self._in_flight: set[RequestContext] = set()

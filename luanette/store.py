@@ -84,6 +84,14 @@ class ScriptRecord(msgspec.Struct, kw_only=True):
     shutdown_timeout: float | None = None
     """``describe().shutdown_timeout``: seconds the script's on_shutdown may run; None:
     the default (schema v4)."""
+    execution_mode: str | None = None
+    """``describe().execution_mode``: ``"session"`` or ``"autoCommit"``; None: session
+    (schema v5)."""
+    review: bool | None = None
+    """``describe().review``: keep the overlay as a pending session at the end of main
+    instead of committing it; None: false (schema v5)."""
+    on_error: str | None = None
+    """``describe().on_error``: ``"skip"`` or ``"abort"``; None: abort (schema v5)."""
 
 
 class JobRecord(msgspec.Struct, kw_only=True):
@@ -187,7 +195,26 @@ _SCHEMA_V3 = ("ALTER TABLE scripts ADD COLUMN emits TEXT",)  # JSON list, NULL: 
 
 _SCHEMA_V4 = ("ALTER TABLE scripts ADD COLUMN shutdown_timeout REAL",)  # NULL: the default
 
-MIGRATIONS: tuple[Sequence[str], ...] = (_SCHEMA_V1, _SCHEMA_V2, _SCHEMA_V3, _SCHEMA_V4)
+# describe()'s session fields (luanette.scripts.declared_session; NULL: the defaults)
+# and the sessions kept for review (luanette.sessions), which must survive a restart
+_SCHEMA_V5 = (
+    "ALTER TABLE scripts ADD COLUMN execution_mode TEXT",
+    "ALTER TABLE scripts ADD COLUMN review INTEGER",
+    "ALTER TABLE scripts ADD COLUMN on_error TEXT",
+    """
+    CREATE TABLE sessions (
+        session_id TEXT PRIMARY KEY,
+        job_id TEXT,
+        script_hash TEXT,
+        user TEXT,
+        operations TEXT NOT NULL,
+        created_at REAL NOT NULL
+    )
+    """,
+    "CREATE INDEX sessions_job ON sessions (job_id)",
+)
+
+MIGRATIONS: tuple[Sequence[str], ...] = (_SCHEMA_V1, _SCHEMA_V2, _SCHEMA_V3, _SCHEMA_V4, _SCHEMA_V5)
 """``MIGRATIONS[n]`` takes a database from ``user_version`` n to n + 1. Append, never
 edit: a file written by an older build replays only the steps it has not seen."""
 
@@ -324,8 +351,26 @@ _JOB_COLUMNS = (
     "job_id, script_hash, params, tags, status, result, error, created_at, started_at, completed_at"
 )
 _SCRIPT_COLUMNS = (
-    "hash, name, description, tags, creator, params_schema, created_at, capabilities, emits, shutdown_timeout"
+    "hash, name, description, tags, creator, params_schema, created_at, capabilities, emits, shutdown_timeout, "
+    "execution_mode, review, on_error"
 )
+
+
+_SESSION_COLUMNS = "session_id, job_id, script_hash, user, operations, created_at"
+
+
+def _session_from_row(row: tuple) -> dict[str, Any]:
+    session_id, job_id, script_hash, user, operations, created = row
+    ops = _from_json(operations)
+    return {
+        "session_id": session_id,
+        "job_id": job_id,
+        "script_hash": script_hash,
+        "user": user,
+        "operations": ops,
+        "operation_count": len(ops),
+        "created_at": created,
+    }
 
 
 def _job_from_row(row: tuple) -> JobRecord:
@@ -345,7 +390,8 @@ def _job_from_row(row: tuple) -> JobRecord:
 
 
 def _script_from_row(row: tuple) -> ScriptRecord:
-    hash_, name, description, tags, creator, params_schema, created, capabilities, emits, shutdown_timeout = row
+    hash_, name, description, tags, creator, params_schema, created, capabilities, emits, shutdown_timeout = row[:10]
+    execution_mode, review, on_error = row[10:]
     return ScriptRecord(
         hash=hash_,
         name=name,
@@ -357,6 +403,9 @@ def _script_from_row(row: tuple) -> ScriptRecord:
         capabilities=_from_json(capabilities),
         emits=_from_json(emits),
         shutdown_timeout=shutdown_timeout,
+        execution_mode=execution_mode,
+        review=None if review is None else bool(review),
+        on_error=on_error,
     )
 
 
@@ -392,6 +441,9 @@ def _merge_scripts(old: ScriptRecord, new: ScriptRecord) -> ScriptRecord:
         capabilities=new.capabilities,
         emits=new.emits,
         shutdown_timeout=new.shutdown_timeout,
+        execution_mode=new.execution_mode,
+        review=new.review,
+        on_error=new.on_error,
     )
 
 
@@ -761,7 +813,7 @@ class Store:
             schema = merged.params_schema
             capabilities = merged.capabilities
             conn.execute(
-                f"INSERT OR REPLACE INTO scripts ({_SCRIPT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                f"INSERT OR REPLACE INTO scripts ({_SCRIPT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     merged.hash,
                     merged.name,
@@ -773,9 +825,55 @@ class Store:
                     None if capabilities is None else _to_json("capabilities", capabilities),
                     None if merged.emits is None else _to_json("emits", merged.emits),
                     merged.shutdown_timeout,
+                    merged.execution_mode,
+                    None if merged.review is None else int(merged.review),
+                    merged.on_error,
                 ),
             )
         return merged
+
+    # -- pending sessions (luanette.sessions)
+
+    def add_session(
+        self,
+        session_id: str,
+        *,
+        job_id: str | None,
+        user: str | None,
+        script_hash: str | None,
+        operations: builtins.list[Any],
+        created_at: float,
+    ) -> None:
+        """Keep a pending session (committed before this returns: it must survive a crash)."""
+        with self._write() as conn:
+            conn.execute(
+                "INSERT INTO sessions (session_id, job_id, script_hash, user, operations, created_at) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                (session_id, job_id, script_hash, user, _to_json("operations", operations), created_at),
+            )
+
+    def count_sessions(self) -> int:
+        """How many sessions are pending."""
+        return int(self._read("SELECT COUNT(*) FROM sessions")[0][0])
+
+    def list_sessions(self, job_id: str | None = None) -> builtins.list[dict[str, Any]]:
+        """Pending sessions, oldest first (all, or those of ``job_id``)."""
+        sql = f"SELECT {_SESSION_COLUMNS} FROM sessions"
+        args: builtins.list[Any] = []
+        if job_id is not None:
+            sql += " WHERE job_id = ?"
+            args.append(job_id)
+        return [_session_from_row(r) for r in self._read(sql + " ORDER BY created_at, session_id", args)]
+
+    def get_session(self, session_id: str) -> dict[str, Any] | None:
+        """One pending session with its operations, or None."""
+        rows = self._read(f"SELECT {_SESSION_COLUMNS} FROM sessions WHERE session_id = ?", (session_id,))
+        return _session_from_row(rows[0]) if rows else None
+
+    def remove_session(self, session_id: str) -> bool:
+        """Forget a pending session (committed or discarded); whether it was there."""
+        with self._write() as conn:
+            return conn.execute("DELETE FROM sessions WHERE session_id = ?", (session_id,)).rowcount > 0
 
     def get_script(self, hash: str) -> ScriptRecord | None:
         """The index entry for a script hash, or None."""

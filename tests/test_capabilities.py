@@ -97,6 +97,22 @@ async def test_a_script_gets_only_what_it_declares(client):
     assert result["store"].startswith("cas.store: permission_denied: cas.write is not granted")
 
 
+async def test_a_gated_call_checks_its_arguments_like_any_other(client):
+    # the gate's wrapper once hid the signature: a wrong argument count became
+    # "internal error in garden.seek" (and a traceback in the daemon's log)
+    done = await job(client, declaring("{'garden.read', 'garden.write', 'cas.read'}", """
+        function main()
+          local _, seek = pcall(garden.seek, 1, 2, 3)
+          local _, exists = pcall(cas.exists, "a", "b")
+          return {seek = seek, exists = exists}
+        end
+    """))
+    result = done["result"]
+    assert "garden.seek: wrong arguments (too many positional arguments)" in result["seek"], result
+    assert "cas.exists: wrong arguments" in result["exists"], result
+    assert "internal error" not in result["seek"] + result["exists"]
+
+
 async def test_an_uncaught_refusal_fails_the_job_with_its_kind(client):
     done = await job(client, declaring("{'cas.read'}", "function main() cas.store('x') end"))
     assert done["status"] == "failed" and done["error"]["kind"] == "permission_denied"

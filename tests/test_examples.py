@@ -37,7 +37,10 @@ def test_every_example_is_covered():
         "hello.lua", "midi_process.lua", "multi_variation.lua", "otel_example.lua", "transition.lua",
         # seed 002's garden.* scripts (transition.lua's garden side: tests/test_garden_flow.py)
         "start_playback.lua", "build_timeline.lua", "orchestrate_generation.lua", "query_regions.lua",
+        # seed 003's scripting model (require from examples/modules, core.all, a reviewed session)
+        "review_variations.lua",
     }  # fmt: skip
+    assert {p.name for p in (EXAMPLES / "modules").glob("*.lua")} == {"variations.lua"}
 
 
 async def test_hello(stack):
@@ -140,3 +143,39 @@ async def test_seed_002_garden_examples(garden_stack):
 
     rows = await job(c, "query_regions.lua")
     assert [row["id"] for row in rows] == [generated["region_id"]]
+
+
+async def test_review_variations(make_server):
+    """require + core.all over orpheus variations + a session kept for review, then
+    committed by a client: the garden sees the regions only after the commit."""
+    from hooteproto import types as t
+    from luanette.settings import parse_settings
+    from luanette.sim.garden import GardenSimServer
+
+    garden = GardenSimServer()
+    await garden.start()
+    try:
+        async with run_models("all", seed=3) as sim:
+            settings = parse_settings({
+                "garden": {"endpoint": garden.endpoint},
+                "backends": {"orpheus": {"url": sim.url, "concurrency": 4}},
+            })
+            running = await make_server(settings=settings, modules=str(EXAMPLES / "modules"))
+            async with Client(running.endpoint) as c:
+                digest = await store(c, (EXAMPLES / "review_variations.lua").read_text())
+                done = await wait_done(c, (await run(c, digest, {"count": 3, "at": 4, "beats": 8}))["job_id"])
+                assert done["status"] == "complete", done
+                result = done["result"]
+                made = result["variations"]
+                assert len(made) == 3 and result["operations"] == 3
+                assert all(v["notes"] > 0 for v in made)
+                assert sim.stats.by_task["generate"] == 3
+                assert garden.state.regions() == []  # held for review
+                (session,) = (await c.request(t.SessionList(job_id=done["job_id"]))).result
+                committed = await c.request(t.SessionCommit(session_id=session["session_id"]))
+                assert isinstance(committed, t.Success), committed
+        regions = sorted(garden.state.regions(), key=lambda r: r["position"])
+        assert [r["position"] for r in regions] == [4.0, 12.0, 20.0]
+        assert [r["artifact_id"] for r in regions] == [v["hash"] for v in made]
+    finally:
+        await garden.stop()

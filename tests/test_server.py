@@ -135,6 +135,7 @@ async def test_list_tools_names_every_served_request_with_a_schema(client):
         "script_store", "script_search", "lua_describe",
         "job_execute", "job_status", "job_list", "job_poll", "job_cancel",
         "read_resource", "list_resources", "timeline_event",
+        "session_list", "session_show", "session_commit", "session_discard",
     }  # fmt: skip
     schema = tools["lua_eval"].input_schema
     assert schema["type"] == "object"

@@ -16,7 +16,7 @@ from hooteproto.codec import (
     payload_codec,
     ready_codec,
 )
-from hooteproto.types import Envelope, variants, Payload, tag_of
+from hooteproto.types import LUANETTE_REQUESTS, Envelope, Payload, tag_of, variants
 
 VECTORS = Path(__file__).parent / "protocol-vectors"
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "protocol-vectors"
@@ -52,7 +52,8 @@ def test_vendored_vectors_match_shared():
 
 
 def test_every_payload_variant_has_a_vector():
-    tags = {tag_of(cls) for cls in variants(Payload)}
+    # Luanette's own requests (sessions) are not seed 001's and have no Rust vectors
+    tags = {tag_of(cls) for cls in variants(Payload) if cls not in LUANETTE_REQUESTS}
     assert len(tags) == 37
     assert tags == {d["variant"] for _, d in PAYLOADS}
 

@@ -90,6 +90,15 @@ def build_parser() -> argparse.ArgumentParser:
     li = job.add_parser("list", help="recent jobs, newest first")
     li.add_argument("--status", default=None, choices=[s.value for s in t.JobStatus])
 
+    ses = sub.add_parser("session", help="garden sessions kept for review (describe().review = true)").add_subparsers(
+        dest="action", required=True
+    )
+    sl = ses.add_parser("list", help="pending sessions, oldest first")
+    sl.add_argument("--job", default=None, metavar="JOB_ID", help="only the sessions of this job")
+    ses.add_parser("show", help="one pending session and its operations").add_argument("session_id")
+    ses.add_parser("commit", help="apply a pending session to the garden (all or nothing)").add_argument("session_id")
+    ses.add_parser("discard", help="drop a pending session").add_argument("session_id")
+
     wa = sub.add_parser("watch", help="print broadcasts (job states, progress) as they arrive")
     wa.add_argument("--pub", default=os.environ.get("LUANETTE_PUB", DEFAULT_PUB),
                     help=f"daemon PUB endpoint (default $LUANETTE_PUB or {DEFAULT_PUB})")
@@ -144,6 +153,16 @@ def build_request(args: argparse.Namespace) -> t.Payload:
                 return t.JobCancel(job_id=args.job_id)
             case _:
                 return t.JobList(status=args.status)
+    if args.command == "session":
+        match args.action:
+            case "list":
+                return t.SessionList(job_id=args.job)
+            case "show":
+                return t.SessionShow(session_id=args.session_id)
+            case "commit":
+                return t.SessionCommit(session_id=args.session_id)
+            case _:
+                return t.SessionDiscard(session_id=args.session_id)
     try:
         return payload_codec.decode(args.payload.encode(), Encoding.JSON)
     except DecodeError as e:
@@ -179,6 +198,14 @@ def render(args: argparse.Namespace, reply: t.Payload) -> str:
             return "\n".join(f"{j['job_id']}  {j['status']:<9}  {j['source']}" for j in jobs)
         case t.Success(result={"cancelled": True, "job_id": job_id}):
             return f"cancelled {job_id}"
+        case t.Success(result=list(found)) if command == "session" and action == "list":
+            return "\n".join(
+                f"{s['session_id']}  {s['operation_count']:>4} ops  {s['job_id'] or '-'}" for s in found
+            )
+        case t.Success(result={"committed": True, "session_id": sid, "operations": n}):
+            return f"committed {sid} ({n} operations)"
+        case t.Success(result={"discarded": True, "session_id": sid, "operations": n}):
+            return f"discarded {sid} ({n} operations)"
         case t.Success(result=result):
             return _dump(result)
     return _dump(msgspec.to_builtins(reply))

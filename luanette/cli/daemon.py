@@ -95,6 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="CAS root (default $HOOTENANNY_CAS_PATH, else ~/.hootenanny/cas)")
     serve.add_argument("--state-dir", default=None, metavar="DIR",
                        help="job and script database directory (default: the user state directory)")
+    serve.add_argument("--modules", default=None, metavar="DIR",
+                       help="directory of Lua modules for require() (default: none, only stored scripts)")
     serve.add_argument("--max-jobs", type=positive(int), default=d.max_jobs,
                        help=f"jobs running at once (default {d.max_jobs})")
     serve.add_argument("--job-queue", type=positive(int), default=d.job_queue,

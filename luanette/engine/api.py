@@ -25,7 +25,7 @@ from luanette.luaconv import NULL
 SANDBOX_GLOBALS: Final = frozenset(
     "assert error ipairs next pairs pcall xpcall print rawequal rawget rawlen rawset "
     "select setmetatable getmetatable tonumber tostring type _VERSION _G load "
-    "collectgarbage string table math utf8 coroutine os params args main core".split()
+    "collectgarbage string table math utf8 coroutine os params args main core require".split()
 )
 
 _LOG_METHODS: Final = {"debug": "debug", "info": "info", "warn": "warning", "error": "error"}
@@ -132,7 +132,11 @@ class ErrorDetail(msgspec.Struct, frozen=True):
     message: str  # the Lua message without the "script:3:" prefix
     line: int | None = None  # script line of the error, when the message names one
     stack: list[StackFrame] = []  # script frames, innermost first
-    hints: list[str] = []  # e.g. "did you mean 'print'?"
+    hints: list[str] = []  # e.g. "did you mean 'print'?"; only names that exist (engine/hints.py)
+    # lua_runtime and lua_syntax: why, finer than kind (nil_call, nil_index, type_error,
+    # arithmetic, missing_main, not_in_sandbox, user_error, ...; docs/lua.md#causes-and-hints)
+    cause: str | None = None
+    troubleshooting: list[str] = []  # what to check next, which docs or request to read
 
 
 class ScriptError(Exception):

@@ -50,6 +50,10 @@ class RunInfo(msgspec.Struct, array_like=True, omit_defaults=True):
     user: str | None = None  # who asked for the run: the client's CURVE key, "local" without CURVE
     creator: str | None = None  # the stored script's creator (jobs)
     trigger: dict[str, Any] | None = None  # the timeline event that started the job, and its rule
+    # describe()'s session fields (luanette.stdlib.session), appended last like the above
+    execution_mode: str = "session"  # "session" (garden edits go to an overlay) or "autoCommit"
+    review: bool = False  # keep the overlay as a pending session at the end of main
+    on_error: str = "abort"  # "skip": a failing namespace call returns nil and is recorded
 
 
 class Run(Message, tag="run"):

@@ -6,15 +6,13 @@ from Lua) into an ``ErrorDetail`` an AI caller can act on.
 
 from __future__ import annotations
 
-import difflib
 import re
-from collections.abc import Sequence
 from typing import Any, Final
 
+from luanette.engine import hints
 from luanette.engine.api import CancelToken, ErrorDetail, Limits, StackFrame
 
 MEMORY_MESSAGE: Final = "not enough memory"
-C_BOUNDARY: Final = "attempt to yield across a C-call boundary"
 
 
 def text(value: bytes | str) -> str:
@@ -30,49 +28,43 @@ def split_position(message: str, chunk_name: str) -> tuple[str, int | None]:
     return message[match.end() :], int(match.group(1))
 
 
-_NIL_NAME = re.compile(r"a nil value \((global|field|method) '([^']+)'\)")
-
-
-def did_you_mean(message: str, names: Sequence[str]) -> list[str]:
-    """Suggest the closest existing name for a nil global, field or method."""
-    match = _NIL_NAME.search(message)
-    if not match:
-        return []
-    kind, name = match.groups()
-    if kind == "global":
-        candidates = {n: n for n in names if "." not in n}
-    else:
-        candidates = {}
-        for qualified in names:
-            if "." in qualified:
-                candidates.setdefault(qualified.rsplit(".", 1)[1], qualified)
-    close = difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.6)
-    if not close:
-        return []
-    suggestion = candidates[close[0]] if kind == "field" else close[0]
-    return [f"did you mean '{suggestion}'?"]
-
-
-def runtime_detail(info: dict[str, Any], chunk_name: str, limits: Limits) -> ErrorDetail:
+def runtime_detail(
+    info: dict[str, Any], chunk_name: str, limits: Limits, source: bytes | str | None = None
+) -> ErrorDetail:
+    """A runtime error the sandbox described, with its cause, hints and troubleshooting
+    (luanette.engine.hints); ``source``, the script's own chunk, lets hints read the
+    failing line."""
     message, line = split_position(text(info["message"]), chunk_name)
     stack = frames(info)
     if message == MEMORY_MESSAGE:
         return memory_detail(limits, stack)
-    hints = did_you_mean(message, [text(n) for n in info.get("names", [])])
-    if message.startswith(C_BOUNDARY):
-        hints.append(
-            "call functions that wait for I/O before or after table.sort/string.gsub "
-            "(or similar), not from the callback you pass to them"
-        )
+    code = text(source) if source is not None else None
+    scene = hints.Scene.of(message, info, _line_of(code, chunk_name, stack, line), code)
+    cause, found, troubleshooting = hints.explain(scene)
     named = _NAMED_FAILURE.match(message)
     kind = named.group(1) if named and named.group(1) in NAMED_KINDS else "lua_runtime"
-    return ErrorDetail(kind, message, line, stack, hints)
+    return ErrorDetail(kind, message, line, stack, found, cause, troubleshooting)
+
+
+def _line_of(code: str | None, chunk_name: str, stack: list[StackFrame], line: int | None) -> str | None:
+    """The failing line of the script's own chunk (not of a module it required)."""
+    if code is None:
+        return None
+    if stack:
+        if stack[0].source != chunk_name or stack[0].line is None:
+            return None
+        line = stack[0].line
+    if line is None:
+        return None
+    lines = code.splitlines()
+    return lines[line - 1] if 0 < line <= len(lines) else None
 
 
 NAMED_KINDS = frozenset(
     {
         "cas_quota_exceeded", "log_quota_exceeded", "storage_full", "cas_read_only", "unavailable",
         "permission_denied", "read_only", "too_many_tasks",
+        "too_many_modules", "require_too_deep", "module_too_large",
     }  # fmt: skip
 )
 """Failures a namespace function reports as "<ns.fn>: <kind>: ..." (catchable with pcall);
@@ -86,8 +78,12 @@ def frames(info: dict[str, Any]) -> list[StackFrame]:
 
 
 def syntax_detail(raw: bytes | str, chunk_name: str) -> ErrorDetail:
+    """Code that does not compile: the parser's message, line, and what it usually means."""
     message, line = split_position(text(raw), chunk_name)
-    return ErrorDetail("lua_syntax", message, line)
+    return ErrorDetail(
+        "lua_syntax", message, line, hints=hints.syntax_hints(message), cause="syntax",
+        troubleshooting=list(hints.TROUBLESHOOTING["syntax"]),
+    )  # fmt: skip
 
 
 def memory_detail(limits: Limits, stack: list[StackFrame] | None = None) -> ErrorDetail:

@@ -50,7 +50,7 @@ import queue
 import threading
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, Final, TypeVar
 
 import anyio
@@ -84,6 +84,7 @@ from luanette.engine.errors import (
     unserializable_detail,
 )
 from luanette.luaconv import LUA_CODEC, from_lua, to_lua
+from luanette.modules import ModuleError
 
 # Seconds a worker thread may overrun the deadline (or a cancel) before it is abandoned.
 ABANDON_GRACE_S: Final = 1.0
@@ -306,6 +307,41 @@ class _Request(msgspec.Struct, frozen=True):
 
 # Bridge index of core.sleep's request (sandbox.lua's SLEEP): the driver sleeps itself.
 _SLEEP_INDEX: Final = -1
+# Bridge index of require's request for a module (sandbox.lua's MODULE): the run's
+# module loader answers it (in a worker: the front, see luanette.modules).
+_MODULE_INDEX: Final = -2
+# A module loader: (name, directory of the requiring module) -> {key, name, chunk, dir,
+# source}; raises ModuleError with the message the script sees.
+ModuleLoader = Callable[[str, str], Awaitable[Mapping[str, Any]]]
+
+
+class _ModuleSource(msgspec.Struct, frozen=True):
+    """A module the loader found, as it travels from the loop to the Lua thread, where
+    it is compiled (or found compiled) before the script sees it."""
+
+    key: str
+    name: str
+    chunk: str
+    dir: str
+    source: bytes
+
+    def packed(self, state: _State) -> bytes:
+        """The sandbox's module reply: key, name, chunk, dir, code, mode; the code is
+        bytecode this worker compiled from the same text when that compiles."""
+        code, mode = self.source, b"t"
+        cache_key = (self.chunk.encode(), self.source)
+        if len(self.source) <= MAX_CACHED_CHUNK:
+            bytecode = _chunks.get(cache_key)
+            if bytecode is None:
+                compiled = state.compile(self.source, b"=" + cache_key[0])
+                if isinstance(compiled, bytes):  # else (nil, message): the sandbox reports it
+                    bytecode = compiled
+                    _chunks.put(cache_key, bytecode)
+            else:
+                _count(chunk_hits=1)
+            if bytecode is not None:
+                code, mode = bytecode, b"b"
+        return to_lua([self.key, self.name, self.chunk, self.dir, code, mode])
 _NIL: Final = to_lua(None)
 
 
@@ -412,8 +448,11 @@ class _Killer:
 class _Bridge:
     """The Python callables of one run, called by index from Lua (0 is print)."""
 
-    def __init__(self, run: RunContext, namespaces: Sequence[Namespace], killer: _Killer) -> None:
+    def __init__(
+        self, run: RunContext, namespaces: Sequence[Namespace], killer: _Killer, modules: ModuleLoader | None = None
+    ) -> None:
         self._run = run
+        self._modules = modules
         self._namespaces = namespaces
         self.killer = killer
         self.calls = 0  # namespace calls the script made
@@ -436,6 +475,7 @@ class _Bridge:
             # rest of starting it.
             calls = [self._print, *([None] * (len(layout.qualnames) - 1))]
         self._calls = calls
+        self._made: dict[int, Mapping[str, Callable[..., Any]]] = {}  # by namespace position
         self._layout = layout
         self.qualnames = layout.qualnames
         self.spec = layout.spec
@@ -445,12 +485,11 @@ class _Bridge:
         function = self._calls[index]
         if function is None:
             position = self._layout.owners[index]
-            first = self._layout.firsts[position]
-            made = self._namespaces[position].functions(self._run).values()
-            for offset, made_function in enumerate(made):
-                self._calls[first + offset] = made_function
-            function = self._calls[index]
-            assert function is not None
+            made = self._made.get(position)
+            if made is None:
+                made = self._made[position] = self._namespaces[position].functions(self._run)
+            # by name, not all at once: a gated namespace wraps a function when it is asked for
+            function = self._calls[index] = made[self.qualnames[index].partition(".")[2]]
         return function
 
     def call_sync(self, index: int, packed: bytes) -> tuple[bool | None, bytes]:
@@ -482,19 +521,45 @@ class _Bridge:
 
     def qualname(self, index: int) -> str:
         """The Lua name of the function at a bridge index."""
+        if index == _MODULE_INDEX:
+            return "require"
         return "core.sleep" if index == _SLEEP_INDEX else self.qualnames[index]
 
-    async def call_async(self, request: _Request) -> tuple[bool, bytes]:
+    async def call_async(self, request: _Request) -> tuple[bool, bytes | _ModuleSource]:
         """Await an async namespace function on the loop for a waiting task."""
         index = request.index
         self.calls += 1
         if index == _SLEEP_INDEX:
             await asyncio.sleep(request.args / 1000)
             return True, _NIL
+        if index == _MODULE_INDEX:
+            return await self._module(request.args)
         try:
             return True, to_lua(await self._function(index)(*self._arguments(index, request.args)))
         except Exception as exc:  # every failure becomes a Lua error
             return False, self._failure(index, exc)
+
+    async def _module(self, packed: bytes) -> tuple[bool, bytes | _ModuleSource]:
+        """require's request: the module, or the message of a Lua error."""
+        name, base = from_lua(packed)
+        name, base = text(name), text(base)
+        if self._modules is None:
+            return False, f'module not found: "{name}" (modules are not available to this run)'.encode()
+        try:
+            found = await self._modules(name, base)
+            source = found["source"]
+            return True, _ModuleSource(
+                str(found["key"]),
+                str(found["name"]),
+                str(found["chunk"]),
+                str(found["dir"]),
+                source if isinstance(source, bytes) else str(source).encode(),
+            )
+        except ModuleError as exc:
+            return False, str(exc).encode()
+        except Exception:  # every failure becomes a Lua error
+            self._run.logger.exception("lua.module_error", module=name)
+            return False, b"internal error in require"
 
     def _print(self, line: bytes) -> None:
         self._run.script_log("info", text(line))
@@ -504,10 +569,7 @@ class _Bridge:
         while args and args[-1] is None:
             args.pop()
         if index not in self._signatures:
-            try:
-                self._signatures[index] = inspect.signature(self._function(index))
-            except (TypeError, ValueError):  # some builtins have none
-                self._signatures[index] = None
+            self._signatures[index] = _signature(self._function(index))
         signature = self._signatures[index]
         if signature is not None:
             try:
@@ -522,6 +584,40 @@ class _Bridge:
             return f"{qualname}: {exc.message}".encode()
         self._run.logger.exception("lua.namespace_error", function=qualname)
         return f"internal error in {qualname}".encode()
+
+
+# Signatures of namespace functions by code object: a namespace makes new closures for
+# every run, but of the same few code objects, and inspect.signature costs ~10 us.
+_signatures: dict[tuple[Any, ...], inspect.Signature | None] = {}
+_MAX_SIGNATURES: Final = 4096
+
+
+def _signature(function: Callable[..., Any]) -> inspect.Signature | None:
+    """What a call's arguments are checked against (None: anything goes)."""
+    inner = inspect.unwrap(function)
+    code = getattr(inner, "__code__", None)
+    if code is None:
+        return _signature_of(function)
+    kwdefaults = getattr(inner, "__kwdefaults__", None)
+    key = (code, inspect.ismethod(inner), getattr(inner, "__defaults__", None),
+           tuple(kwdefaults.items()) if kwdefaults else None)
+    try:
+        return _signatures[key]
+    except KeyError:
+        pass
+    except TypeError:  # unhashable defaults
+        return _signature_of(function)
+    signature = _signature_of(function)
+    if len(_signatures) < _MAX_SIGNATURES:
+        _signatures[key] = signature
+    return signature
+
+
+def _signature_of(function: Callable[..., Any]) -> inspect.Signature | None:
+    try:
+        return inspect.signature(function)
+    except (TypeError, ValueError):  # some builtins have none
+        return None
 
 
 class _Layout(msgspec.Struct, frozen=True):
@@ -550,7 +646,7 @@ class _Layout(msgspec.Struct, frozen=True):
         preludes: list[bytes | str] = []
         taken: set[str] = set()
         for position, (namespace, function_names) in enumerate(zip(namespaces, names, strict=True)):
-            _check_namespace_name(namespace.name, taken)
+            _check_namespace_name(namespace.name, taken, getattr(namespace, "core_extension", False))
             firsts.append(len(qualnames))
             prelude = getattr(namespace, "lua_prelude", None)
             if prelude:
@@ -569,8 +665,10 @@ class _Layout(msgspec.Struct, frozen=True):
 _layouts: dict[tuple[Any, ...], _Layout] = {}
 
 
-def _check_namespace_name(name: str, taken: set[str]) -> None:
-    if not name.isidentifier() or name in SANDBOX_GLOBALS or name in taken:
+def _check_namespace_name(name: str, taken: set[str], core_extension: bool = False) -> None:
+    # `core` belongs to the sandbox, which merges a namespace marked core_extension into it
+    usable = name not in SANDBOX_GLOBALS or (core_extension and name == "core")
+    if not name.isidentifier() or not usable or name in taken:
         raise ValueError(f"namespace name {name!r} is not usable as a Lua global")
     taken.add(name)
 
@@ -680,6 +778,9 @@ class _Session:
         and run them on."""
         assert self._step is not None
         try:
+            if any(isinstance(answer, _ModuleSource) for answer in answers):
+                assert self._state is not None
+                answers = [a.packed(self._state) if isinstance(a, _ModuleSource) else a for a in answers]
             reply = self._step(*answers)
             # (lupa gives a single returned value as itself, not as a tuple)
             return self._reply(*(reply if isinstance(reply, tuple) else (reply,)))
@@ -767,7 +868,7 @@ class _Session:
             stack = frames(info)
             detail = stopped_detail(self._killer.expire(), self._run.cancel, self._run.limits, stack)
         else:
-            detail = runtime_detail(info, self._chunk_name, self._run.limits)
+            detail = runtime_detail(info, self._chunk_name, self._run.limits, self._code)
         return self._final(_Final(error=detail))
 
     def _shutdown_reply(self, tag: bytes, values: tuple[Any, ...]) -> _Final:
@@ -777,7 +878,7 @@ class _Session:
         if tag == b"killed":
             self.shutdown_error = self._shutdown_stopped(self._killer.expire(), frames(from_lua(values[0])))
         elif tag == b"error":
-            self.shutdown_error = runtime_detail(from_lua(values[0]), self._chunk_name, self._run.limits)
+            self.shutdown_error = runtime_detail(from_lua(values[0]), self._chunk_name, self._run.limits, self._code)
         return self._final(_Final())
 
     def _lua_failure(self, exc: LuaError) -> _Final:
@@ -1000,9 +1101,11 @@ class _Driver:
         self._step: asyncio.Future[Any] | None = None  # the thread step being waited for
         self._abandon: asyncio.TimerHandle | None = None  # gives up on that step
         # the script's requests in progress, by number (several when core tasks wait)
-        self._pending: dict[int, tuple[_Request, asyncio.Task[tuple[bool, bytes]]]] = {}
+        self._pending: dict[int, tuple[_Request, asyncio.Task[tuple[bool, bytes | _ModuleSource]]]] = {}
         self._dropped: set[asyncio.Task[Any]] = set()  # cancelled requests not yet ended
         self._wake: asyncio.Future[None] | None = None  # set on a cancel while I/O is awaited
+        self._deadline_timer: asyncio.TimerHandle | None = None  # pokes the wait at the deadline
+        self._timer_for = 0.0  # the deadline it was set for
 
     async def run(self) -> _Final:
         """Run the script to its end; the runtime is released before returning."""
@@ -1132,36 +1235,49 @@ class _Driver:
                 self._dropped.add(entry[1])
                 entry[1].add_done_callback(self._dropped.discard)
         for number, request in waits.requests:
-            self._pending[number] = (request, self._loop.create_task(self._bridge.call_async(request)))
-        if self._killer.check() or not self._pending:
-            return None
-        if self._killer.cooperative():
-            return self._fail_waits()
-        self._wake = self._loop.create_future()
-        try:
-            waiting: list[asyncio.Future[Any]] = [self._wake, *(task for _, task in self._pending.values())]
-            done, _ = await asyncio.wait(
-                waiting,
-                timeout=max(0.0, self._killer.deadline - time.monotonic()),
-                return_when=asyncio.FIRST_COMPLETED,
-            )
-        finally:
-            self._wake.cancel()
-            self._wake = None
-        if self._killer.check() or not done:
-            return None
-        if self._killer.cooperative():
-            return self._fail_waits()
-        answers: list[Any] = []
-        for number, (request, task) in list(self._pending.items()):
-            if task.done():
-                del self._pending[number]
-                try:
-                    ok, payload = task.result()
-                except BaseException:  # (call_async turns every Exception into an answer)
-                    ok, payload = False, f"internal error in {self._bridge.qualname(request.index)}".encode()
-                answers += (number, ok, payload)
-        return answers
+            task = self._loop.create_task(self._bridge.call_async(request))
+            task.add_done_callback(self._poke)
+            self._pending[number] = (request, task)
+        # One wake-up future per wait, set by an answer, a cancel or the run's deadline
+        # timer (asyncio.wait would hang callbacks on every request and start a timer
+        # each time: a third of a worker's time with a thousand runs waiting).
+        while True:
+            if self._killer.check() or not self._pending:
+                return None
+            if self._killer.cooperative():
+                return self._fail_waits()
+            answers: list[Any] = []
+            for number, (request, task) in list(self._pending.items()):
+                if task.done():
+                    del self._pending[number]
+                    try:
+                        ok, payload = task.result()
+                    except BaseException:  # (call_async turns every Exception into an answer)
+                        ok, payload = False, f"internal error in {self._bridge.qualname(request.index)}".encode()
+                    answers += (number, ok, payload)
+            if answers:
+                return answers
+            self._arm_deadline()
+            self._wake = self._loop.create_future()
+            try:
+                await self._wake
+            finally:
+                self._wake = None
+
+    def _poke(self, _: object = None) -> None:
+        """Wake the wait for I/O, if the run is in one."""
+        wake = self._wake
+        if wake is not None and not wake.done():
+            wake.set_result(None)
+
+    def _arm_deadline(self) -> None:
+        # one timer per run, moved only when the deadline moves (on_shutdown's own)
+        deadline = self._killer.deadline
+        if self._deadline_timer is None or self._timer_for != deadline:
+            if self._deadline_timer is not None:
+                self._deadline_timer.cancel()
+            self._deadline_timer = self._loop.call_at(self._loop_deadline(0.0), self._poke)
+            self._timer_for = deadline
 
     def _fail_waits(self) -> list[Any]:
         """Cancelled, within the grace: every wait fails with a Lua error the script may
@@ -1184,6 +1300,9 @@ class _Driver:
 
     def _cancel_io(self) -> None:
         """Cancel every request in progress (the run is ending)."""
+        if self._deadline_timer is not None:
+            self._deadline_timer.cancel()
+            self._deadline_timer = None
         for _, task in self._pending.values():
             task.cancel()
             self._dropped.add(task)
@@ -1202,8 +1321,7 @@ class _Driver:
 
     def _on_cancel(self) -> None:
         # Loop thread.  A wait on I/O ends now; a thread step gets the grace to come back.
-        if self._wake is not None and not self._wake.done():
-            self._wake.set_result(None)
+        self._poke()
         if self._step is not None and self._abandon is not None:  # a thread step
             when = self._loop.time() + ABANDON_GRACE_S
             if self._killer.shutdown_cancels is None and self._killer.token.count < 2:
@@ -1232,6 +1350,7 @@ async def run_script(
     span: Any = None,
     log_sink: LogSink | None = None,
     on_shutdown_start: Callable[[float], object] | None = None,
+    modules: ModuleLoader | None = None,
 ) -> Outcome:
     """Run a Lua script in a fresh sandbox (on a warm state) and return its result.
 
@@ -1243,6 +1362,7 @@ async def run_script(
     the script's log lines instead.  ``span`` is the run's OpenTelemetry span for
     ``otel.*`` (default: the span current here).  ``on_shutdown_start`` is called (on
     the loop, with its time limit in seconds) when the script's on_shutdown begins.
+    ``modules`` finds what the script's ``require`` loads (None: nothing can be required).
 
     Raises ScriptError with an ErrorDetail for syntax and runtime errors, timeouts,
     cancellation, the memory limit, results that cannot be converted and params that
@@ -1272,7 +1392,7 @@ async def run_script(
     except (TypeError, ValueError, OverflowError) as exc:
         raise ScriptError(ErrorDetail("invalid_params", f"params cannot be passed to Lua: {exc}")) from None
     killer = _Killer(run.deadline, token, limits.cancel_grace_s)
-    bridge = _Bridge(run, namespaces, killer)
+    bridge = _Bridge(run, namespaces, killer, modules)
     session = _Session(code, packed_params, chunk_name, run, bridge, killer)
     final = await _Driver(session, bridge, killer, on_shutdown_start).run()
     if final.error is not None:

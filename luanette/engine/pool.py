@@ -51,6 +51,7 @@ from luanette.engine.services import error_to_wire
 from luanette.engine.worker import WorkerConfig
 from luanette.engine.zygote import FrameReader, write_frame
 from luanette.garden import GardenClient, GardenUnavailable
+from luanette.modules import ModuleError, Modules
 from luanette.settings import Settings
 from luanette.stdlib.otel import MAX_METRICS
 from luanette.stdlib.temp import DIR_PREFIX as TEMP_DIR_PREFIX
@@ -292,8 +293,13 @@ class Engine:
         garden: GardenClient | None = None,
         telemetry: Any = None,
         context: zmq.asyncio.Context | None = None,
+        modules: Modules | None = None,
+        sessions: Any = None,
     ) -> None:
         self.config = config
+        self._sessions = sessions  # luanette.sessions.Sessions: commits and pending sessions
+        # resolves require() for every worker (the front owns the script index)
+        self.modules = modules
         self.stats = EngineStats()
         self._backends = backends
         self._garden = garden
@@ -784,6 +790,20 @@ class Engine:
             packed, timeout = message.args
             reply = await self._garden.request(self._garden_requests.decode(packed), timeout=timeout)
             return self._garden_replies.encode(reply)
+        if message.service == "module":
+            if self.modules is None:
+                raise ModuleError("module not found: modules are not available to this daemon's runs")
+            name, base = message.args
+            return await self.modules.resolve(name, base)
+        if message.service == "session":
+            if self._sessions is None:
+                raise GardenUnavailable("no session service in this daemon")
+            action, ops, *about = message.args
+            if action == "commit":
+                return await self._sessions.commit(ops)
+            if action == "keep":
+                job_id, user, script_hash = about
+                return self._sessions.keep(ops, job_id=job_id, user=user, script_hash=script_hash)
         raise RuntimeError(f"unknown service {message.service!r}")
 
     def workers(self) -> list[Mapping[str, Any]]:

@@ -367,23 +367,114 @@ local function global_names()
   return names
 end
 
+-- String keys of a table (and of the table its metatable's __index is, where methods
+-- live), so a hint can suggest only names the indexed value really has.
+local function keys_of(t, limit)
+  local keys, seen = {}, {}
+  local mt = getmetatable(t)
+  local index = type(mt) == "table" and rawget(mt, "__index") or nil
+  for _, source in next, {t, type(index) == "table" and index or nil} do
+    for k in next, source do
+      if #keys >= limit then return keys end
+      if type(k) == "string" and #k <= 64 and not seen[k] then
+        seen[k] = true
+        keys[#keys + 1] = k
+      end
+    end
+  end
+  return keys
+end
+
+local error_fn, assert_fn = error, assert
+local MISSING_MAIN = "the script defines describe() but no global function main(params)"
+
+-- Where co's error was raised and what its innermost script frame could see:
+-- raiser is "script" (its error()/assert), "library" (a C function such as
+-- string.rep), "lua" (the VM, in script code) or "sandbox" (privileged code); scope
+-- lists the locals and upvalues of that frame with their types (and keys of tables).
+local function context_of(co)
+  local top = getinfo(co, 0, "Slf")
+  if not top then return nil end
+  local raiser
+  if top.what == "C" then
+    if rawequal(top.func, error_fn) or rawequal(top.func, assert_fn) then
+      local caller = getinfo(co, 1, "l")
+      raiser = caller and caller.currentline >= 0 and "script" or "sandbox"
+    else
+      raiser = "library"
+    end
+  else
+    raiser = top.currentline >= 0 and "lua" or "sandbox"
+  end
+  local level, info = 0
+  repeat
+    info = getinfo(co, level, "lf")
+    level = level + 1
+  until not info or info.currentline >= 0
+  local scope = {}
+  -- keys listed in all: a task failing in a loop (core.all_settled) pays for each
+  local budget = 1000
+  if info then
+    local function add(name, value)
+      if #scope >= 100 or type(name) ~= "string" or sub(name, 1, 1) == "(" or name == "_ENV" then return end
+      local entry = {name = name, type = type(value)}
+      if entry.type == "table" and not rawequal(value, NULL) and budget > 0 then
+        entry.keys = keys_of(value, budget < 200 and budget or 200)
+        budget = budget - #entry.keys
+      end
+      scope[#scope + 1] = entry
+    end
+    -- a later local shadows an earlier one of the same name, and locals shadow upvalues:
+    -- the first entry of a name is the one the line sees
+    local names, values = {}, {}
+    for i = 1, 200 do
+      local name, value = getlocal(co, level - 1, i)
+      if not name then break end
+      names[i], values[i] = name, value
+    end
+    for i = #names, 1, -1 do add(names[i], values[i]) end
+    for i = 1, 255 do
+      local name, value = getupvalue(info.func, i)
+      if not name then break end
+      add(name, value)
+    end
+  end
+  return {raiser = raiser, scope = scope}
+end
+
+local contexts = setmetatable({}, {__mode = "k"})  -- frames list -> context_of its error
+
 -- The frames of a coroutine that failed with err; when err came from core.await of a
--- failed task, that task's frames come first (innermost first).
+-- failed task, that task's frames come first (innermost first).  The error's context
+-- (see context_of) is kept beside the list, for describe.
 local function frames_with_tasks(co, err)
   local frames = frames_of(co)
-  if not (raised and rawequal(raised.err, err)) then return frames end
+  if not (raised and rawequal(raised.err, err)) then
+    if not (err == MEMORY_ERROR or killed) then
+      -- hints are a bonus: failing to gather them must not change how the error is told
+      local ok, context = pcall(context_of, co)
+      if ok then contexts[frames] = context end
+    end
+    return frames
+  end
   local all = {}
   for i = 1, #raised.frames do all[#all + 1] = raised.frames[i] end
   for i = 1, #frames do
     if #all >= 32 then break end
     all[#all + 1] = frames[i]
   end
+  contexts[all] = contexts[raised.frames]
   return all
 end
 
 local function describe(err)
   local info = {message = render(err), frames = frames_with_tasks(script_co, err)}
-  if not (err == MEMORY_ERROR or killed) then info.names = global_names() end
+  if not (err == MEMORY_ERROR or killed) then
+    info.names = global_names()
+    local context = contexts[info.frames]
+    if context then info.raiser, info.scope = context.raiser, context.scope end
+    if type(err) == "table" then info.raiser = "script" end  -- only error() raises a table
+  end
   return encode(info, "error", "described", true)
 end
 
@@ -404,6 +495,10 @@ local function runner()
   if type(main) == "function" then
     main_function = main
     result = main(params)
+  elseif result == nil and type(rawget(env, "describe")) == "function" then
+    -- a script that describes itself does its work in main: without one it would
+    -- "succeed" with nothing done (luanette.engine.errors: cause missing_main)
+    error(MISSING_MAIN, 0)
   end
   local ok, packed = pcall(encode, result, "result", "returned", false)
   if killed then error(KILL, 0) end
@@ -813,8 +908,156 @@ local function timeout(ms)
   end, EMPTY).handle
 end
 
-env.core = {spawn = spawn, await = await, all = all, all_settled = all_settled, race = race,
-  sleep = sleep, timeout = timeout}
+-- A namespace may add to `core` (core.commit, core.discard, core.overlay: the run's
+-- session, luanette/stdlib/session.py): its functions are bound before this point.
+local core = rawget(env, "core") or {}
+if core.overlay_operations then  -- (a flat name on the bridge; a prelude would cost every run)
+  core.overlay = {operations = core.overlay_operations}
+  core.overlay_operations = nil
+end
+core.spawn, core.await, core.all, core.all_settled = spawn, await, all, all_settled
+core.race, core.sleep, core.timeout = race, sleep, timeout
+env.core = core
+
+-- require --------------------------------------------------------------------------
+-- The front resolves every name (luanette/modules.py): require asks through the driver
+-- (an I/O request, like core.sleep's) and gets key, name, chunk, dir, code, mode.  The
+-- module runs in the script's own environment, in the requiring task.  Every table
+-- here is a local of this run: no module value or cache outlives it, and the next run
+-- on this state loads its modules anew.
+
+local MODULE = -2  -- bridge index of a module request
+qualnames[MODULE] = "require"
+local MAX_MODULES = 256           -- modules one run may load
+local MAX_RESOLVES = 4 * MAX_MODULES  -- names one run may ask the front about
+local MAX_REQUIRE_DEPTH = 64      -- modules loading at once (a requiring b requiring c ...)
+local MAX_MODULE_NAME = 256       -- bytes; longer names are refused before asking
+local loaded = {}        -- key -> the module's value
+local resolved = {}      -- dir .. "\0" .. name -> key of a loaded module (asked again: no request)
+local failed = {}        -- dir .. "\0" .. name -> why it could not be found
+local loading = {}       -- stack of {key, name, dir} of the modules whose chunks run now
+local dir_of_chunk = {}  -- a module's source ("=a/b.lua") -> its directory
+local modules_loaded, resolves = 0, 0
+
+-- A to-be-closed guard pops the loading stack however the chunk ends, without a pcall
+-- that would unwind the module's frames before an uncaught error is described.
+local POP = {__close = function() loading[#loading] = nil end}
+
+-- The directory relative requires start from: that of the module whose code calls
+-- require (the innermost script frame), the root for the top-level script.  A tail
+-- call (`return require("./x")`) leaves no frame of its caller: then the module being
+-- loaded, if any (that is a module's `return require(...)` at its top level), else
+-- nil: nobody can tell.
+local function caller_dir()
+  local level = 2
+  while true do
+    local info = getinfo(level, "Slt")
+    if not info then return "" end
+    if info.currentline >= 0 then return dir_of_chunk[info.source] or "" end
+    if info.istailcall then
+      local top = loading[#loading]
+      return top and top[3]
+    end
+    level = level + 1
+  end
+end
+
+local function require_error(message)
+  error(script_where() .. message, 0)
+end
+
+local function cycle(key, name)
+  local from = 1
+  for i = #loading, 1, -1 do
+    if loading[i][1] == key then from = i break end
+  end
+  local names = {}
+  for i = from, #loading do names[#names + 1] = loading[i][2] end
+  names[#names + 1] = name
+  return "circular require: " .. concat(names, " -> ")
+end
+
+local function require_module(name)
+  if type(name) ~= "string" then
+    require_error("bad argument #1 to 'require' (string expected, got " .. type(name) .. ")")
+  end
+  if #name > MAX_MODULE_NAME then
+    require_error(format("bad argument #1 to 'require' (module name too long: %d bytes, at most %d)", #name,
+      MAX_MODULE_NAME))
+  end
+  -- only relative names depend on where they are required from
+  local dir = ""
+  if sub(name, 1, 2) == "./" or sub(name, 1, 3) == "../" then
+    dir = caller_dir()
+    if dir == nil then
+      require_error(format("require: cannot tell what %q is relative to: 'return require(...)' in a function is a "
+        .. "tail call, which leaves no trace of its caller; write 'local m = require(...) return m'", name))
+    end
+  end
+  local asked = dir .. "\0" .. name
+  local key = resolved[asked]
+  if key ~= nil then return loaded[key] end
+  if failed[asked] then require_error(failed[asked]) end
+  if resolves >= MAX_RESOLVES then
+    require_error("require: too_many_modules: a run may look up at most " .. MAX_RESOLVES .. " module names")
+  end
+  resolves = resolves + 1
+  if not co_isyieldable() then require_error(c_boundary("require", "its module")) end
+  local ok, reply = co_yield(IO, MODULE, encode_args("passed", name, dir))
+  if killed then error(KILL, 0) end
+  if not ok then
+    -- a cancel fails only the waits of its grace: on_shutdown may ask again
+    if sub(reply, 1, 10) ~= "cancelled:" then failed[asked] = reply end
+    require_error(reply)
+  end
+  local module = decode(reply)
+  local module_name, chunk_name, module_dir, code, mode = module[2], module[3], module[4], module[5], module[6]
+  key = module[1]
+  if loaded[key] ~= nil then  -- the same module by another name
+    resolved[asked] = key
+    return loaded[key]
+  end
+  for i = 1, #loading do
+    if loading[i][1] == key then require_error(cycle(key, module_name)) end
+  end
+  if modules_loaded >= MAX_MODULES then
+    require_error("require: too_many_modules: a run may load at most " .. MAX_MODULES .. " modules")
+  end
+  if #loading >= MAX_REQUIRE_DEPTH then
+    require_error("require: require_too_deep: modules may require each other at most " .. MAX_REQUIRE_DEPTH .. " deep")
+  end
+  local chunk, syntax = load(code, "=" .. chunk_name, mode, env)
+  if not chunk then require_error(format("syntax error in %q: %s", name, syntax)) end
+  modules_loaded = modules_loaded + 1
+  dir_of_chunk["=" .. chunk_name] = module_dir
+  loading[#loading + 1] = {key, module_name, module_dir}
+  local value
+  do
+    local pop <close> = setmetatable({}, POP)
+    value = chunk(name, chunk_name)
+  end
+  if value == nil then value = true end  -- as Lua's require: loaded, nothing returned
+  loaded[key] = value
+  resolved[asked] = key
+  return value
+end
+
+-- require.try(name): nil and the message instead of an error (a kill still stops).
+local function try_require(name)
+  local ok, value = lib.pcall(require_module, name)  -- (pcall: a C frame caller_dir passes)
+  if killed then error(KILL, 0) end
+  if ok then return value end
+  return nil, value
+end
+
+env.require = setmetatable({try = try_require}, {
+  -- (not a tail call: caller_dir tells a script's `return require(...)` by it)
+  __call = function(_, name)
+    local value = require_module(name)
+    return value
+  end,
+  __metatable = "require",
+})
 
 main_task = {co = script_co, waiters = {}, children = {}}
 task_of[script_co] = main_task

@@ -11,6 +11,8 @@ import structlog
 
 from luanette.backends import BackendError, UnknownBackend
 from luanette.garden import GardenError, GardenUnavailable
+from luanette.modules import ModuleError
+from luanette.sessions import SessionError
 
 
 def error_to_wire(exc: Exception) -> dict[str, Any]:
@@ -28,8 +30,12 @@ def error_to_wire(exc: Exception) -> dict[str, Any]:
         return {"type": "unknown_backend", "message": str(exc.args[0]), "name": exc.name}
     if isinstance(exc, GardenUnavailable):
         return {"type": "garden_unavailable", "message": str(exc)}
+    if isinstance(exc, SessionError):
+        return {"type": "session", "code": exc.code, "message": exc.message}
     if isinstance(exc, GardenError):
         return {"type": "garden_error", "message": str(exc), "traceback": exc.traceback}
+    if isinstance(exc, ModuleError):
+        return {"type": "module", "message": str(exc)}
     structlog.get_logger("luanette.engine").exception("engine.service_failed")
     return {"type": "internal", "message": "internal error in the daemon; see its log"}
 
@@ -62,6 +68,10 @@ def error_from_wire(error: dict[str, Any]) -> Exception:
         return _RemoteUnknownBackend(error)
     if kind == "garden_unavailable":
         return GardenUnavailable(message)
+    if kind == "session":
+        return SessionError(str(error.get("code", "commit_failed")), message)
     if kind == "garden_error":
         return GardenError(message, error.get("traceback"))
+    if kind == "module":
+        return ModuleError(message)
     return RuntimeError(message)

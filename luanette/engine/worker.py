@@ -154,6 +154,25 @@ class RemoteGarden:
         return self._replies.decode(packed)
 
 
+class RemoteSessions:
+    """The front's session service (``luanette.sessions.Sessions``) as a run's overlay
+    uses it: commits and pending sessions happen in the front, in one place."""
+
+    def __init__(self, calls: _Calls, run_of: Any) -> None:
+        self._calls = calls
+        self._run_of = run_of
+
+    async def commit(self, ops: list[dict[str, Any]]) -> dict[str, str]:
+        """Apply ``ops`` all-or-nothing; the created regions' real ids."""
+        return dict(await self._calls.call(self._run_of(), "session", ["commit", ops]))
+
+    async def keep(
+        self, ops: list[dict[str, Any]], job_id: str | None, user: str | None, script_hash: str | None
+    ) -> str:
+        """Keep ``ops`` as a pending session; its id."""
+        return str(await self._calls.call(self._run_of(), "session", ["keep", ops, job_id, user, script_hash]))
+
+
 class _RemoteSpan(trace.NonRecordingSpan):
     """The run's span in the front, as ``otel.*`` sees it: its ids here, its events and
     attributes sent to the front (only when the front records the span)."""
@@ -252,6 +271,7 @@ class Worker:
             garden=garden,
             metrics=RemoteMetrics(self.send),
             fs_roots=settings.fs_roots(),
+            sessions=RemoteSessions(self._calls, current_run.get),
         )
 
     def send(self, message: ch.Message) -> None:
@@ -378,9 +398,21 @@ class Worker:
                 span=_RemoteSpan(span_context_of(info.traceparent), note, info.sampled),
                 log_sink=lambda level, text, fields: note("log", [level, text, fields]),
                 on_shutdown_start=lambda timeout_s: note("shutdown", [timeout_s]),
+                modules=lambda name, base: self._calls.call(number, "module", [name, base]),
             )
-            done = ch.Done(run=number, result=outcome.result, duration_ms=outcome.duration_ms)
+            result = outcome.result
+            session = runset.session
+            if session is not None:
+                if session.pending_operations():
+                    # the front's overdue timer must wait for the final commit
+                    note("shutdown", [session.commit_budget_s(self.config.settings.garden.timeout_s)])
+                result, kept = await session.finish(result)
+                if kept is not None:
+                    note("log", ["info", f"session {kept} kept for review (review = true)", {"session_id": kept}])
+            done = ch.Done(run=number, result=result, duration_ms=outcome.duration_ms)
         except ScriptError as e:
+            if runset is not None and runset.session is not None:
+                runset.session.discard()
             done = ch.Done(run=number, error=e.detail)
         except Exception:  # a bug here must cost one run, not the worker and its others
             log.exception("worker.run_failed", run=number)

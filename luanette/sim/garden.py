@@ -517,7 +517,11 @@ class GardenSimServer:
     applied on arrival, so state order is arrival order; the delay never blocks other
     requests); ``drop_every`` = N leaves every Nth request unanswered *and unapplied* (a
     lost message); ``unresponsive`` leaves every request unanswered and unapplied (a hung
-    daemon). Dropped requests still appear in :attr:`received`.
+    daemon). Dropped requests still appear in :attr:`received`. ``refuse`` maps a request
+    tag (``"delete_region"``) to how many more of those are applied before one is
+    refused: that one is answered ``Error`` and changes nothing, and the entry is
+    removed (a garden that refuses one request of a batch, for testing all-or-nothing
+    commits and their undo).
 
     :meth:`hold` keeps every reply back (requests are still applied on arrival) until
     :meth:`release` sends them, in order: a test can then have a request outstanding for
@@ -540,6 +544,7 @@ class GardenSimServer:
         self.latency_ms = latency_ms
         self.drop_every = drop_every
         self.unresponsive = unresponsive
+        self.refuse: dict[str, int] = {}
         self.received: list[g.ShellRequestMessage] = []
         self.log: list[Received] = []
         self.requests = 0
@@ -685,7 +690,14 @@ class GardenSimServer:
         if self.unresponsive or (self.drop_every and self.requests % self.drop_every == 0):
             log.debug("garden sim: leaving %s unanswered", rec.message.header.msg_id)
             return
-        content = self.state.handle(rec.message.content)
+        tag = _tag(rec.message.content)
+        if tag in self.refuse and self.refuse[tag] <= 0:
+            del self.refuse[tag]
+            content: g.ShellReply = g.Error(error=f"{tag} refused by the simulator's fault switch")
+        else:
+            if tag in self.refuse:
+                self.refuse[tag] -= 1
+            content = self.state.handle(rec.message.content)
         rec.reply = g.ShellReplyMessage.reply(rec.message.header, content)
         self._reply(rec.route, rec.reply, rec.encoding, hoot)
 

@@ -25,6 +25,10 @@ returns when the garden has answered.  Lua API::
     garden.reject(region_id, decided_by [, reason]) -> true
     garden.query(...)                        -> always an error: not_supported
 
+In a run's session mode (the default for daemon runs; luanette.stdlib.session) the
+region edits go to the run's overlay instead, ``get_regions`` sees it, and ids the
+overlay made are mapped to the garden's once committed (:meth:`GardenNamespace.run_functions`).
+
 Positions and durations are in beats.  A ``region_id`` argument is a UUID string, or any
 table with a ``region_id`` field (an entry of ``get_regions`` or ``get_pending``);
 ``decided_by`` is the UUID of the agent or person deciding.  ``get_regions`` with only a
@@ -50,13 +54,16 @@ import math
 import sys
 import uuid
 from collections.abc import Callable, Mapping
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from hooteproto import garden as g
 from hooteproto.types import tag_of
 from luanette.engine.api import LuaCallError, RunContext
 from luanette.garden import GardenClient, GardenError, GardenUnavailable
 from luanette.stdlib.paths import lua_type, shown
+
+if TYPE_CHECKING:
+    from luanette.stdlib.session import Overlay
 
 __all__ = ["BEHAVIORS", "CONTENT_TYPES", "GardenNamespace", "garden_namespace"]
 
@@ -233,7 +240,23 @@ class GardenNamespace:
         return True
 
     def functions(self, run: RunContext) -> Mapping[str, Callable[..., Any]]:
-        """The ``garden.*`` functions for one run (always the same names and kinds)."""
+        """The ``garden.*`` functions for one run (always the same names and kinds),
+        writing through to the garden (``execution_mode = "autoCommit"``)."""
+        return self.run_functions(run, None)
+
+    def run_functions(self, run: RunContext, overlay: Overlay | None) -> Mapping[str, Callable[..., Any]]:
+        """The ``garden.*`` functions for one run; with ``overlay`` (session mode) region
+        edits go to it and ``get_regions`` sees it (see luanette.stdlib.session)."""
+
+        def region(value: Any) -> uuid.UUID:
+            """A region id for a request that is never buffered (a committed provisional
+            id is mapped to the garden's)."""
+            rid = _uuid(value, "region_id")
+            return rid if overlay is None else uuid.UUID(overlay.for_garden(str(rid)))
+
+        async def garden_ids() -> list[str]:
+            reply = await self._call(run, g.GetRegions(range=None), g.Regions)
+            return [str(r.region_id) for r in reply.regions]
 
         # -- transport ------------------------------------------------------------
 
@@ -267,17 +290,26 @@ class GardenNamespace:
             duration = _beat(o["duration"], "opts.duration")
             behavior = _choice(o["behavior"], "opts.behavior", BEHAVIORS)
             content_id = _id(o["content_id"], "opts.content_id")
+            if overlay is not None:
+                return overlay.create(position, duration, behavior, content_id)
             body = g.PlayContent(artifact_id=content_id) if behavior == "play_content" else g.Latent(job_id=content_id)
             request = g.CreateRegion(position=position, duration=duration, behavior=g.Behavior.of(body))
             created = await self._call(run, request, g.RegionCreated)
             return str(created.region_id)
 
         async def delete_region(region_id: Any = None) -> bool:
-            return await self._ok(run, g.DeleteRegion(region_id=_uuid(region_id, "region_id")))
+            rid = _uuid(region_id, "region_id")
+            if overlay is not None:
+                overlay.delete(overlay.resolve(str(rid)), await garden_ids())
+                return True
+            return await self._ok(run, g.DeleteRegion(region_id=rid))
 
         async def move_region(region_id: Any = None, position: Any = None) -> bool:
-            request = g.MoveRegion(region_id=_uuid(region_id, "region_id"), new_position=_beat(position, "position"))
-            return await self._ok(run, request)
+            rid, beat = _uuid(region_id, "region_id"), _beat(position, "position")
+            if overlay is not None:
+                overlay.move(overlay.resolve(str(rid)), beat, await garden_ids())
+                return True
+            return await self._ok(run, g.MoveRegion(region_id=rid, new_position=beat))
 
         async def get_regions(start_beat: Any = None, end_beat: Any = None) -> list[dict[str, Any]]:
             span: tuple[float, float] | None = None
@@ -287,24 +319,28 @@ class GardenNamespace:
                 if end < start:
                     raise _invalid(f"end_beat ({end:g}) must not be before start_beat ({start:g})")
                 span = (start, end)
+            if overlay is not None and overlay.ops:
+                # the whole timeline: a region the overlay moved may come into the range
+                whole = await self._call(run, g.GetRegions(range=None), g.Regions)
+                return overlay.view([_region(r) for r in whole.regions], span)
             reply = await self._call(run, g.GetRegions(range=span), g.Regions)
             return [_region(r) for r in reply.regions]
 
         # -- latent lifecycle -----------------------------------------------------
 
         async def latent_started(region_id: Any = None, job_id: Any = None) -> bool:
-            request = g.UpdateLatentStarted(region_id=_uuid(region_id, "region_id"), job_id=_id(job_id, "job_id"))
+            request = g.UpdateLatentStarted(region_id=region(region_id), job_id=_id(job_id, "job_id"))
             return await self._ok(run, request)
 
         async def latent_progress(region_id: Any = None, progress: Any = None) -> bool:
-            rid = _uuid(region_id, "region_id")
+            rid = region(region_id)
             value = _number(progress, "progress")
             if not 0.0 <= value <= 1.0:
                 raise _invalid(f"progress must be within 0..1, got {value:g}")
             return await self._ok(run, g.UpdateLatentProgress(region_id=rid, progress=value))
 
         async def latent_resolved(region_id: Any = None, opts: Any = None) -> bool:
-            rid = _uuid(region_id, "region_id")
+            rid = region(region_id)
             o = _fields(opts, "opts", _RESOLVED_FIELDS)
             request = g.UpdateLatentResolved(
                 region_id=rid,
@@ -315,7 +351,7 @@ class GardenNamespace:
             return await self._ok(run, request)
 
         async def latent_failed(region_id: Any = None, error: Any = None) -> bool:
-            rid = _uuid(region_id, "region_id")
+            rid = region(region_id)
             text = _text(error, "error", limit=MAX_TEXT_CHARS)
             return await self._ok(run, g.UpdateLatentFailed(region_id=rid, error=text))
 
@@ -327,13 +363,13 @@ class GardenNamespace:
 
         async def approve(region_id: Any = None, decided_by: Any = None) -> bool:
             request = g.ApproveLatent(
-                region_id=_uuid(region_id, "region_id"), decided_by=_uuid(decided_by, "decided_by")
+                region_id=region(region_id), decided_by=_uuid(decided_by, "decided_by")
             )
             return await self._ok(run, request)
 
         async def reject(region_id: Any = None, decided_by: Any = None, reason: Any = None) -> bool:
             request = g.RejectLatent(
-                region_id=_uuid(region_id, "region_id"),
+                region_id=region(region_id),
                 decided_by=_uuid(decided_by, "decided_by"),
                 reason=None if reason is None else _text(reason, "reason", limit=MAX_TEXT_CHARS, empty=True),
             )

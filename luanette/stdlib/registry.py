@@ -36,6 +36,7 @@ from luanette.stdlib.log import LogNamespace
 from luanette.stdlib.midi import MidiNamespace
 from luanette.stdlib.otel import OtelNamespace
 from luanette.stdlib.progress import ProgressNamespace
+from luanette.stdlib.session import RunSession, SessionService
 from luanette.stdlib.temp import TempNamespace
 
 if TYPE_CHECKING:
@@ -56,14 +57,16 @@ class Toolbox:
         garden: GardenNamespace,
         metrics: Any,
         fs_roots: Mapping[str, Path] | None = None,
+        sessions: SessionService | None = None,
     ) -> None:
         self.cas = cas
         self.fs_roots = dict(fs_roots or {})  # [fs.roots]: what fs.* reaches
-        self.temp_root = temp_root
+        self.temp_root = Path(temp_root).expanduser().absolute()
         self.base: tuple[Namespace, ...] = (LogNamespace(), ClockNamespace(), JsonNamespace())
         self.otel = OtelNamespace(metrics)
         self.models = tuple(models)
         self.garden = garden
+        self.sessions = sessions  # the front's commit and keep (luanette.sessions)
 
 
 class RunSet:
@@ -72,6 +75,7 @@ class RunSet:
     def __init__(self, namespaces: list[Namespace], temp: TempNamespace | None = None) -> None:
         self.namespaces = namespaces
         self.temp = temp
+        self.session: RunSession | None = None  # eval and job runs: overlay, on_error
 
     def close(self) -> None:
         """Remove the run's temporary directory, if it made one (never raises)."""
@@ -93,12 +97,18 @@ def namespaces_for(
     run's grants, see luanette.capabilities) admit, gated by them; all of its kind when
     None. Raises ValueError for an unknown kind."""
     runset = _of_kind(kind, toolbox, job_id=job_id, script_hash=script_hash, progress=progress, info=info)
+    session = None
+    if kind != "describe":
+        session = runset.session = RunSession(info, toolbox.sessions)
+        runset.namespaces = session.base(runset.namespaces)
     if capabilities is not None:
         grants = Grants.of(capabilities)
         runset.namespaces = gate(runset.namespaces, grants)
         if kind != "describe" and (grants.has("fs.read") or grants.has("fs.write")):
             # fs is only ever declared: its globs are the run's own
             runset.namespaces.append(FsNamespace.from_capabilities(toolbox.fs_roots, capabilities))
+    if session is not None:
+        runset.namespaces = session.wrap(runset.namespaces)
     return runset
 
 

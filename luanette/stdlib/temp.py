@@ -65,7 +65,9 @@ class TempNamespace:
     name = "temp"
 
     def __init__(self, root: str | os.PathLike[str]) -> None:
-        self.root = Path(root).expanduser().absolute()
+        path = root if isinstance(root, Path) else Path(root)
+        # (every job makes one of these: skip the normalising a toolbox's root needs not)
+        self.root = path if path.is_absolute() else path.expanduser().absolute()
         self._dir: Path | None = None
         self._closed = False
         self._lock = threading.Lock()

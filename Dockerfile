@@ -10,8 +10,9 @@ WORKDIR /opt/luanette
 COPY pyproject.toml README.md ./
 COPY hooteproto ./hooteproto
 COPY luanette ./luanette
-RUN pip install .
+# before the install: luanette/examples links to it, and the package ships the examples
 COPY examples ./examples
+RUN pip install .
 COPY deploy ./deploy
 
 # The CAS and the job database live on volumes (see docker-compose.yml).

@@ -12,7 +12,10 @@ yields twins, which are instances of the canonical classes, so callers never see
 difference; encoding converts canonical instances to twins first. A struct class that
 sets ``__compact_map__ = True`` gets a twin that stays a map (its fields still point at
 twins): that is how serde writes an externally tagged enum, ``{"variant": body}``, in
-every encoding.
+every encoding. A class that names ``__compact_fields__`` gets a twin of just those
+fields (a sibling class, not a subclass, which would inherit the rest): extension
+fields a positional array cannot add without breaking seed 001 peers; decoding fills
+in their defaults.
 
 Every decoding failure raises :class:`DecodeError` and nothing else.
 """
@@ -76,10 +79,18 @@ def compact_twin(cls: type[msgspec.Struct]) -> type[msgspec.Struct]:
     if _is_twin(cls):
         return cls
     as_map = getattr(cls, "__compact_map__", False)
-    fields = [_twin_field(f, keep_default=as_map) for f in msgspec.structs.fields(cls)]
-    twin = msgspec.defstruct(
-        cls.__name__, fields, bases=(cls,), module=cls.__module__, array_like=not as_map
-    )
+    only = getattr(cls, "__compact_fields__", None)
+    fields = [
+        _twin_field(f, keep_default=as_map) for f in msgspec.structs.fields(cls) if only is None or f.name in only
+    ]
+    if only is None:
+        twin = msgspec.defstruct(cls.__name__, fields, bases=(cls,), module=cls.__module__, array_like=not as_map)
+    else:
+        config = cls.__struct_config__
+        twin = msgspec.defstruct(
+            cls.__name__, fields, bases=cls.__bases__, module=cls.__module__, array_like=True,
+            tag=config.tag, tag_field=config.tag_field,
+        )  # fmt: skip
     _CANONICAL[twin] = cls
     return twin
 
@@ -144,7 +155,8 @@ def _converter(tp: Any, convert: Callable[[Any], Any]) -> Callable[[Any], Any] |
 def _plan(cls: type[msgspec.Struct], target: type[msgspec.Struct]) -> tuple:
     convert = to_canonical if _is_twin(cls) else to_compact
     hints = typing.get_type_hints(target, include_extras=True)
-    return tuple((name, _converter(hints[name], convert)) for name in cls.__struct_fields__)
+    # (a twin of __compact_fields__ has fewer fields than its class: only shared ones)
+    return tuple((name, _converter(hints[name], convert)) for name in cls.__struct_fields__ if name in hints)
 
 
 def _rebuild(obj: msgspec.Struct, target: type[msgspec.Struct]) -> msgspec.Struct:

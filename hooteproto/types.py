@@ -92,7 +92,11 @@ class JobInfo(Model, kw_only=True):
     started_at: U64 | None = None
     completed_at: U64 | None = None
     progress: Any = None
-    """Luanette's extension: ``{percent, message}`` last reported by a running job."""
+    """Luanette's extension: ``{percent, message, script_percent}``, the job's progress
+    (server milestones and the script's own reports; kept after it ends)."""
+    tags: list[str] | msgspec.UnsetType = msgspec.UNSET
+    """Luanette's extension: the job's tags (``job_execute``'s, then the script's
+    ``describe().tags``); absent when there are none, so seed 001 peers see no change."""
 
 
 class JobStoreStats(Model):
@@ -395,10 +399,19 @@ class ConfigUpdate(Variant, tag="config_update"):
     value: Any
 
 
-class ShutdownNotice(Variant, tag="shutdown"):
-    """``Broadcast::Shutdown``: the daemon is going away."""
+class ShutdownNotice(Variant, tag="shutdown", omit_defaults=True):
+    """``Broadcast::Shutdown``: the daemon is going away.
+
+    ``phase`` and ``deadline`` are Luanette's extensions, absent when unset so the
+    seed's form is unchanged: ``"draining"`` at the start of a drain with ``deadline``
+    (Unix seconds: running jobs are cancelled then), ``"stopped"`` when it is done.
+    The compact form (an array, positional) carries only the seed's ``reason``."""
+
+    __compact_fields__ = ("reason",)
 
     reason: str
+    phase: str | None = None
+    deadline: float | None = None
 
 
 class ScriptInvalidate(Variant, tag="script_invalidate"):
@@ -418,11 +431,13 @@ class JobStateChanged(Variant, tag="job_state_changed"):
 
 
 class Progress(Variant, tag="progress"):
-    """A running job reported progress (``percent`` 0..100)."""
+    """A running job reported progress: ``percent`` 0..100 is the job's (the script's
+    own ``script_percent`` scaled into 10..90, docs/jobs.md)."""
 
     job_id: str
     percent: float
     message: str | None = None
+    script_percent: float | None = None
 
 
 class LogLine(Variant, tag="log"):

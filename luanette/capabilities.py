@@ -28,15 +28,19 @@ from luanette.stdlib.fs import check_glob
 
 # --- the tables ------------------------------------------------------------------------
 
-ALWAYS: Final = frozenset({"log", "clock", "json", "otel", "progress", "context", "job", "core"})
+ALWAYS: Final = frozenset({"log", "clock", "json", "otel", "progress", "context", "job", "core", "hootenanny"})
 """Namespaces every run gets, declared or not (seed 003's always-available modules, with
-our clock, otel, progress and job; ``params``/``args`` and ``require`` are not namespaces)."""
+our clock, otel, progress and job; ``params``/``args`` and ``require`` are not namespaces).
+``hootenanny`` (the upstream tool bridge, luanette.stdlib.upstream) only forwards to
+other namespaces, so what it reaches is what the run was granted."""
 
 SCOPED: Final = frozenset({"model", "fs.read", "fs.write", "net.http.client"})
 """Capabilities that take a scope (``name:scope``); a missing scope means ``*``."""
 
-PLAIN: Final = frozenset({"garden.read", "garden.write", "cas.read", "cas.write", "midi", "temp"})
-"""Capabilities without a scope."""
+PLAIN: Final = frozenset({"garden.read", "garden.write", "cas.read", "cas.write", "midi", "abc", "audio", "temp"})
+"""Capabilities without a scope.  ``abc`` and ``audio`` (upstream's namespaces) are like
+``midi``: the namespace reads and writes its own files in the CAS and the temp directory
+(its CAS writes count against the run's quota), so it needs neither cas.* nor temp."""
 
 MODEL_NAMESPACES: Final = frozenset({"orpheus", "musicgen", "llm"})
 """Namespaces granted by ``model:<name>`` (``model:*`` grants them all)."""
@@ -46,6 +50,8 @@ NAMESPACE_NEEDS: Final[Mapping[str, tuple[str, ...]]] = {
     "cas": ("cas.read", "cas.write"),
     "garden": ("garden.read", "garden.write"),
     "midi": ("midi",),
+    "abc": ("abc",),
+    "audio": ("audio",),
     "temp": ("temp",),
     "fs": ("fs.read", "fs.write"),
     "backend": ("net.http.client",),
@@ -69,12 +75,17 @@ CALL_SCOPE: Final[Mapping[tuple[str, str], tuple[str, int]]] = {
     ("backend", "call"): ("net.http.client", 0),
 }
 
-LEGACY: Final = ("model:*", "garden.read", "garden.write", "cas.read", "cas.write", "net.http.client:*", "midi", "temp")
+LEGACY: Final = (
+    "model:*", "garden.read", "garden.write", "cas.read", "cas.write", "net.http.client:*", "midi", "temp",
+    "abc", "audio",
+)  # fmt: skip
 """What a job of a script that declares nothing gets by default: every namespace jobs had
-before capabilities (so today's examples run unchanged); not ``fs``."""
+before capabilities (so today's examples run unchanged), and upstream's abc and audio;
+not ``fs``."""
 
-EVAL_DEFAULT: Final = ("garden.read", "garden.write")
-"""What ``lua_eval`` gets by default: what it had before capabilities."""
+EVAL_DEFAULT: Final = LEGACY
+"""What ``lua_eval`` gets by default: the job stdlib (upstream's eval had all of it);
+``[policy] eval`` narrows it."""
 
 
 class CapabilityError(ValueError):

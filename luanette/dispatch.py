@@ -17,21 +17,26 @@ import msgspec
 import structlog
 
 from hooteproto import types as t
-from luanette import cas
+from luanette import apiref, cas
 from luanette import params as params_mod
 from luanette.auth import ANYONE, Caller
 from luanette.broadcast import Publisher
 from luanette.capabilities import CapabilityError, Policy
+from luanette.completions import CompletionError, Completions
 from luanette.config import Config
 from luanette.engine.api import CancelToken, ErrorDetail, Limits, ScriptError
 from luanette.engine.channel import RunInfo
 from luanette.engine.pool import Engine, RunHooks
 from luanette.faults import StorageFault
 from luanette.jobs import JobError, Jobs
-from luanette.scripts import ScriptProblem, Scripts
+from luanette.prompts import PromptError, Prompts
+from luanette.resources import ResourceError, Resources
+from luanette.scripts import ManifestError, ScriptProblem, Scripts
 from luanette.sessions import SessionError, Sessions
+from luanette.settings import Settings
 from luanette.store import ScriptRecord
 from luanette.telemetry import Span, Telemetry, script_attributes, span_ids, traceparent_of
+from luanette.tooldocs import describe_schema
 from luanette.triggers import TriggerError, Triggers
 
 log = structlog.get_logger("luanette.dispatch")
@@ -179,6 +184,11 @@ class Dispatcher:
             {"retry_after_ms": int(config.queue_target_s * 1000)},
         )
         self._limits = limits
+        self._reference: apiref.Reference | None = None
+        # resources, prompts and completions (luanette/resources.py, ...): what AI clients read
+        self.resources = Resources(jobs=jobs, scripts=scripts, tools=self.tools, reference=self.reference)
+        self.prompts = Prompts(jobs=jobs, scripts=scripts, reference=self.reference)
+        self.completions = Completions(jobs=jobs, scripts=scripts, reference=self.reference)
         self._handlers: dict[type, Handler] = {
             t.Ping: self.ping,
             t.Register: self.register,
@@ -195,6 +205,9 @@ class Dispatcher:
             t.JobCancel: self.job_cancel,
             t.ReadResource: self.read_resource,
             t.ListResources: self.list_resources,
+            t.ListPrompts: self.list_prompts,
+            t.GetPrompt: self.get_prompt,
+            t.Complete: self.complete,
             t.TimelineEvent: self.timeline_event,
             t.SessionList: self.session_list,
             t.SessionShow: self.session_show,
@@ -210,7 +223,9 @@ class Dispatcher:
             return error("unsupported", f"luanette does not serve '{tag}' requests", {"type": tag})
         try:
             return await handler(payload, ctx)
-        except (JobError, TriggerError) as e:
+        except JobError as e:
+            return error(e.code, str(e), e.details)
+        except TriggerError as e:
             return error(e.code, str(e))
         except SessionError as e:
             return error(e.code, e.message)
@@ -227,14 +242,15 @@ class Dispatcher:
 
     def tools(self) -> list[t.ToolInfo]:
         """A ToolInfo for each request type this dispatcher serves."""
-        return [
-            t.ToolInfo(
-                name=t.tag_of(cls),
-                description=(cls.__doc__ or t.tag_of(cls)).strip().splitlines()[0],
-                input_schema=input_schema(cls),
-            )
-            for cls in self._handlers
-        ]
+        tools = []
+        for cls in self._handlers:
+            tag, schema = t.tag_of(cls), input_schema(cls)
+            try:
+                description, schema = describe_schema(tag, schema)
+            except KeyError:  # undocumented (tests/test_tool_docs.py fails): say at least what it is
+                description = (cls.__doc__ or tag).strip().splitlines()[0]
+            tools.append(t.ToolInfo(name=tag, description=description, input_schema=schema))
+        return tools
 
     # --- handlers --------------------------------------------------------------------
 
@@ -270,7 +286,7 @@ class Dispatcher:
                 params_mod.check_representable(p.params)
             except params_mod.InvalidParams as e:  # a nil key, an extension, ...
                 self._uncount(ctx)
-                return error("invalid_params", str(e))
+                return error("invalid_params", str(e), e.details())
         refusal = await self._admit(ctx)
         if refusal is not None:
             return refusal
@@ -369,6 +385,8 @@ class Dispatcher:
             return lua_error(e.detail)
         except CapabilityError as e:
             return error("invalid_params", f"describe().capabilities: {e}", {"reason": "capabilities"})
+        except ManifestError as e:
+            return error("invalid_params", str(e), e.details())
         self._publisher.publish(t.ScriptInvalidate(hash=record.hash))
         result: dict[str, Any] = {
             "hash": record.hash,
@@ -393,8 +411,11 @@ class Dispatcher:
         return t.Success(result=described.value)
 
     async def job_execute(self, p: t.JobExecute, ctx: RequestContext) -> t.Payload:
-        info = await self.jobs.submit(cas.parse_hash(p.script_hash), p.params, p.tags, user=user_of(ctx.caller))
-        return t.Success(result={"job_id": info.job_id, "script_hash": info.source})
+        done = await self.jobs.submit_checked(cas.parse_hash(p.script_hash), p.params, p.tags, user=user_of(ctx.caller))
+        result: dict[str, Any] = {"job_id": done.info.job_id, "script_hash": done.info.source}
+        if done.warnings:  # (absent when there are none: the reply stays as it was)
+            result["warnings"] = done.warnings
+        return t.Success(result=result)
 
     async def job_status(self, p: t.JobStatusRequest, ctx: RequestContext) -> t.Payload:
         return t.Success(result=msgspec.to_builtins(self.jobs.status(p.job_id)))
@@ -436,15 +457,38 @@ class Dispatcher:
         ctx.log.info("session.discarded", session_id=p.session_id, operations=done["operations"])
         return t.Success(result=done)
 
+    def reference(self) -> apiref.Reference:
+        """The Lua API reference (built on first use from the registry the workers bind)."""
+        if self._reference is None:
+            settings = getattr(getattr(self._engine, "config", None), "settings", None)
+            self._reference = apiref.build(settings if settings is not None else Settings(), self.scripts.cas)
+        return self._reference
+
     async def read_resource(self, p: t.ReadResource, ctx: RequestContext) -> t.Payload:
-        if p.uri == STATS_URI:
+        if p.uri == STATS_URI:  # the older name, in its older shape: the bare counts
             return t.Success(result=msgspec.to_builtins(self.jobs.stats()))
-        return error("not_found", f"no resource {p.uri!r}; see list_resources")
+        try:
+            return t.Success(result=await self.resources.read(p.uri))
+        except ResourceError as e:
+            return error(e.code, e.message, e.details)
 
     async def list_resources(self, p: t.ListResources, ctx: RequestContext) -> t.Payload:
-        return t.Success(
-            result=[{"uri": STATS_URI, "description": "job counts by state", "mime_type": "application/json"}]
-        )
+        return t.Success(result=self.resources.list())
+
+    async def list_prompts(self, p: t.ListPrompts, ctx: RequestContext) -> t.Payload:
+        return t.Success(result=self.prompts.list())
+
+    async def get_prompt(self, p: t.GetPrompt, ctx: RequestContext) -> t.Payload:
+        try:
+            return t.Success(result=await self.prompts.get(p.name, p.arguments))
+        except PromptError as e:
+            return error(e.code, e.message, e.details)
+
+    async def complete(self, p: t.Complete, ctx: RequestContext) -> t.Payload:
+        try:
+            return t.Success(result=self.completions.complete(p.context, p.partial))
+        except CompletionError as e:
+            return error(e.code, e.message)
 
 
 STATS_URI = "luanette://jobs/stats"

@@ -29,14 +29,14 @@ from opentelemetry import context as otel_context
 from hooteproto.types import JobInfo, JobStateChanged, JobStatus, JobStoreStats, PollMode, Progress
 from luanette import params as params_mod
 from luanette.broadcast import Publisher
-from luanette.capabilities import Grants, Policy
-from luanette.cas import CasError
+from luanette.capabilities import CapabilityError, Grants, Policy
+from luanette.cas import CasError, NotFound
 from luanette.engine.api import CancelToken, Limits, ScriptError
 from luanette.engine.channel import RunInfo
 from luanette.engine.pool import Engine, RunHooks
 from luanette.faults import STORAGE_FULL, StorageFault
 from luanette.groupcommit import GroupCommit
-from luanette.scripts import Scripts
+from luanette.scripts import ManifestError, ScriptProblem, Scripts
 from luanette.stdlib.temp import TempNamespace
 from luanette.store import FINISHED, ScriptRecord, Store
 from luanette.telemetry import StatusCode, Telemetry, script_attributes, span_ids, traceparent_of
@@ -50,14 +50,34 @@ REWRITE_FIRST_S = 0.25
 REWRITE_MAX_S = 5.0
 """How soon, and at most how long apart, a job's final state that could not be written
 (a full disk, a locked database) is tried again."""
+PROGRESS_STARTED = 10.0
+PROGRESS_SCRIPT_END = 90.0
+"""Server-side milestones of ``progress.percent`` (0-100): queued 0, started 10, the
+script's own 0-100 scaled into 10-90, complete 100 (docs/jobs.md)."""
+MAX_WARNED_PARAMS = 20
+"""Undeclared param names listed in a job's warning."""
 
 
 class JobError(Exception):
-    """A job request that cannot be honoured; ``code`` is the protocol error code."""
+    """A job request that cannot be honoured; ``code`` is the protocol error code and
+    ``details`` the reply's structured details (None: none)."""
 
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: str, message: str, details: Any = None) -> None:
         super().__init__(message)
         self.code = code
+        self.details = details
+
+
+class Submitted(msgspec.Struct):
+    """A queued job and what its caller should know: ``warnings`` such as
+    ``{code: "unknown_params", params, message}``."""
+
+    info: JobInfo
+    warnings: list[dict[str, Any]] = []
+
+
+def _progress(percent: float, message: str | None = None, script_percent: float | None = None) -> dict[str, Any]:
+    return {"percent": percent, "message": message, "script_percent": script_percent}
 
 
 class PollResult(msgspec.Struct):
@@ -80,7 +100,7 @@ class _Live:
         self.params = params
         self.capabilities = capabilities  # what the run is granted
         self.cancel = CancelToken()
-        self.progress: dict[str, Any] | None = None
+        self.progress: dict[str, Any] = _progress(0.0)  # queued
         # the context of the request that queued the job: its span is the job's parent
         self.trace_context = otel_context.get_current()
         # for context.* (see Jobs.submit)
@@ -226,20 +246,36 @@ class Jobs:
 
         Raises :class:`JobError` ``not_found`` (no such script), ``invalid_params``
         (params a script cannot be given, naming the place, or params that do not fit
-        its describe()) or ``busy`` (the queue is full).
+        its describe(), with ``details.problems``), ``lua_error`` (a script in the CAS
+        that script_store would refuse) or ``busy`` (the queue is full).
         """
+        return (await self.submit_checked(script_hash, params, tags, user=user, trigger=trigger)).info
+
+    async def submit_checked(
+        self,
+        script_hash: str,
+        params: Any,
+        tags: list[str] | None,
+        *,
+        user: str | None = None,
+        trigger: dict[str, Any] | None = None,
+    ) -> Submitted:
+        """:meth:`submit`, with the warnings for its caller (params the script does not
+        declare, accepted)."""
         try:
             params_mod.check_representable(params, json_keys=True)
         except params_mod.InvalidParams as e:
-            raise JobError("invalid_params", str(e)) from None
-        record = self.scripts.record(script_hash)
-        if record is None and not self.scripts.cas.exists(script_hash):
-            raise JobError("not_found", f"no stored script {script_hash}")
-        if record is not None:
-            try:
-                params = params_mod.validate(record.params_schema, params)
-            except params_mod.InvalidParams as e:
-                raise JobError("invalid_params", f"params do not fit {record.name or script_hash}: {e}") from None
+            raise JobError("invalid_params", str(e), e.details()) from None
+        record, new = await self._resolve(script_hash)
+        try:
+            checked = params_mod.validate(
+                record.params_schema, params, additional=record.additional_params is not False
+            )
+        except params_mod.InvalidParams as e:
+            raise JobError(
+                "invalid_params", f"params do not fit {record.name or script_hash}: {e}", e.details()
+            ) from None
+        params = checked.params
         grants = self._grants(record, script_hash)  # before the job exists: a refusal costs nothing
         # The queue itself is the limit (live jobs also count the ones running, and a
         # worker between two jobs would let one more in than the queue can hold).
@@ -247,6 +283,9 @@ class Jobs:
             raise JobError(
                 "busy", f"{self.max_jobs} jobs are running and {self._queue_size} are queued; try again shortly"
             )
+        if new:
+            record = self.scripts.adopt(record)
+        tags = list(dict.fromkeys([*(tags or []), *(record.declared_tags or [])])) or tags
         job_id = _new_job_id()
         write = self.store.create_job_op(job_id, script_hash, params, tags, time.time())
         self._reserved += 1
@@ -256,14 +295,42 @@ class Jobs:
             self._reserved -= 1
         live = _Live(job_id, script_hash, params, grants.texts())
         live.user, live.trigger = user, trigger
-        live.creator = record.creator if record is not None else None
-        live.shutdown_timeout = record.shutdown_timeout if record is not None else None
-        if record is not None:
-            live.session = (record.execution_mode, record.review, record.on_error)
+        live.creator = record.creator
+        live.shutdown_timeout = record.shutdown_timeout
+        live.session = (record.execution_mode, record.review, record.on_error)
         self._live[job_id] = live
         self._send.send_nowait(live)
         self._announce(job_id, JobStatus.PENDING)
-        return info
+        warnings = []
+        if checked.unknown:
+            names = checked.unknown[:MAX_WARNED_PARAMS]
+            more = len(checked.unknown) - len(names)
+            listed = ", ".join(names) + (f" and {more} more" if more else "")
+            message = (
+                f"params the script does not declare were accepted: {listed} "
+                "(describe().additional_params = false refuses them)"
+            )
+            warnings.append({"code": "unknown_params", "params": names, "message": message})
+            log.warning("job.unknown_params", job_id=job_id, script_hash=script_hash, params=names)
+        return Submitted(info, warnings)
+
+    async def _resolve(self, script_hash: str) -> tuple[ScriptRecord, bool]:
+        """The script's index entry (see Scripts.resolve), its refusals as JobError."""
+        try:
+            return await self.scripts.resolve(script_hash)
+        except NotFound:
+            raise JobError("not_found", f"no stored script {script_hash}") from None
+        except ScriptProblem as e:
+            where = f" (line {e.detail.line})" if e.detail.line is not None else ""
+            message = f"{script_hash} cannot run: {e.detail.kind}: {e.detail.message}{where}"
+            raise JobError("lua_error", message, msgspec.to_builtins(e.detail)) from None
+        except CapabilityError as e:
+            raise JobError("invalid_params", f"describe().capabilities: {e}", {"reason": "capabilities"}) from None
+        except ManifestError as e:
+            raise JobError("invalid_params", f"{script_hash}: {e}", e.details()) from None
+        except CasError as e:  # (an InvalidHash never gets here: the hash was parsed)
+            message = f"{script_hash} is not a script Luanette can run: {e}"
+            raise JobError("invalid_params", message, {"reason": "not_a_script"}) from None
 
     def _grants(self, record: ScriptRecord | None, script_hash: str) -> Grants:
         """What a job of this script is granted; JobError ``permission_denied`` when it
@@ -284,7 +351,7 @@ class Jobs:
         if info is None:
             raise JobError("not_found", f"no job {job_id!r}")
         live = self._live.get(job_id)
-        if live is not None and live.progress is not None:
+        if live is not None:
             info.progress = live.progress
         return info
 
@@ -377,13 +444,22 @@ class Jobs:
             else:
                 self._live.pop(live.job_id, None)
             return
+        live.progress = _progress(PROGRESS_STARTED)
         self._announce(live.job_id, JobStatus.RUNNING)
         record = self.scripts.record(live.script_hash)
         name = record.name if record and record.name else None
         with self._telemetry.span(
             "luanette.script.execute",
             parent=live.trace_context,
-            attributes=script_attributes(live.script_hash, name, live.job_id),
+            attributes=script_attributes(
+                live.script_hash,
+                name,
+                live.job_id,
+                creator=live.creator,
+                # without the script's manifest no param is known not to be secret
+                params=live.params if record is not None else None,
+                schema=record.params_schema if record is not None else None,
+            ),
         ) as span:
             # bound on first use: most jobs never log, and binding costs more than a
             # trivial job's other bookkeeping in the front
@@ -447,10 +523,15 @@ class Jobs:
         }
 
     def _progress_reporter(self, live: _Live) -> Callable[[float, str | None], None]:
+        span = PROGRESS_SCRIPT_END - PROGRESS_STARTED
+
         def report(percent: float, message: str | None) -> None:
             # on the loop: the engine hands over its workers' progress notes there
-            live.progress = {"percent": percent, "message": message}
-            self._publisher.publish(Progress(job_id=live.job_id, percent=percent, message=message))
+            overall = round(PROGRESS_STARTED + span * percent / 100, 4)
+            live.progress = _progress(overall, message, percent)
+            self._publisher.publish(
+                Progress(job_id=live.job_id, percent=overall, message=message, script_percent=percent)
+            )
 
         return report
 
@@ -465,7 +546,9 @@ class Jobs:
                 # its reply reads the result); the worker will skip it.
                 error = {"kind": "cancelled", "message": f"{reason} before it started"}
                 self._live.pop(live.job_id, None)
-                if self.store.finish(live.job_id, JobStatus.CANCELLED, at=time.time(), error=error):
+                if self.store.finish(
+                    live.job_id, JobStatus.CANCELLED, at=time.time(), error=error, progress=live.progress
+                ):
                     self._announce(live.job_id, JobStatus.CANCELLED, error)
         except StorageFault as fault:
             # The token is set: a running job stops; a pending one is skipped by its
@@ -474,7 +557,9 @@ class Jobs:
             log.warning("jobs.cancel_not_written", job_id=live.job_id, code=fault.code, error=str(fault))
 
     async def _finish(self, live: _Live, status: JobStatus, *, result: Any = None, error: Any = None) -> None:
-        write = self.store.finish_op(live.job_id, status, at=time.time(), result=result, error=error)
+        write = self.store.finish_op(
+            live.job_id, status, at=time.time(), result=result, error=error, progress=_final_progress(live, status)
+        )
         try:
             changed = await self._commits.write(write)
         except StorageFault as fault:
@@ -521,7 +606,11 @@ class Jobs:
                 continue
             await anyio.sleep(delay)
             for job_id, (status, result, error) in list(self._unwritten.items()):
-                write = self.store.finish_op(job_id, status, at=time.time(), result=result, error=error)
+                live = self._live.get(job_id)
+                progress = _final_progress(live, status) if live is not None else None
+                write = self.store.finish_op(
+                    job_id, status, at=time.time(), result=result, error=error, progress=progress
+                )
                 try:
                     changed = await self._commits.write(write)
                 except StorageFault as fault:
@@ -549,6 +638,14 @@ class Jobs:
             if self._pollers:  # a fresh event per finished job only when someone waits
                 self._changed.set()
                 self._changed = anyio.Event()
+
+
+def _final_progress(live: _Live, status: JobStatus) -> dict[str, Any]:
+    """The progress a job keeps after it ends: 100 when it completed; where it got to
+    when it failed or was cancelled (100 would say its work was done)."""
+    if status is JobStatus.COMPLETE:
+        return {**live.progress, "percent": 100.0}
+    return live.progress
 
 
 def _lazy_logger(job_id: str, script_hash: str, span: Any) -> Callable[[], Any]:

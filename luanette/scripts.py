@@ -3,6 +3,11 @@
 A script is stored once and run by hash. Storing compiles it first (a script that does
 not compile is refused with its error) and runs its ``describe()``, if any, in the
 sandbox to index its name, description and params.
+
+A script another process wrote into the shared CAS is treated the same way before its
+first job (:meth:`Scripts.resolve`): described (the outcome cached by hash in the
+store, bounded), checked as ``script_store`` would check it, and indexed with the tag
+``source:cas`` once a job of it is accepted.
 """
 
 from __future__ import annotations
@@ -16,12 +21,14 @@ import anyio
 import msgspec
 import structlog
 
+from luanette import params as params_mod
 from luanette.capabilities import declared_capabilities
 from luanette.cas import Cas, CasError
 from luanette.engine.api import MAX_SHUTDOWN_TIMEOUT_S, CancelToken, ErrorDetail, Limits, ScriptError
 from luanette.engine.channel import RunInfo
 from luanette.engine.errors import syntax_detail
 from luanette.engine.pool import Engine, RunHooks
+from luanette.faults import StorageFault
 from luanette.store import ScriptRecord, Store
 from luanette.triggers import declared_emits
 
@@ -35,6 +42,10 @@ SOURCE_CACHE = 64  # sources kept in memory, each at most CACHED_SOURCE_BYTES
 CACHED_SOURCE_BYTES = 256 * 2**10
 RECORD_CACHE = 1024  # index entries kept in memory (a job reads its script's twice)
 DESCRIBE_TIMEOUT_S = 5.0
+DESCRIBE_CACHE = 4096
+"""describe() outcomes of scripts run by hash without script_store, kept in the store."""
+CAS_TAG = "source:cas"
+"""Index tag of a script that entered the index by a job, not by script_store."""
 
 # Compiles the chunk (a syntax error is answered as such), runs it, then its describe().
 # `main` is cleared so the runtime returns this wrapper's value instead of calling the
@@ -85,6 +96,23 @@ def declared_session(described: Any) -> tuple[str | None, bool | None, str | Non
     return mode, review, on_error
 
 
+class ManifestError(ValueError):
+    """``describe()`` declares something malformed (its params table, additional_params,
+    tags); ``problems`` lists each as ``{path, expected, got, message}``."""
+
+    def __init__(self, problems: list[dict[str, str]]) -> None:
+        super().__init__(f"describe() is malformed: {'; '.join(p['message'] for p in problems[:3])}")
+        self.problems = problems
+
+    def details(self) -> dict[str, Any]:
+        """``details`` of the ``invalid_params`` reply."""
+        return {
+            "reason": "describe",
+            "problems": self.problems[: params_mod.MAX_PROBLEMS],
+            "problem_count": len(self.problems),
+        }
+
+
 class ScriptProblem(Exception):
     """A script could not be stored or described; ``detail`` is the structured error."""
 
@@ -102,6 +130,82 @@ class Described(msgspec.Struct):
     syntax: ErrorDetail | None = None  # the script does not compile
 
 
+def manifest(described: Described, content: str) -> dict[str, Any]:
+    """The index fields of a script from its ``describe()``, checked as ``script_store``
+    checks them.  Raises :class:`ScriptProblem` (it does not compile, or describe()
+    cannot be read or declares a bad session field, emits or shutdown_timeout),
+    :class:`~luanette.capabilities.CapabilityError` and :class:`ManifestError`."""
+    if described.syntax is not None:
+        raise ScriptProblem(described.syntax)
+    if described.problem is not None and _DEFINES_DESCRIBE.search(content):
+        # Its declarations (capabilities above all) cannot be read: storing it would
+        # give it the default grants instead of what it asked for.
+        raise ScriptProblem(
+            ErrorDetail(
+                "describe_failed",
+                f"describe() could not be read: the script failed while defining it: {described.problem.message}",
+                described.problem.line,
+                described.problem.stack,
+                ["a script with describe() must do its work in main(), not at its top level"],
+            )
+        )
+    info = described.value if described.found and isinstance(described.value, dict) else {}
+    capabilities = declared_capabilities(info)
+    try:
+        emits = declared_emits(info)
+    except ValueError as e:
+        raise ScriptProblem(ErrorDetail("invalid_params", str(e), hints=['e.g. emits = {"cue_point"}'])) from None
+    try:
+        shutdown_timeout = declared_shutdown_timeout(info)
+    except ValueError as e:
+        raise ScriptProblem(ErrorDetail("invalid_params", str(e), hints=["e.g. shutdown_timeout = 10"])) from None
+    try:
+        execution_mode, review, on_error = declared_session(info)
+    except ValueError as e:
+        hint = 'e.g. execution_mode = "autoCommit", review = true, on_error = "skip"'
+        raise ScriptProblem(ErrorDetail("invalid_params", str(e), hints=[hint])) from None
+    problems = params_mod.check_schema(info.get("params"))
+    additional = info.get("additional_params")
+    if additional is not None and not isinstance(additional, bool):
+        got = params_mod.kind_of(additional)
+        message = f"describe().additional_params must be true or false, got {got}"
+        problems.append(params_mod.problem("describe().additional_params", "boolean", got, message))
+    declared_tags = _declared_tags(info.get("tags"), problems)
+    if problems:
+        raise ManifestError(problems)
+    return {
+        "name": _text(info.get("name")),
+        "description": _text(info.get("description")),
+        "params_schema": info.get("params"),
+        "capabilities": capabilities,
+        "emits": emits,
+        "shutdown_timeout": shutdown_timeout,
+        "execution_mode": execution_mode,
+        "review": review,
+        "on_error": on_error,
+        "additional_params": additional,
+        "declared_tags": declared_tags,
+    }
+
+
+def _declared_tags(tags: Any, problems: list[dict[str, str]]) -> list[str] | None:
+    """``describe().tags`` (a list of non-empty strings; ``{}`` is an empty Lua table),
+    adding to ``problems`` what is wrong with it."""
+    if tags is None or tags == {} or tags == []:
+        return None
+    if not isinstance(tags, list):
+        got = params_mod.kind_of(tags)
+        message = f'describe().tags must be a list of strings such as {{"melody"}}, got {got}'
+        problems.append(params_mod.problem("describe().tags", "a list of strings", got, message))
+        return None
+    bad = [i for i, tag in enumerate(tags, 1) if not isinstance(tag, str) or not tag]
+    for i in bad:
+        got = params_mod.kind_of(tags[i - 1])
+        message = f"describe().tags[{i}] must be a non-empty string, got {got}"
+        problems.append(params_mod.problem(f"describe().tags[{i}]", "a non-empty string", got, message))
+    return None if bad else list(dict.fromkeys(tags))
+
+
 class Scripts:
     """Store, describe, load and search scripts."""
 
@@ -112,6 +216,7 @@ class Scripts:
         self._sources: collections.OrderedDict[str, str] = collections.OrderedDict()
         self._records: collections.OrderedDict[str, ScriptRecord] = collections.OrderedDict()
         self._loading: dict[str, anyio.Event] = {}
+        self._resolving: dict[str, anyio.Event] = {}
         self._file_threads = anyio.CapacityLimiter(4)
         self._limits = msgspec.structs.replace(limits, timeout_s=min(limits.timeout_s, DESCRIBE_TIMEOUT_S))
 
@@ -119,58 +224,66 @@ class Scripts:
         """Compile, store in the CAS, describe and index ``content``.
 
         Raises :class:`ScriptProblem` (kind ``lua_syntax``) for code that does not
-        compile, and :class:`~luanette.capabilities.CapabilityError` for a
-        ``describe().capabilities`` that is not a list of capabilities; nothing is
-        stored then.
+        compile, :class:`~luanette.capabilities.CapabilityError` for a
+        ``describe().capabilities`` that is not a list of capabilities and
+        :class:`ManifestError` for a malformed params table, additional_params or tags;
+        nothing is stored then.
         """
         described = await self.describe_source(content)
-        if described.syntax is not None:
-            raise ScriptProblem(described.syntax)
-        if described.problem is not None and _DEFINES_DESCRIBE.search(content):
-            # Its declarations (capabilities above all) cannot be read: storing it would
-            # give it the default grants instead of what it asked for.
-            raise ScriptProblem(
-                ErrorDetail(
-                    "describe_failed",
-                    f"describe() could not be read: the script failed while defining it: {described.problem.message}",
-                    described.problem.line,
-                    described.problem.stack,
-                    ["a script with describe() must do its work in main(), not at its top level"],
-                )
-            )
-        info = described.value if described.found and isinstance(described.value, dict) else {}
-        capabilities = declared_capabilities(info)  # CapabilityError: nothing is stored
-        try:
-            emits = declared_emits(info)
-        except ValueError as e:
-            raise ScriptProblem(ErrorDetail("invalid_params", str(e), hints=['e.g. emits = {"cue_point"}'])) from None
-        try:
-            shutdown_timeout = declared_shutdown_timeout(info)
-        except ValueError as e:
-            raise ScriptProblem(ErrorDetail("invalid_params", str(e), hints=["e.g. shutdown_timeout = 10"])) from None
-        try:
-            execution_mode, review, on_error = declared_session(info)
-        except ValueError as e:
-            hint = 'e.g. execution_mode = "autoCommit", review = true, on_error = "skip"'
-            raise ScriptProblem(ErrorDetail("invalid_params", str(e), hints=[hint])) from None
+        fields = manifest(described, content)
         digest = await anyio.to_thread.run_sync(self.cas.store, content.encode(), MIME)
         record = ScriptRecord(
             hash=digest,
-            name=_text(info.get("name")),
-            description=_text(info.get("description")),
-            tags=[*(tags or []), TYPE_TAG],
+            tags=[*(tags or []), *(fields["declared_tags"] or []), TYPE_TAG],
             creator=creator,
-            params_schema=info.get("params"),
             created_at=time.time(),
-            capabilities=capabilities,
-            emits=emits,
-            shutdown_timeout=shutdown_timeout,
-            execution_mode=execution_mode,
-            review=review,
-            on_error=on_error,
+            **fields,
         )
         self._records.pop(digest, None)  # storing again merges tags: re-read it
         return self.store.index_script(record), described
+
+    async def resolve(self, script_hash: str) -> tuple[ScriptRecord, bool]:
+        """The index entry of a script to run, and whether it is new: a script in the
+        CAS that was never stored through Luanette (another process wrote it) is
+        described and checked as :meth:`save` would, its describe() outcome cached by
+        hash in the store (so a broken script costs one sandboxed run, also across
+        restarts).  A new entry is not indexed yet: :meth:`adopt` it once its job is
+        accepted.
+
+        Raises ``cas.NotFound``/``InvalidHash``, ``CasError`` (not a Lua script: not
+        UTF-8, or too large), and what :func:`manifest` raises."""
+        while True:
+            record = self.record(script_hash)
+            if record is not None:
+                return record, False
+            resolving = self._resolving.get(script_hash)
+            if resolving is None:
+                break
+            await resolving.wait()  # a burst of jobs of one new script: one describe()
+        self._resolving[script_hash] = done = anyio.Event()
+        try:
+            content = await self.source(script_hash)
+            cached = self.store.get_described(script_hash)
+            if cached is not None:
+                described = msgspec.convert(cached, Described)
+            else:
+                described = await self.describe_source(content)
+                try:
+                    self.store.put_described(script_hash, msgspec.to_builtins(described), time.time(), DESCRIBE_CACHE)
+                except StorageFault as fault:  # only a cache: the next job describes it again
+                    _log.warning("script.describe_not_cached", hash=script_hash, code=fault.code, error=str(fault))
+            fields = manifest(described, content)
+        finally:
+            del self._resolving[script_hash]
+            done.set()
+        tags = [*(fields["declared_tags"] or []), TYPE_TAG, CAS_TAG]
+        return ScriptRecord(hash=script_hash, tags=tags, created_at=time.time(), **fields), True
+
+    def adopt(self, record: ScriptRecord) -> ScriptRecord:
+        """Index a script :meth:`resolve` found in the CAS (a storage fault is raised)."""
+        self._records.pop(record.hash, None)
+        _log.info("script.indexed_from_cas", hash=record.hash, name=record.name)
+        return self.store.index_script(record)
 
     async def source(self, script_hash: str) -> str:
         """The Lua source of a stored script. Raises ``cas.NotFound``/``InvalidHash``.

@@ -286,7 +286,7 @@ class Server:
                     await anyio.to_thread.run_sync(self.telemetry.shutdown, abandon_on_cancel=True)
         finally:
             sock.close()
-            self.publisher.publish(t.ShutdownNotice(reason=self.shutdown_reason or "stopped"))
+            self.publisher.publish(t.ShutdownNotice(reason=self.shutdown_reason or "stopped", phase="stopped"))
             self.publisher.close()
             if self.gate is not None:
                 self.gate.stop()
@@ -323,6 +323,11 @@ class Server:
             self._draining.set()
 
     async def _drain(self) -> None:
+        # subscribers hear of it as it starts, while their jobs can still finish: what
+        # is still running at the deadline is cancelled (a final notice says "stopped")
+        deadline = round(time.time() + self.config.drain_timeout, 3)
+        reason = self.shutdown_reason or "stopped"
+        self.publisher.publish(t.ShutdownNotice(reason=reason, phase="draining", deadline=deadline))
         with anyio.move_on_after(self.config.drain_timeout):
             await self._idle.wait()
             while self.jobs.active:

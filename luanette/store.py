@@ -92,6 +92,12 @@ class ScriptRecord(msgspec.Struct, kw_only=True):
     instead of committing it; None: false (schema v5)."""
     on_error: str | None = None
     """``describe().on_error``: ``"skip"`` or ``"abort"``; None: abort (schema v5)."""
+    additional_params: bool | None = None
+    """``describe().additional_params``: false refuses params the script does not
+    declare; None: they are accepted with a warning (schema v6)."""
+    declared_tags: list[str] | None = None
+    """``describe().tags``: tags every job of the script carries (JobInfo.tags); None:
+    none declared (schema v6)."""
 
 
 class JobRecord(msgspec.Struct, kw_only=True):
@@ -108,9 +114,12 @@ class JobRecord(msgspec.Struct, kw_only=True):
     created_at: float
     started_at: float | None = None
     completed_at: float | None = None
+    progress: Any = None
+    """The job's last progress, kept with its final state (schema v6)."""
 
     def to_info(self) -> JobInfo:
-        """The wire view: ``source`` is the script hash and times are whole seconds."""
+        """The wire view: ``source`` is the script hash and times are whole seconds;
+        ``tags`` only when there are some (an extension field, absent otherwise)."""
         return JobInfo(
             job_id=self.job_id,
             status=self.status,
@@ -120,6 +129,8 @@ class JobRecord(msgspec.Struct, kw_only=True):
             created_at=math.floor(self.created_at),
             started_at=_whole(self.started_at),
             completed_at=_whole(self.completed_at),
+            progress=self.progress,
+            tags=self.tags if self.tags else msgspec.UNSET,
         )
 
 
@@ -214,7 +225,24 @@ _SCHEMA_V5 = (
     "CREATE INDEX sessions_job ON sessions (job_id)",
 )
 
-MIGRATIONS: tuple[Sequence[str], ...] = (_SCHEMA_V1, _SCHEMA_V2, _SCHEMA_V3, _SCHEMA_V4, _SCHEMA_V5)
+# a job's last progress kept with its end; describe()'s additional_params and tags;
+# describe() of scripts run by hash without script_store (luanette.scripts), a bounded
+# cache: the content under a hash never changes, so neither does what describe() says
+_SCHEMA_V6 = (
+    "ALTER TABLE jobs ADD COLUMN progress TEXT",
+    "ALTER TABLE scripts ADD COLUMN additional_params INTEGER",
+    "ALTER TABLE scripts ADD COLUMN declared_tags TEXT",
+    """
+    CREATE TABLE script_describes (
+        hash TEXT PRIMARY KEY NOT NULL,
+        described TEXT NOT NULL,
+        created_at REAL NOT NULL
+    )
+    """,
+    "CREATE INDEX script_describes_created ON script_describes (created_at)",
+)
+
+MIGRATIONS: tuple[Sequence[str], ...] = (_SCHEMA_V1, _SCHEMA_V2, _SCHEMA_V3, _SCHEMA_V4, _SCHEMA_V5, _SCHEMA_V6)
 """``MIGRATIONS[n]`` takes a database from ``user_version`` n to n + 1. Append, never
 edit: a file written by an older build replays only the steps it has not seen."""
 
@@ -348,11 +376,11 @@ def _words(text: str) -> set[str]:
 
 
 _JOB_COLUMNS = (
-    "job_id, script_hash, params, tags, status, result, error, created_at, started_at, completed_at"
+    "job_id, script_hash, params, tags, status, result, error, created_at, started_at, completed_at, progress"
 )
 _SCRIPT_COLUMNS = (
     "hash, name, description, tags, creator, params_schema, created_at, capabilities, emits, shutdown_timeout, "
-    "execution_mode, review, on_error"
+    "execution_mode, review, on_error, additional_params, declared_tags"
 )
 
 
@@ -374,7 +402,7 @@ def _session_from_row(row: tuple) -> dict[str, Any]:
 
 
 def _job_from_row(row: tuple) -> JobRecord:
-    job_id, script_hash, params, tags, status, result, error, created, started, completed = row
+    job_id, script_hash, params, tags, status, result, error, created, started, completed, progress = row
     return JobRecord(
         job_id=job_id,
         script_hash=script_hash,
@@ -386,12 +414,13 @@ def _job_from_row(row: tuple) -> JobRecord:
         created_at=created,
         started_at=started,
         completed_at=completed,
+        progress=_from_json(progress),
     )
 
 
 def _script_from_row(row: tuple) -> ScriptRecord:
     hash_, name, description, tags, creator, params_schema, created, capabilities, emits, shutdown_timeout = row[:10]
-    execution_mode, review, on_error = row[10:]
+    execution_mode, review, on_error, additional_params, declared_tags = row[10:]
     return ScriptRecord(
         hash=hash_,
         name=name,
@@ -406,6 +435,8 @@ def _script_from_row(row: tuple) -> ScriptRecord:
         execution_mode=execution_mode,
         review=None if review is None else bool(review),
         on_error=on_error,
+        additional_params=None if additional_params is None else bool(additional_params),
+        declared_tags=_from_json(declared_tags),
     )
 
 
@@ -444,6 +475,8 @@ def _merge_scripts(old: ScriptRecord, new: ScriptRecord) -> ScriptRecord:
         execution_mode=new.execution_mode,
         review=new.review,
         on_error=new.on_error,
+        additional_params=new.additional_params,
+        declared_tags=new.declared_tags,
     )
 
 
@@ -660,9 +693,11 @@ class Store:
         at: float,
         result: Any = None,
         error: Any = None,
+        progress: Any = None,
     ) -> bool:
         """Finish a pending or running job as complete (with ``result``), failed (with
-        ``error``) or cancelled (``error`` optional).
+        ``error``) or cancelled (``error`` optional); ``progress`` is its last progress,
+        kept with it.
 
         The first finish wins: a job already complete, failed or cancelled is left as it
         is and False is returned. The check and the update are one statement, so a
@@ -670,7 +705,7 @@ class Store:
         version's bug). Raises ``UnknownJob`` for an unknown id and ``ValueError`` for a
         status that is not final or a result/error that does not fit it.
         """
-        return self._apply(self.finish_op(job_id, status, at=at, result=result, error=error))
+        return self._apply(self.finish_op(job_id, status, at=at, result=result, error=error, progress=progress))
 
     def finish_op(
         self,
@@ -680,6 +715,7 @@ class Store:
         at: float,
         result: Any = None,
         error: Any = None,
+        progress: Any = None,
     ) -> WriteOp[bool]:
         """:meth:`finish` as a write for :meth:`write_batch`; the arguments are checked
         now (``ValueError``)."""
@@ -701,12 +737,13 @@ class Store:
             result_json = None
             error_json = None if error is None else _to_json("error", _check_error(error))
         final = status.value
+        progress_json = None if progress is None else _to_json("progress", progress)
 
         def write(conn: sqlite3.Connection) -> bool:
             changed = conn.execute(
-                f"UPDATE jobs SET status = ?, result = ?, error = ?, completed_at = ?"
+                f"UPDATE jobs SET status = ?, result = ?, error = ?, completed_at = ?, progress = ?"
                 f" WHERE job_id = ? AND status IN ({_ACTIVE_SQL})",
-                (final, result_json, error_json, completed, job_id),
+                (final, result_json, error_json, completed, progress_json, job_id),
             ).rowcount
             if not changed:
                 self._require_job(conn, job_id)
@@ -813,7 +850,7 @@ class Store:
             schema = merged.params_schema
             capabilities = merged.capabilities
             conn.execute(
-                f"INSERT OR REPLACE INTO scripts ({_SCRIPT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                f"INSERT OR REPLACE INTO scripts ({_SCRIPT_COLUMNS}) VALUES ({', '.join('?' * 15)})",
                 (
                     merged.hash,
                     merged.name,
@@ -828,6 +865,8 @@ class Store:
                     merged.execution_mode,
                     None if merged.review is None else int(merged.review),
                     merged.on_error,
+                    None if merged.additional_params is None else int(merged.additional_params),
+                    None if merged.declared_tags is None else _to_json("declared_tags", merged.declared_tags),
                 ),
             )
         return merged
@@ -874,6 +913,26 @@ class Store:
         """Forget a pending session (committed or discarded); whether it was there."""
         with self._write() as conn:
             return conn.execute("DELETE FROM sessions WHERE session_id = ?", (session_id,)).rowcount > 0
+
+    def get_described(self, hash: str) -> Any:
+        """The cached ``describe()`` outcome of a script run by hash (see
+        :meth:`put_described`), or None."""
+        rows = self._read("SELECT described FROM script_describes WHERE hash = ?", (hash,))
+        return _from_json(rows[0][0]) if rows else None
+
+    def put_described(self, hash: str, described: Any, at: float, keep: int) -> None:
+        """Cache a script's ``describe()`` outcome (JSON) by hash, keeping the ``keep``
+        newest entries: a bound, since any hash in the CAS may be asked for."""
+        _check_hash("hash", hash)
+        keep = _check_count("keep", keep)
+        row = (hash, _to_json("described", described), _check_time("at", at))
+        with self._write() as conn:
+            conn.execute("INSERT OR REPLACE INTO script_describes (hash, described, created_at) VALUES (?, ?, ?)", row)
+            conn.execute(
+                "DELETE FROM script_describes WHERE hash IN (SELECT hash FROM script_describes"
+                " ORDER BY created_at DESC, rowid DESC LIMIT -1 OFFSET ?)",
+                (keep,),
+            )
 
     def get_script(self, hash: str) -> ScriptRecord | None:
         """The index entry for a script hash, or None."""

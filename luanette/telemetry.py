@@ -14,22 +14,27 @@ Sampling follows the caller: a request whose traceparent is sampled is recorded.
 no exporter configured a request without a sampled parent is not recorded (its span
 still has ids, so logs and outgoing traceparents carry them); with an exporter every
 root span is recorded.  ``Telemetry(otlp_endpoint=...)`` exports OTLP over HTTP
-(protobuf) to ``<endpoint>/v1/traces`` and ``/v1/metrics``.
+(protobuf) to ``<endpoint>/v1/traces`` and ``/v1/metrics``, and the log events that
+carry a trace (``trace_id``/``span_id``: a script's ``log.*`` lines, a request's or a
+job's daemon lines) as OTLP log records to ``/v1/logs``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import random
 import re
 import threading
+import time
 import types
 import urllib.parse
-from collections.abc import Mapping
-from typing import Any, Final
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Final
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
+from opentelemetry._logs import SeverityNumber
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import MetricReader, PeriodicExportingMetricReader
 from opentelemetry.sdk.resources import Resource
@@ -43,7 +48,11 @@ from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ALWAYS_ON, ParentBased
 from opentelemetry.trace import NonRecordingSpan, Span, SpanContext, SpanKind, StatusCode, TraceFlags
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
+from luanette import logs
 from luanette.cas import hash_bytes
+
+if TYPE_CHECKING:
+    from opentelemetry.sdk._logs import LoggerProvider
 
 _HASH: Final = re.compile(r"[0-9a-f]{32}")
 
@@ -54,6 +63,7 @@ __all__ = [
     "Telemetry",
     "otlp_url",
     "parent_context",
+    "record_error",
     "script_attributes",
     "span_ids",
     "traceparent_of",
@@ -100,13 +110,166 @@ def span_ids(span: Span) -> dict[str, str]:
     return {"trace_id": f"{sc.trace_id:032x}", "span_id": f"{sc.span_id:016x}"}
 
 
-def script_attributes(code_or_hash: str, name: str | None, job_id: str | None = None) -> dict[str, str]:
+PARAM_VALUE_MAX: Final = 256
+"""Characters of a string param kept in its ``script.params.<name>`` attribute (longer
+ones are cut and end in "…")."""
+PARAM_ATTRIBUTES_MAX: Final = 32
+"""``script.params.*`` attributes one span gets at most (the first names in sorted order)."""
+PARAM_NAME_MAX: Final = 64
+"""Longer param names are not recorded."""
+_SECRET_WORDS: Final = frozenset({"auth", "pass", "pwd", "secret", "token", "credential", "credentials"})
+_SECRET_PARTS: Final = ("password", "passwd", "passphrase", "apikey", "accesskey", "privatekey", "secretkey")
+_NAME_WORDS: Final = re.compile(r"[^A-Za-z0-9]+|(?<=[a-z0-9])(?=[A-Z])")
+
+
+def looks_secret(name: str) -> bool:
+    """Whether a param name looks like a credential's, so it is never recorded even when
+    not declared ``secret`` (a second line of defence for a script that forgot to):
+    one of its words (split at ``_``, ``-``, ``.``, camelCase) is auth, pass, pwd,
+    secret, token or credential(s), or it contains password, passwd, passphrase,
+    apikey, accesskey, privatekey or secretkey (ignoring case and separators).  Words,
+    not substrings, so ``author``, ``passes`` and ``max_tokens`` are recorded."""
+    words = {w.lower() for w in _NAME_WORDS.split(name) if w}
+    squashed = re.sub(r"[^a-z0-9]", "", name.lower())
+    return bool(words & _SECRET_WORDS) or any(part in squashed for part in _SECRET_PARTS)
+
+
+def secret_params(schema: Any) -> frozenset[str]:
+    """The params a ``describe().params`` table declares ``secret = true``."""
+    if not isinstance(schema, Mapping):
+        return frozenset()
+    return frozenset(name for name, spec in schema.items() if isinstance(spec, Mapping) and spec.get("secret") is True)
+
+
+def param_attributes(params: Any, secret: Iterable[str] = ()) -> dict[str, Any]:
+    """``script.params.<name>`` attributes of a job's scalar params (strings, numbers,
+    booleans; tables are left out), without the ``secret`` ones and names that look
+    like credentials (:func:`looks_secret`), strings cut to :data:`PARAM_VALUE_MAX`."""
+    if not isinstance(params, Mapping):
+        return {}
+    hidden = set(secret)
+    attributes: dict[str, Any] = {}
+    for name in sorted(k for k in params if isinstance(k, str)):
+        if len(attributes) >= PARAM_ATTRIBUTES_MAX:
+            break
+        value = params[name]
+        if name in hidden or not 0 < len(name) <= PARAM_NAME_MAX or looks_secret(name):
+            continue
+        if isinstance(value, str):
+            if len(value) > PARAM_VALUE_MAX:
+                value = value[: PARAM_VALUE_MAX - 1] + "…"
+        elif not isinstance(value, bool | int | float) or (isinstance(value, int) and not -(2**63) <= value < 2**63):
+            continue  # tables, null, and integers OTLP cannot carry
+        attributes[f"script.params.{name}"] = value
+    return attributes
+
+
+def script_attributes(
+    code_or_hash: str,
+    name: str | None,
+    job_id: str | None = None,
+    *,
+    creator: str | None = None,
+    params: Any = None,
+    schema: Any = None,
+) -> dict[str, Any]:
     """Attributes of a ``luanette.script.execute`` span.  ``code_or_hash`` is a stored
-    script's hash, or an eval's source (whose CAS hash is computed)."""
+    script's hash, or an eval's source (whose CAS hash is computed).  ``creator`` is the
+    stored script's; ``params`` (a job's, pass None when the script's manifest is not
+    known) become ``script.params.*`` unless ``schema`` (its ``describe().params``)
+    declares them secret."""
     script_hash = code_or_hash if _HASH.fullmatch(code_or_hash) else hash_bytes(code_or_hash.encode())
-    attributes = {"script.hash": script_hash, "script.name": name or ""}
+    attributes: dict[str, Any] = {"script.hash": script_hash, "script.name": name or ""}
     if job_id is not None:
         attributes["job.id"] = job_id
+    if creator:
+        attributes["script.creator"] = creator
+    attributes.update(param_attributes(params, secret_params(schema)))
+    return attributes
+
+
+ERROR_MESSAGE_MAX: Final = 1024
+"""Characters of an error message kept in a ``luanette.script.error`` span event."""
+
+
+def record_error(span: Span | None, detail: Any) -> None:
+    """Add a failed run's ``luanette.script.error`` event to ``span``: ``error.kind``,
+    ``error.cause`` (when known), ``error.message`` and ``error.line`` of ``detail`` (an
+    engine ErrorDetail)."""
+    if span is None or not span.is_recording():
+        return
+    attributes: dict[str, Any] = {"error.kind": detail.kind, "error.message": detail.message[:ERROR_MESSAGE_MAX]}
+    if detail.cause:
+        attributes["error.cause"] = detail.cause
+    if detail.line is not None:
+        attributes["error.line"] = detail.line
+    span.add_event("luanette.script.error", attributes)
+
+
+_SEVERITY: Final = {
+    "debug": SeverityNumber.DEBUG,
+    "info": SeverityNumber.INFO,
+    "msg": SeverityNumber.INFO,
+    "warning": SeverityNumber.WARN,
+    "warn": SeverityNumber.WARN,
+    "error": SeverityNumber.ERROR,
+    "exception": SeverityNumber.ERROR,
+    "critical": SeverityNumber.FATAL,
+    "fatal": SeverityNumber.FATAL,
+}
+# the trace ids become the record's own fields; level and time are its severity and timestamp
+_NOT_ATTRIBUTES: Final = frozenset({"trace_id", "span_id", "level", "timestamp", "event", "message"})
+
+
+def _log_value(value: Any) -> Any:
+    if isinstance(value, str | bool | int | float) and not (isinstance(value, int) and not -(2**63) <= value < 2**63):
+        return value
+    try:
+        return json.dumps(value, default=str, ensure_ascii=False)
+    except ValueError:  # a circular structure
+        return repr(value)
+
+
+def log_record(method: str, event: Mapping[str, Any]) -> dict[str, Any] | None:
+    """What a structlog event carrying a trace becomes as an OTLP log record (the
+    keyword arguments of the SDK's ``Logger.emit``), or None for one without a trace.
+
+    The body is a script line's message (``lua.log``), else the event name; the event
+    name is the record's ``event_name``; the other keys are attributes (strings, numbers
+    and booleans as they are, a table's entries as ``<key>.<entry>``, e.g. a script
+    line's ``fields.n``, anything else as JSON)."""
+    trace_hex, span_hex = event.get("trace_id"), event.get("span_id")
+    if not isinstance(trace_hex, str) or not isinstance(span_hex, str):
+        return None
+    try:
+        span_context = SpanContext(int(trace_hex, 16), int(span_hex, 16), False, TraceFlags(TraceFlags.SAMPLED))
+    except ValueError:
+        return None
+    if not span_context.is_valid:
+        return None
+    name = str(event.get("event", ""))
+    message = event.get("message")
+    level = event.get("level", method)
+    return {
+        "timestamp": time.time_ns(),
+        "context": trace.set_span_in_context(NonRecordingSpan(span_context)),
+        "severity_number": _SEVERITY.get(str(level), SeverityNumber.INFO),
+        "severity_text": str(level).upper(),
+        "body": message if isinstance(message, str) else name,
+        "event_name": name or None,
+        "attributes": _log_attributes(event),
+    }
+
+
+def _log_attributes(event: Mapping[str, Any]) -> dict[str, Any]:
+    attributes: dict[str, Any] = {}
+    for key, value in event.items():
+        if key in _NOT_ATTRIBUTES or value is None:
+            continue
+        if isinstance(value, Mapping):
+            attributes.update((f"{key}.{k}", _log_value(v)) for k, v in value.items() if v is not None)
+        else:
+            attributes[key] = _log_value(value)
     return attributes
 
 
@@ -138,10 +301,11 @@ class _Current:
 class Telemetry:
     """The daemon's tracer and meter.
 
-    ``otlp_endpoint`` exports spans and metrics over OTLP/HTTP; ``span_exporter`` and
-    ``metric_reader`` add exporters of your own (tests use the SDK's in-memory ones).
-    With neither, spans carry ids but nothing is recorded unless the caller's trace is
-    sampled.  Call :meth:`shutdown` once at exit to flush.
+    ``otlp_endpoint`` exports spans, metrics and the log events that carry a trace
+    (see :func:`log_record`) over OTLP/HTTP; ``span_exporter`` and ``metric_reader``
+    add exporters of your own (tests use the SDK's in-memory ones).  With neither,
+    spans carry ids but nothing is recorded unless the caller's trace is sampled.
+    Call :meth:`shutdown` once at exit to flush.
     """
 
     def __init__(
@@ -160,15 +324,19 @@ class Telemetry:
         if span_exporter is not None:
             self._tracer_provider.add_span_processor(SimpleSpanProcessor(span_exporter))
         readers: list[MetricReader] = [metric_reader] if metric_reader is not None else []
+        self._logger_provider: LoggerProvider | None = None
         if otlp_endpoint:
             # Imported here: the exporters pull in protobuf and requests, which a daemon
             # that exports nothing need not load.
+            from opentelemetry.exporter.otlp.proto.http._log_exporter import OTLPLogExporter
             from opentelemetry.exporter.otlp.proto.http.metric_exporter import (
                 OTLPMetricExporter,
             )
             from opentelemetry.exporter.otlp.proto.http.trace_exporter import (
                 OTLPSpanExporter,
             )
+            from opentelemetry.sdk._logs import LoggerProvider
+            from opentelemetry.sdk._logs.export import BatchLogRecordProcessor
 
             self._tracer_provider.add_span_processor(
                 BatchSpanProcessor(OTLPSpanExporter(endpoint=otlp_url(otlp_endpoint, "traces")))
@@ -176,6 +344,13 @@ class Telemetry:
             readers.append(
                 PeriodicExportingMetricReader(OTLPMetricExporter(endpoint=otlp_url(otlp_endpoint, "metrics")))
             )
+            # shut down by shutdown(), which first stops the events coming
+            self._logger_provider = LoggerProvider(resource=resource, shutdown_on_exit=False)
+            self._logger_provider.add_log_record_processor(
+                BatchLogRecordProcessor(OTLPLogExporter(endpoint=otlp_url(otlp_endpoint, "logs")))
+            )
+            self._otlp_logger = self._logger_provider.get_logger("luanette")
+            logs.add_sink(self._export_log)
         self._meter_provider = MeterProvider(resource=resource, metric_readers=readers)
         self.tracer = self._tracer_provider.get_tracer("luanette")
         self.meter = self._meter_provider.get_meter("luanette.script")
@@ -214,7 +389,15 @@ class Telemetry:
         """The histograms made so far, by name (read-only view)."""
         return types.MappingProxyType(self._histograms)
 
+    def _export_log(self, method: str, event: Mapping[str, Any]) -> None:
+        record = log_record(method, event)
+        if record is not None:
+            self._otlp_logger.emit(**record)
+
     def shutdown(self) -> None:
         """Flush and stop the exporters (blocking: call from a thread at exit)."""
+        if self._logger_provider is not None:
+            logs.remove_sink(self._export_log)
+            self._logger_provider.shutdown()
         self._tracer_provider.shutdown()
         self._meter_provider.shutdown()

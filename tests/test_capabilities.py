@@ -172,12 +172,18 @@ async def test_the_policy_refuses_at_job_execute_before_a_job_exists(make_server
 async def test_lua_eval_gets_what_the_policy_gives_it(make_server):
     default = await make_server()
     async with Client(default.endpoint) as c:
-        reply = await c.request(t.LuaEval(code="return {type(garden), type(cas), type(log)}"))
-        assert reply.result["result"] == ["table", "nil", "table"]
+        reply = await c.request(t.LuaEval(code="return {type(garden), type(cas), type(log), type(midi), type(temp)}"))
+        assert reply.result["result"] == ["table", "table", "table", "table", "table"]  # the job stdlib
     bare = await make_server(settings=parse_settings({"policy": {"eval": []}}))
     async with Client(bare.endpoint) as c:
         reply = await c.request(t.LuaEval(code="return {type(garden), type(cas), type(log)}"))
         assert reply.result["result"] == ["nil", "nil", "table"]
+    narrow = await make_server(settings=parse_settings({"policy": {"eval": ["cas.read", "garden.read"]}}))
+    async with Client(narrow.endpoint) as c:
+        code = "return {type(cas), type(midi), type(temp), type(orpheus), select(2, pcall(cas.store, 'x'))}"
+        reply = await c.request(t.LuaEval(code=code))
+        assert reply.result["result"][:4] == ["table", "nil", "nil", "nil"]
+        assert "permission_denied: cas.write is not granted" in reply.result["result"][4]
 
 
 async def test_garden_reads_and_writes_are_separate(client):

@@ -214,7 +214,7 @@ def test_run_wait_reports_a_failed_job_in_one_line(daemon, tmp_path):
     src = tmp_path / "bad.lua"
     src.write_text("function main()\n  error('no drums')\nend")
     digest = cli(daemon.endpoint, "script", "store", str(src)).stdout.split()[0]
-    r = cli(daemon.endpoint, "run", digest, "--wait")
+    r = cli(daemon.endpoint, "run", digest, "--wait", "--no-progress")
     assert r.returncode == 1
     assert r.stderr.strip().splitlines() == [f"luanette-cli: job {r.stderr.split()[2]} failed: lua_runtime: no drums (line 2)"]
 
@@ -308,3 +308,101 @@ def test_daemon_refuses_a_bad_config_file(tmp_path):
     r = subprocess.run([str(BIN / "luanette"), "serve", "--config", str(bad)], capture_output=True, text=True, timeout=20)
     assert r.returncode == 2
     assert "backends.orpheus.concurrency" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+# --- run --wait progress, closed pipes, one --json shape ------------------------------
+
+STALLING = """
+function main()
+  progress.update(50, "half way")
+  while true do end
+end
+"""
+
+
+def test_run_wait_prints_progress_lines_when_stdout_is_not_a_terminal(daemon_process, tmp_path):
+    """Piped (as in CI or a log file): a plain line on stderr at each change, none
+    rewritten in place; stdout stays for the outcome."""
+    import subprocess
+
+    from tests.conftest import BIN
+
+    daemon = daemon_process("--script-timeout", "60")
+    src = tmp_path / "stall.lua"
+    src.write_text(STALLING)
+    digest = cli(daemon.endpoint, "script", "store", str(src)).stdout.split()[0]
+    proc = subprocess.Popen(
+        [str(BIN / "luanette-cli"), "--endpoint", daemon.endpoint, "run", digest, "--wait"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    lines = []
+    for line in proc.stderr:  # the job stalls at 50 % until it is cancelled
+        lines.append(line)
+        if "half way" in line:
+            break
+    job_id = lines[-1].split()[0]
+    assert job_id.startswith("job_") and "running" in lines[-1] and "%" in lines[-1]
+    assert cli(daemon.endpoint, "job", "cancel", job_id).returncode == 0
+    out, err = proc.communicate(timeout=30)
+    lines += err.splitlines(keepends=True)
+    assert proc.returncode == 1 and out == ""
+    assert not any("\r" in line for line in lines)
+    assert lines[-2].startswith(f"{job_id}  cancelled")  # the last progress line: how it ended
+    assert lines[-1].startswith(f"luanette-cli: job {job_id} cancelled: cancelled: ")
+
+
+def test_a_reader_closing_the_pipe_ends_the_cli_quietly(daemon):
+    """`luanette-cli ... | head -1` exits 0 and prints no BrokenPipe traceback."""
+    import shlex
+    import subprocess
+
+    from tests.conftest import BIN
+
+    for args in (["eval", "return string.rep('line\\n', 200000)"], ["--json", "tools"], ["tools"]):
+        command = shlex.join([str(BIN / "luanette-cli"), "--endpoint", daemon.endpoint, *args])
+        r = subprocess.run(["bash", "-o", "pipefail", "-c", f"{command} | head -c 10"],
+                           capture_output=True, text=True, timeout=30)
+        assert r.returncode == 0, r.stderr
+        assert len(r.stdout) == 10 and r.stderr == ""
+
+
+def test_json_prints_one_reply_payload_for_every_command(daemon, tmp_path):
+    src = tmp_path / "countdown.lua"
+    src.write_text(PROGRESSING)
+    digest = json.loads(cli(daemon.endpoint, "--json", "script", "store", str(src)).stdout)["result"]["hash"]
+    started = cli(daemon.endpoint, "--json", "run", digest, "--params", '{"n": 1}')
+    job_id = json.loads(started.stdout)["result"]["job_id"]
+    commands = [
+        ["ping"], ["tools"], ["eval", "return 1"], ["send", '{"type": "ping"}'], ["script", "search"],
+        ["describe", digest], ["run", digest, "--params", '{"n": 1}'], ["job", "poll", job_id, "--all"],
+        ["job", "status", job_id], ["job", "list"], ["job", "cancel", job_id], ["session", "list"],
+        ["run", digest, "--wait", "--params", '{"n": 1}'],
+    ]
+    for command in commands:
+        r = cli(daemon.endpoint, "--json", *command)
+        (line,) = r.stdout.splitlines()  # one JSON object, on one line
+        reply = json.loads(line)
+        assert reply["type"] in ("success", "error", "pong", "tool_list"), (command, reply)
+        assert r.returncode == (1 if reply["type"] == "error" else 0), (command, r)
+
+    # run --wait: the reply job_status gives for the finished job
+    waited = json.loads(cli(daemon.endpoint, "--json", "run", digest, "--wait", "--params", '{"n": 1}').stdout)
+    status = json.loads(cli(daemon.endpoint, "--json", "job", "status", waited["result"]["job_id"]).stdout)
+    assert waited == status and waited["result"]["result"] == "liftoff 1"
+
+
+def test_json_failures_are_error_payloads_too(daemon, tmp_path):
+    src = tmp_path / "bad.lua"
+    src.write_text("function main()\n  error('no drums')\nend")
+    digest = cli(daemon.endpoint, "script", "store", str(src)).stdout.split()[0]
+    failed = cli(daemon.endpoint, "--json", "run", digest, "--wait")
+    info = json.loads(failed.stdout)
+    assert failed.returncode == 1 and info["type"] == "success"  # the daemon answered; the job failed
+    assert info["result"]["status"] == "failed" and info["result"]["error"]["message"] == "no drums"
+
+    usage = cli(daemon.endpoint, "--json", "eval", "return 1", "--params", "{oops")
+    assert usage.returncode == 2 and json.loads(usage.stdout)["code"] == "cli_usage"
+    unreachable = cli(f"tcp://127.0.0.1:{free_port()}", "--json", "--timeout", "0.5", "ping")
+    reply = json.loads(unreachable.stdout)
+    assert unreachable.returncode == 3 and reply["type"] == "error" and reply["code"] == "cli_no_reply"
+    assert "nothing is listening" in reply["message"]

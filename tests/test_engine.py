@@ -62,13 +62,14 @@ async def test_stuck_runs_cost_their_workers_briefly_and_the_daemon_serves_on(ma
 
 
 async def test_a_stuck_run_does_not_take_the_other_runs_of_its_worker_down(make_server):
-    running = await make_server(workers=1, script_timeout=2.0)
+    running = await make_server(workers=1, script_timeout=3.0)
     async with Client(running.endpoint) as c:
-        stored = await c.request(t.ScriptStore(content="clock.sleep(1900) return 'slept'"))
+        stored = await c.request(t.ScriptStore(content="clock.sleep(2000) return 'slept'"))
         stuck = asyncio.create_task(c.request(t.LuaEval(code=STUCK), timeout=30))
         # (part of the scenario, not a synchronisation: the job starts well after the
-        # stuck eval, so it is still waiting on I/O when its worker is quarantined)
-        await asyncio.sleep(1.5)
+        # stuck eval, so it is still waiting on I/O when its worker is quarantined, at
+        # the eval's deadline + the grace, ~4 s; it ends ~1 s before its own deadline)
+        await asyncio.sleep(2.5)
         job = await c.request(t.JobExecute(script_hash=stored.result["hash"], params={}))
         assert (await stuck).details["kind"] == "timeout"
         polled = await c.request(

@@ -812,8 +812,7 @@ async def test_main_and_params_of_a_run_do_not_reach_the_next() -> None:
     a = await result_of(
         "function main(p) return 'main of A: ' .. p.who end\n"
         "function helper() return 1 end\n"
-        "params.x = 1\n"
-        "return 'chunk of A'",
+        "params.x = 1\n",
         {"who": "A"},
     )
     assert a == "main of A: A"  # A's main did run for A

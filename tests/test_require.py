@@ -245,10 +245,10 @@ async def test_require_cannot_wait_inside_a_c_callback(mc):
 
 
 async def test_a_module_has_exactly_the_scripts_capabilities(mc):
-    # lua_eval has no cas by default: the module finds it absent, as the script does
-    details = await failure(mc, "require('writer').store()")
-    assert "attempt to index a nil value (global 'cas')" in details["message"]
-    assert details["stack"][0]["source"] == "writer.lua"
+    # a job that declares nothing-but-always gets no cas: the module finds it absent, as the script does
+    absent = await job(mc, declaring("{}", "function main() return require('writer').store() end"))
+    assert "attempt to index a nil value (global 'cas')" in absent["error"]["message"], absent
+    assert absent["error"]["stack"][0]["source"] == "writer.lua"
     # a job granted cas.read only: the module's cas.store is refused as the script's is
     done = await job(mc, declaring("{'cas.read'}", "function main() return require('writer').store() end"))
     assert done["status"] == "failed" and done["error"]["kind"] == "permission_denied", done

@@ -46,9 +46,16 @@ async def test_no_return_value_is_none() -> None:
     assert await result_of("local x = 1") is None
 
 
-async def test_main_is_called_with_params_and_wins_over_chunk_return() -> None:
-    code = "function main(p) return p.x * 2, 'ignored' end\nreturn 'chunk value'"
+async def test_main_is_called_with_params_when_the_chunk_returns_nothing() -> None:
+    code = "function main(p) return p.x * 2, 'ignored' end\nlocal unused = 1"
     assert await result_of(code, {"x": 21}) == 42
+
+
+async def test_a_chunk_value_wins_over_main() -> None:
+    # upstream's eval: the chunk is an expression even when it defines main
+    code = "function main(p) return p.x * 2 end\nreturn 'chunk value'"
+    assert await result_of(code, {"x": 21}) == "chunk value"
+    assert await result_of("function main(p) return 'main' end\nreturn nil") == "main"
 
 
 async def test_params_global_is_the_same_table_main_receives() -> None:

@@ -134,7 +134,7 @@ async def test_list_tools_names_every_served_request_with_a_schema(client):
         "ping", "register", "shutdown", "list_tools", "lua_eval",
         "script_store", "script_search", "lua_describe",
         "job_execute", "job_status", "job_list", "job_poll", "job_cancel",
-        "read_resource", "list_resources", "timeline_event",
+        "read_resource", "list_resources", "list_prompts", "get_prompt", "complete", "timeline_event",
         "session_list", "session_show", "session_commit", "session_discard",
     }  # fmt: skip
     schema = tools["lua_eval"].input_schema

@@ -632,9 +632,15 @@ async def test_bad_tables_are_clean_lua_errors(job: Job, table: str, message: st
     assert message in got
 
 
-async def test_seed_style_event_list_gets_a_hint(job: Job, h: str) -> None:
-    message = await job.error("local t = midi.read(params.h) midi.transpose(t.tracks[2].events, 7)", {"h": h})
-    assert "got an array (pass the whole table from midi.read" in message
+async def test_a_bare_event_list_is_transposed_in_place(job: Job, h: str) -> None:
+    # upstream's (and the seed's) style: the list is edited and returned
+    got = await job.run(
+        "local t = midi.read(params.h) local events = t.tracks[2].events local first = events[4]"
+        " local same = midi.transpose(events, 7)"
+        " return {rawequal(same, events), first.note, midi.notes({tracks = {t.tracks[2]}})[1].note}",
+        {"h": h},
+    )
+    assert got == [True, 67, 67]
 
 
 @pytest.mark.parametrize(
@@ -725,4 +731,4 @@ def test_write_read_keeps_every_note(tmp_path: Path, notes: list[tuple[int, int,
 def test_python_api_raises_lua_call_errors(tmp_path: Path) -> None:
     namespace = MidiNamespace(Cas(tmp_path / "cas"), None)
     with pytest.raises(LuaCallError, match="tbl.tracks is missing"):
-        namespace.notes({})
+        namespace.notes({"ticks_per_beat": 480})

@@ -11,9 +11,12 @@ from typing import Any
 import pytest
 import zmq
 from aiohttp import web
+from google.protobuf.message import Message
+from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceRequest
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceRequest,
 )
+from opentelemetry import trace
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -26,7 +29,15 @@ from luanette.cas import hash_bytes
 from luanette.runtime import ScriptError, run_script
 from luanette.sim import run_models
 from luanette.stdlib.otel import OtelNamespace
-from luanette.telemetry import Telemetry, otlp_url, parent_context
+from luanette.telemetry import (
+    PARAM_VALUE_MAX,
+    Telemetry,
+    log_record,
+    looks_secret,
+    otlp_url,
+    param_attributes,
+    parent_context,
+)
 from tests.test_backends import settings_for
 from tests.test_jobs import run, store, wait_done
 from tests.waiting import until
@@ -265,44 +276,201 @@ def test_otlp_url():
         otlp_url("collector:4318", "traces")
 
 
-async def test_spans_are_exported_over_otlp_http_to_a_real_collector(tmp_path):
-    received: list[ExportTraceServiceRequest] = []
+class Collector:
+    """A stand-in for an OpenTelemetry collector: an OTLP/HTTP receiver on loopback that
+    decodes what it is sent (protobuf) with opentelemetry-proto's classes."""
 
-    async def traces(request: web.Request) -> web.Response:
-        body = ExportTraceServiceRequest()
-        body.ParseFromString(await request.read())
-        received.append(body)
+    def __init__(self) -> None:
+        self.traces: list[ExportTraceServiceRequest] = []
+        self.logs: list[ExportLogsServiceRequest] = []
+        self.metrics = 0
+        self.endpoint = ""
+        self._runner: web.AppRunner | None = None
+
+    async def __aenter__(self) -> Collector:
+        app = web.Application()
+        app.router.add_post("/v1/traces", self._into(self.traces, ExportTraceServiceRequest))
+        app.router.add_post("/v1/logs", self._into(self.logs, ExportLogsServiceRequest))
+        app.router.add_post("/v1/metrics", self._metrics)
+        self._runner = web.AppRunner(app)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        self.endpoint = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        assert self._runner is not None
+        await self._runner.cleanup()
+
+    @staticmethod
+    def _into(received: list, kind: type[Message]):
+        async def receive(request: web.Request) -> web.Response:
+            assert request.content_type == "application/x-protobuf"
+            body = kind()
+            body.ParseFromString(await request.read())
+            received.append(body)
+            return web.Response(status=200)
+
+        return receive
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        self.metrics += 1
         return web.Response(status=200)
 
-    app = web.Application()
-    app.router.add_post("/v1/traces", traces)
-    async def metrics(request: web.Request) -> web.Response:
-        return web.Response(status=200)
+    def spans(self) -> list:
+        return [
+            span
+            for request in self.traces
+            for resource_spans in request.resource_spans
+            for scope_spans in resource_spans.scope_spans
+            for span in scope_spans.spans
+        ]
 
-    app.router.add_post("/v1/metrics", metrics)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]
-    try:
-        telemetry = Telemetry(otlp_endpoint=f"http://127.0.0.1:{port}")
+    def log_records(self) -> list:
+        return [
+            record
+            for request in self.logs
+            for resource_logs in request.resource_logs
+            for scope_logs in resource_logs.scope_logs
+            for record in scope_logs.log_records
+        ]
+
+
+def attributes_of(item: Any) -> dict[str, Any]:
+    """A protobuf span's, event's or log record's attributes as plain values."""
+    out: dict[str, Any] = {}
+    for kv in item.attributes:
+        field = kv.value.WhichOneof("value")
+        out[kv.key] = getattr(kv.value, field) if field else None
+    return out
+
+
+async def test_spans_are_exported_over_otlp_http_to_a_real_collector():
+    async with Collector() as collector:
+        telemetry = Telemetry(otlp_endpoint=collector.endpoint)
         with telemetry.span("luanette.dispatch", parent=parent_context(TP)):
             with telemetry.span("luanette.script.execute"):
                 pass
         await asyncio.to_thread(telemetry.shutdown)  # flushes the batch
-    finally:
-        await runner.cleanup()
-    spans = [
-        span
-        for request in received
-        for resource_spans in request.resource_spans
-        for scope_spans in resource_spans.scope_spans
-        for span in scope_spans.spans
-    ]
+    spans = collector.spans()
     assert sorted(s.name for s in spans) == ["luanette.dispatch", "luanette.script.execute"]
     assert {s.trace_id.hex() for s in spans} == {TRACE}
     service = {
-        a.key: a.value.string_value for r in received for rs in r.resource_spans for a in rs.resource.attributes
+        a.key: a.value.string_value for r in collector.traces for rs in r.resource_spans for a in rs.resource.attributes
     }
     assert service["service.name"] == "luanette"
+
+
+# --- script span attributes, error events, OTLP logs --------------------------------------
+
+EXPORTED = """
+function describe()
+  return {name = "exported", params = {
+    key = {type = "string", secret = true},
+    take = {type = "integer", default = 2},
+    mood = {type = "string"},
+  }}
+end
+function main(p)
+  log.info("take " .. p.take, {n = p.take, mood = p.mood})
+  local t = nil
+  return t.x
+end
+"""
+
+
+async def test_a_daemons_script_logs_and_spans_reach_a_real_collector(daemon_process):
+    """The console script with --otlp-endpoint: the job's span carries its creator, its
+    params but the secret one, and its error as an event; its log.* line is an OTLP log
+    record in the same trace and span."""
+    import signal
+
+    async with Collector() as collector:
+        d = daemon_process("--otlp-endpoint", collector.endpoint)
+        async with Client(d.endpoint) as c:
+            digest = await store(c, EXPORTED, creator="tester")
+            job_id = (await run(c, digest, {"key": "s3cr3t-value", "take": 3, "mood": "m" * 1000}))["job_id"]
+            done = await wait_done(c, job_id)
+        d.signal(signal.SIGTERM)
+        assert await asyncio.to_thread(d.wait) == 0  # its exit flushes the batches
+    assert done["status"] == "failed" and done["error"]["cause"], done
+
+    (execute,) = [s for s in collector.spans() if attributes_of(s).get("job.id") == job_id]
+    attributes = attributes_of(execute)
+    assert execute.name == "luanette.script.execute"
+    assert attributes["script.creator"] == "tester" and attributes["script.name"] == "exported"
+    assert attributes["script.params.take"] == 3
+    assert attributes["script.params.mood"] == "m" * (PARAM_VALUE_MAX - 1) + "…"
+    assert not any(k.startswith("script.params.key") for k in attributes)
+    (error,) = [e for e in execute.events if e.name == "luanette.script.error"]
+    assert attributes_of(error) == {
+        "error.kind": "lua_runtime",
+        "error.cause": done["error"]["cause"],
+        "error.message": done["error"]["message"],
+        "error.line": done["error"]["line"],
+    }
+
+    (line,) = [r for r in collector.log_records() if r.body.string_value == "take 3"]
+    assert line.trace_id == execute.trace_id and line.span_id == execute.span_id
+    assert line.severity_text == "INFO" and line.severity_number == 9  # SeverityNumber.INFO
+    assert line.event_name == "lua.log"
+    logged = attributes_of(line)
+    assert logged["job_id"] == job_id and logged["script_hash"] == digest and logged["fields.n"] == 3
+    # the secret is nowhere: not in a span, not in a log record
+    sent = b"".join(r.SerializeToString() for r in [*collector.traces, *collector.logs])
+    assert b"s3cr3t-value" not in sent and b"s3cr3t-value" not in d.proc.stderr.read()
+
+
+async def test_a_failed_eval_records_its_error_as_an_event(make_server, traced):
+    running = await make_server(telemetry=traced.telemetry)
+    async with Client(running.endpoint) as c:
+        reply = await c.request(t.LuaEval(code="error('no drums')"))
+    assert isinstance(reply, t.Error)
+    (execute,) = await traced.settle("luanette.script.execute")
+    (error,) = [e for e in execute.events if e.name == "luanette.script.error"]
+    assert error.attributes["error.kind"] == "lua_runtime"
+    assert error.attributes["error.cause"] == reply.details["cause"] == "user_error"
+    assert "no drums" in error.attributes["error.message"] and error.attributes["error.line"] == 1
+
+
+async def test_a_stored_scripts_creator_and_params_are_span_attributes(make_server, traced):
+    running = await make_server(telemetry=traced.telemetry)
+    async with Client(running.endpoint) as c:
+        digest = await store(c, "function main(p) return 1 end", creator="ada")
+        job_id = (await run(c, digest, {"n": 7, "tempo": 92.5, "on": True, "notes": [1, 2], "api_key": "k"}))["job_id"]
+        assert (await wait_done(c, job_id))["status"] == "complete"
+    (execute,) = await traced.settle("luanette.script.execute")
+    params = {k: v for k, v in execute.attributes.items() if k.startswith("script.params.")}
+    assert execute.attributes["script.creator"] == "ada"
+    assert params == {"script.params.n": 7, "script.params.tempo": 92.5, "script.params.on": True}
+
+
+def test_param_attributes_keep_scalars_and_leave_secrets_out():
+    long = "x" * (PARAM_VALUE_MAX + 10)
+    got = param_attributes(
+        {"a": long, "b": None, "c": {"d": 1}, "big": 2**70, "pick": "me"},
+        secret={"pick"},
+    )
+    assert got == {"script.params.a": "x" * (PARAM_VALUE_MAX - 1) + "…"}
+    hidden = ["password", "dbPassword", "AuthToken", "access_token", "api-key", "apiKey", "client_secret",
+              "credentials", "ssh_private_key", "pwd", "x.auth"]
+    shown = ["author", "passes", "max_tokens", "key", "secretary_note", "tokenizer", "compass"]
+    assert [name for name in hidden + shown if looks_secret(name)] == hidden
+    assert param_attributes(["not", "a", "table"]) == {}
+    assert len(param_attributes({f"p{i:03}": i for i in range(100)})) == 32
+
+
+def test_only_log_events_carrying_a_trace_become_records():
+    assert log_record("info", {"event": "server.listening", "level": "info"}) is None
+    assert log_record("info", {"event": "x", "trace_id": "zz", "span_id": "01"}) is None
+    record = log_record(
+        "warning",
+        {"event": "jobs.slow", "level": "warning", "trace_id": TRACE, "span_id": PARENT, "job_id": "j",
+         "fields": {"n": 1, "tags": ["a"]}, "timestamp": "2026-01-01T00:00:00Z"},
+    )
+    assert record is not None
+    span_context = trace.get_current_span(record["context"]).get_span_context()
+    assert f"{span_context.trace_id:032x}" == TRACE and f"{span_context.span_id:016x}" == PARENT
+    assert record["body"] == "jobs.slow" and record["severity_text"] == "WARNING"
+    assert record["attributes"] == {"job_id": "j", "fields.n": 1, "fields.tags": '["a"]'}

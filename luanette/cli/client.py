@@ -1,8 +1,13 @@
 """``luanette-cli``: talk to a running daemon from a shell.
 
-Exit status: 0 on success, 1 when the daemon answers Error, 2 for bad usage or input,
-3 when no reply came in time or no connection could be made (nothing listening, or
-the CURVE handshake failed: said within ~2 s).
+Exit status: 0 on success, 1 when the daemon answers Error (or a waited-for job does
+not complete), 2 for bad usage or input, 3 when no reply came in time or no connection
+could be made (nothing listening, or the CURVE handshake failed: said within ~2 s).
+A reader that closes the pipe early (``luanette-cli ... | head -1``) ends it quietly
+with status 0.
+
+``--json`` prints one reply payload of the protocol on stdout, whatever the command
+(see :func:`run`); ``watch`` prints broadcasts, one JSON object a line.
 """
 
 from __future__ import annotations
@@ -31,12 +36,21 @@ EXIT_USAGE = 2
 EXIT_TIMEOUT = 3
 
 
+CLI_CODES = {EXIT_ERROR_REPLY: "cli_error", EXIT_USAGE: "cli_usage", EXIT_TIMEOUT: "cli_no_reply"}
+"""The ``code`` of the Error payload ``--json`` prints for a failure of the CLI's own,
+by exit status (the daemon's codes never start with ``cli_``)."""
+
+
 class CliError(Exception):
     """A failure to report in one line with an exit status."""
 
     def __init__(self, message: str, status: int) -> None:
         super().__init__(message)
         self.status = status
+
+    def payload(self) -> t.Error:
+        """The failure as the Error payload ``--json`` prints."""
+        return t.Error(code=CLI_CODES.get(self.status, "cli_error"), message=str(self), details=None)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -79,6 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
     ru.add_argument("--params", default=None, metavar="JSON")
     ru.add_argument("--tag", action="append", default=None, help="a job tag (repeatable)")
     ru.add_argument("--wait", action="store_true", help="show progress and print the result when done")
+    ru.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                    help="with --wait: print a progress line on stderr at each change (default: a live "
+                    "line when stderr is a terminal, progress lines when stdout is not one)")
 
     job = sub.add_parser("job", help="inspect and control jobs").add_subparsers(dest="action", required=True)
     job.add_parser("status", help="one job's state and result").add_argument("job_id")
@@ -192,6 +209,8 @@ def render(args: argparse.Namespace, reply: t.Payload) -> str:
             return f"{digest}  {name or ''}".rstrip()
         case t.Success(result=list(found)) if command == "script":
             return "\n".join(f"{x['hash']}  {x['name'] or '-'}  {' '.join(x['tags'])}" for x in found)
+        case t.Success(result=dict(info)) if command == "run" and args.wait:  # the finished JobInfo
+            return _value(info.get("result"))
         case t.Success(result={"job_id": job_id}) if command == "run":
             return job_id
         case t.Success(result=list(jobs)) if command == "job" and action == "list":
@@ -237,7 +256,15 @@ CONNECT_WITHIN_S = 2.0
 
 
 async def run(args: argparse.Namespace, out: Callable[[str], None]) -> int:
-    """Carry out the command line, print the outcome, return the exit status."""
+    """Carry out the command line, print the outcome, return the exit status.
+
+    With ``--json`` the outcome is one protocol reply payload, a JSON object whose
+    ``type`` says what it is: the daemon's reply to the command's request (``success``
+    with ``result``, ``error`` with ``code``/``message``/``details``, or the request's
+    own reply such as ``pong``); for ``run --wait`` the reply ``job_status`` gives for
+    the finished job (``success``, ``result`` its JobInfo; exit 1 unless it completed);
+    for a failure of the CLI itself an ``error`` with a ``cli_*`` code (:data:`CLI_CODES`).
+    """
     if args.command == "watch":
         return await watch(args, out)
     request = build_request(args)
@@ -248,57 +275,80 @@ async def run(args: argparse.Namespace, out: Callable[[str], None]) -> int:
             raise CliError(str(e), EXIT_TIMEOUT) from None
         reply = await _ask(client, args, request)
         if args.command == "run" and args.wait and isinstance(reply, t.Success):
-            return await wait_for_job(client, args, reply.result["job_id"], out)
+            reply = await wait_for_job(client, args, reply.result["job_id"])
+    unfinished = _unfinished_job(args, reply)
     if args.json:
         out(msgspec.json.encode(reply).decode())
-    if isinstance(reply, t.Error):
-        if not args.json:
-            raise CliError(f"error [{reply.code}]: {reply.message}", EXIT_ERROR_REPLY)
-        return EXIT_ERROR_REPLY
-    if not args.json:
-        out(render(args, reply))
-    return 0
-
-
-def _result(reply: t.Payload) -> Any:
-    """The result of a Success reply; an Error (or any other reply) ends the command."""
+        return EXIT_ERROR_REPLY if isinstance(reply, t.Error) or unfinished else 0
     if isinstance(reply, t.Error):
         raise CliError(f"error [{reply.code}]: {reply.message}", EXIT_ERROR_REPLY)
-    if not isinstance(reply, t.Success):
-        raise CliError(f"unexpected reply: {t.tag_of(type(reply))}", EXIT_ERROR_REPLY)
-    return reply.result
-
-
-async def wait_for_job(client: Client, args: argparse.Namespace, job_id: str, out: Callable[[str], None]) -> int:
-    """``run --wait``: show progress on a terminal until the job ends, then its result."""
-    live = sys.stderr.isatty() and not args.json
-    started = time.monotonic()
-    while True:
-        polled = _result(await _ask(client, args, t.JobPoll(job_ids=[job_id], timeout_ms=250, mode=t.PollMode.ALL)))
-        if polled["completed"]:
-            info = polled["completed"][0]
-            break
-        if live:
-            status = _result(await _ask(client, args, t.JobStatusRequest(job_id=job_id)))
-            progress = status.get("progress") or {}
-            bar = f"{progress.get('percent', 0):5.1f}%" if progress else status["status"]
-            note = progress.get("message") or ""
-            print(f"\r{job_id}  {bar}  {note[:40]:<40}  {time.monotonic() - started:6.1f} s", end="", file=sys.stderr)
-    if live:
-        print("\r" + " " * 100 + "\r", end="", file=sys.stderr)
-    if args.json:
-        out(msgspec.json.encode(info).decode())
-    if info["status"] != "complete":
-        err = info.get("error") or {}
-        where = f" (line {err['line']})" if err.get("line") is not None else ""
-        if args.json:
-            return EXIT_ERROR_REPLY
-        raise CliError(
-            f"job {job_id} {info['status']}: {err.get('kind', '')}: {err.get('message', '')}{where}", EXIT_ERROR_REPLY
-        )
-    if not args.json:
-        out(_value(info["result"]))
+    if unfinished:
+        raise CliError(unfinished, EXIT_ERROR_REPLY)
+    out(render(args, reply))
     return 0
+
+
+def _unfinished_job(args: argparse.Namespace, reply: t.Payload) -> str | None:
+    """For ``run --wait``, the one line saying why the job did not complete (None if
+    it did, or for any other command)."""
+    if not (args.command == "run" and args.wait and isinstance(reply, t.Success)):
+        return None
+    info = reply.result
+    if info["status"] == "complete":
+        return None
+    err = info.get("error") or {}
+    where = f" (line {err['line']})" if err.get("line") is not None else ""
+    return f"job {info['job_id']} {info['status']}: {err.get('kind', '')}: {err.get('message', '')}{where}"
+
+
+def _progress_mode(args: argparse.Namespace) -> str | None:
+    """How ``run --wait`` shows progress: "live" (one line rewritten on the terminal),
+    "lines" (a line a change, for logs and pipes) or None."""
+    if args.progress is not None:
+        return "lines" if args.progress else None
+    if sys.stderr.isatty():
+        return "live"
+    return None if sys.stdout.isatty() else "lines"
+
+
+def _progress_text(job_id: str, status: dict[str, Any]) -> str:
+    progress = status.get("progress") or {}
+    percent = progress.get("percent")
+    shown = f"{status['status']:<9} {percent:5.1f}%" if percent is not None else status["status"]
+    note = progress.get("message") or ""
+    return f"{job_id}  {shown}  {note}".rstrip()
+
+
+async def wait_for_job(client: Client, args: argparse.Namespace, job_id: str) -> t.Payload:
+    """``run --wait``: poll until the job ends, showing its progress on stderr (see
+    :func:`_progress_mode`); returns the finished job as ``job_status`` answers it (a
+    Success with its JobInfo), or the Error a poll got."""
+    mode = _progress_mode(args)
+    started = time.monotonic()
+    shown = None
+    while True:
+        polled = await _ask(client, args, t.JobPoll(job_ids=[job_id], timeout_ms=250, mode=t.PollMode.ALL))
+        if not isinstance(polled, t.Success):
+            return polled
+        if polled.result["completed"]:
+            info = polled.result["completed"][0]
+            break
+        if mode is None:
+            continue
+        status = await _ask(client, args, t.JobStatusRequest(job_id=job_id))
+        if not isinstance(status, t.Success):
+            return status
+        text = _progress_text(job_id, status.result)
+        if mode == "live":
+            print(f"\r{text[:90]:<90}  {time.monotonic() - started:6.1f} s", end="", file=sys.stderr, flush=True)
+        elif text != shown:
+            print(f"{text}  ({time.monotonic() - started:.1f} s)", file=sys.stderr, flush=True)
+        shown = text
+    if mode == "live":
+        print("\r" + " " * 100 + "\r", end="", file=sys.stderr, flush=True)
+    elif mode == "lines":
+        print(f"{_progress_text(job_id, info)}  ({time.monotonic() - started:.1f} s)", file=sys.stderr, flush=True)
+    return t.Success(result=info)
 
 
 async def watch(args: argparse.Namespace, out: Callable[[str], None]) -> int:
@@ -321,11 +371,33 @@ async def watch(args: argparse.Namespace, out: Callable[[str], None]) -> int:
     return 0
 
 
+def _out(text: str) -> None:
+    # a line at a time, so a reader such as `head -1` gets each one as it is made
+    print(text, flush=True)
+
+
+def _quiet_stdout() -> None:
+    """After the reader closed stdout: point it at /dev/null, so that the interpreter's
+    own flush at exit finds nothing to complain about."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """The ``luanette-cli`` console script; returns the exit status."""
     args = build_parser().parse_args(argv)
     try:
-        return anyio.run(run, args, print)
+        status = anyio.run(run, args, _out)
+        sys.stdout.flush()
+        return status
+    except BrokenPipeError:
+        # the reader has all it wanted (`| head -1`): not a failure, as with other CLIs
+        _quiet_stdout()
+        return 0
     except CliError as e:
+        if args.json:
+            _out(msgspec.json.encode(e.payload()).decode())
         print(f"luanette-cli: {e}", file=sys.stderr)
         return e.status
     except KeyboardInterrupt:

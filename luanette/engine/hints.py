@@ -36,7 +36,9 @@ MISSING_MAIN: Final = "the script defines describe() but no global function main
 NAMESPACES: Final = frozenset(
     "log clock json otel garden context progress job temp cas midi fs orpheus musicgen llm backend".split()
 )
-_EVAL_NAMESPACES: Final = "log, clock, json, otel, garden, context"
+_EVAL_NAMESPACES: Final = (
+    "log, clock, json, otel, context and, as [policy] eval grants them, garden, cas, temp, midi and the models"
+)
 
 _FILES: Final = "temp.* for the job's scratch files, cas.* for stored content, fs.* for configured roots"
 _NO_PROGRAMS: Final = (
@@ -451,8 +453,8 @@ def _nil_hints(scene: Scene, kind: str, name: str) -> list[str]:
         if name in NAMESPACES and name not in scene.globals:
             return [
                 f"'{name}' is not available to this run: lua_eval runs get {_EVAL_NAMESPACES}; jobs "
-                "(script_store, then job_execute) also get cas, temp, midi, progress, job and the model "
-                "namespaces, as describe().capabilities grant them; fs needs an fs.read or fs.write capability"
+                "(script_store, then job_execute) also get progress and job, and what describe().capabilities "
+                "grant; fs needs an fs.read or fs.write capability"
             ]
         candidates = set(scene.globals) | set(scene.scope)
         return [_mean(found)] if (found := closest(name, candidates)) else []

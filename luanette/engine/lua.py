@@ -673,6 +673,15 @@ def _check_namespace_name(name: str, taken: set[str], core_extension: bool = Fal
     taken.add(name)
 
 
+def _skip_shebang(code: bytes) -> bytes:
+    """``code`` with a first line starting with ``#`` (``#!/usr/bin/env lua``) made a
+    comment, as the ``lua`` command skips it: scripts written to run as files load
+    unchanged, and every later line keeps its number."""
+    if not code.startswith(b"#"):
+        return code
+    return b"-- " + code[1:]  # ("--[[" would open a long comment; "-- [[" does not)
+
+
 class _Session:
     """One LuaRuntime and its script coroutine.
 
@@ -683,7 +692,7 @@ class _Session:
     def __init__(
         self, code: str, params: bytes, chunk_name: str, run: RunContext, bridge: _Bridge, killer: _Killer
     ) -> None:
-        self._code = code.encode()
+        self._code = _skip_shebang(code.encode())
         self._params = params
         self._chunk_name = chunk_name
         self._run = run

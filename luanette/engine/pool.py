@@ -55,6 +55,7 @@ from luanette.modules import ModuleError, Modules
 from luanette.settings import Settings
 from luanette.stdlib.otel import MAX_METRICS
 from luanette.stdlib.temp import DIR_PREFIX as TEMP_DIR_PREFIX
+from luanette.telemetry import record_error
 
 log = structlog.get_logger("luanette.engine")
 
@@ -403,7 +404,26 @@ class Engine:
         chunk_name: str = "script",
     ) -> Outcome:
         """Run a script in a worker. Raises ScriptError as ``run_script`` does, and with
-        kind ``worker_lost`` when its worker died under it."""
+        kind ``worker_lost`` when its worker died under it; the error is also an event
+        on ``hooks.span`` (see telemetry.record_error)."""
+        try:
+            return await self._run(code, params, limits=limits, info=info, cancel=cancel, hooks=hooks,
+                                   chunk_name=chunk_name)
+        except ScriptError as e:
+            record_error(hooks.span, e.detail)
+            raise
+
+    async def _run(
+        self,
+        code: str,
+        params: Any,
+        *,
+        limits: Limits,
+        info: ch.RunInfo,
+        cancel: CancelToken,
+        hooks: RunHooks,
+        chunk_name: str,
+    ) -> Outcome:
         worker = self._choose()
         if worker is None:  # starting up, or every worker is full or being replaced
             worker = await self._wait_for_worker(time.monotonic() + WORKER_WAIT_S, cancel)

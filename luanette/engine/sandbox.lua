@@ -487,12 +487,13 @@ local params = decode(params_packed)
 env.params = params
 env.args = params  -- seed 003's name for the same table
 
--- Script convention: run the chunk; if it defined a global function main, main(params)
--- gives the result, else the chunk's first return value does.
+-- Script convention: the chunk's first return value is the result; when it returns
+-- nothing (nil) and defined a global function main, main(params) gives the result (a
+-- chunk that both defines main and returns a value is an expression: upstream's eval).
 local function runner()
   local result = chunk()
   local main = rawget(env, "main")
-  if type(main) == "function" then
+  if result == nil and type(main) == "function" then
     main_function = main
     result = main(params)
   elseif result == nil and type(rawget(env, "describe")) == "function" then

@@ -13,6 +13,13 @@ other value is a Lua error naming the problem)::
                                                 ``objects/<2>/<30>`` (never a host path)
     cas.store_file(path [, mime_type]) -> hash  store a file of the job's temp directory
                                                 (the path goes through the temp path check)
+    cas.read(hash)                -> string|nil upstream's: cas.get, nil when missing
+    cas.size(hash)                -> integer|nil upstream's: size in bytes, nil when missing
+    cas.base_path()               -> ""        upstream's: the CAS root as a script sees it
+                                                (cas.path is relative to it; no host path)
+
+Wherever a hash is taken, an object path (``objects/ab/<30 hex>``, as ``cas.path``
+gives it, with an optional leading ``/``) is taken too.
 
 A missing object is a Lua error for ``get``, ``inspect`` and ``path`` (test with
 ``cas.exists`` first, or pcall).  ``cas.inspect`` leaves out hootenanny's ``local_path``:
@@ -51,12 +58,23 @@ _MIME: Final = re.compile(
 )
 
 
+OBJECT_PATH: Final = re.compile(r"/?objects/([0-9a-f]{2})/([0-9a-f]{30})")
+"""An object's path as a script sees it (``cas.path``, ``hootenanny.cas_inspect``'s
+``local_path``): relative to the CAS root, whose script-visible form ``cas.base_path()``
+is ``""`` (so ``cas.base_path() .. "/" .. cas.path(h)`` is one too)."""
+BASE_PATH: Final = ""
+
+
 def check_hash(value: Any, what: str = "hash") -> str:
-    """A hash argument as 32 lowercase hex, or a Lua error naming the problem."""
+    """A hash argument (or an object path, :data:`OBJECT_PATH`) as 32 lowercase hex, or a
+    Lua error naming the problem."""
     if isinstance(value, bytes):
         raise LuaCallError(f"{what} must be 32 lowercase hex characters, got a binary string")
     if not isinstance(value, str):
         raise LuaCallError(f"{what} must be a string, got {lua_type(value)}")
+    path = OBJECT_PATH.fullmatch(value)
+    if path:
+        return path[1] + path[2]
     try:
         return parse_hash(value)
     except CasError as exc:
@@ -126,6 +144,9 @@ class CasNamespace:
             "inspect": self.inspect,
             "exists": self.exists,
             "path": self.path,
+            "read": self.read,
+            "size": self.size,
+            "base_path": self.base_path,
         }
 
     def store(self, data: Any, mime_type: Any = None) -> str:
@@ -179,3 +200,27 @@ class CasNamespace:
             return self.cas.relative_path(h)
         except Exception as exc:
             raise cas_failure(exc, "hash", h) from None
+
+    def read(self, hash: Any) -> bytes | None:
+        """Upstream's ``cas.read``: ``cas.get``, but nil for a missing object."""
+        h = check_hash(hash)
+        try:
+            return self.cas.retrieve(h, max_bytes=self.max_read_bytes)
+        except NotFound:
+            return None
+        except Exception as exc:
+            raise cas_failure(exc, "hash", h) from None
+
+    def size(self, hash: Any) -> int | None:
+        """Upstream's ``cas.size``: the object's size in bytes, nil when it is missing."""
+        h = check_hash(hash)
+        try:
+            return self.cas.inspect(h).size_bytes
+        except NotFound:
+            return None
+        except Exception as exc:
+            raise cas_failure(exc, "hash", h) from None
+
+    def base_path(self) -> str:
+        """Upstream's ``cas.base_path``: the CAS root as scripts see it (never the host's)."""
+        return BASE_PATH

@@ -23,6 +23,7 @@ Every ``lua_eval`` run and every job has it.
   ``metadata``: the event's, nil when Lua cannot hold it); nil otherwise.
 - ``context.hlc_time() -> integer``: a hybrid logical clock reading, ``wall_ms * 1000
   + counter`` (see :class:`HybridClock`).
+- ``context{...}``: upstream's inference-context descriptor (luanette.stdlib.native).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, Final
 
 from luanette.engine.api import RunContext
+from luanette.stdlib.native import NATIVE_PRELUDE
 
 if TYPE_CHECKING:
     from luanette.engine.channel import RunInfo
@@ -82,9 +84,11 @@ HLC: Final = HybridClock()
 
 
 class ContextNamespace:
-    """Lua global `context`, bound to one run."""
+    """Lua global `context`, bound to one run.  Its prelude makes it callable and adds
+    upstream's ``space`` and ``encoding`` (luanette.stdlib.native)."""
 
     name = "context"
+    lua_prelude = NATIVE_PRELUDE
 
     def __init__(
         self,

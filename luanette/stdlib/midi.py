@@ -110,7 +110,7 @@ from mido.messages.checks import check_value
 
 from luanette.cas import Cas
 from luanette.engine.api import LuaCallError, RunContext, charge_cas_write
-from luanette.stdlib.cas import cas_failure, check_hash
+from luanette.stdlib.cas import OBJECT_PATH, cas_failure, check_hash
 from luanette.stdlib.paths import as_text, lua_type, relative
 
 if TYPE_CHECKING:
@@ -126,7 +126,7 @@ MAX_TICK: Final = 0x0FFFFFFF  # the largest delta a MIDI file can hold
 MAX_TRACKS: Final = 0xFFFF
 _NOTE_TYPES: Final = frozenset({"note_on", "note_off", "polytouch"})
 _TIME_KEYS: Final = frozenset({"type", "tick", "delta", "time"})
-_HASHLIKE: Final = re.compile(r"cas:.*|[0-9a-fA-F]{32}", re.DOTALL)
+_HASHLIKE: Final = re.compile(r"cas:.*|[0-9a-fA-F]{32}|" + OBJECT_PATH.pattern, re.DOTALL)
 # Ranges of the integer fields of channel messages (as mido checks them), for a fast path.
 _RANGES: Final = {
     "channel": (0, 15),
@@ -271,13 +271,121 @@ def _coerce(value: Any) -> Any:
     return value
 
 
+# ------------------------------------------------------------ upstream's names
+
+# The Rust luanette (midly) named some events and fields differently; tables in either
+# vocabulary are accepted, and a call given upstream's names answers in them.
+_UPSTREAM_META: Final = {"tempo": "set_tempo"}  # meta_type -> mido type, where they differ
+_MIDO_META: Final = {"set_tempo": "tempo"}
+_UPSTREAM_ONLY: Final = frozenset({"meta", "pitch_bend", "channel_aftertouch"})
+
+
+def _key_of(sharps_flats: Any, minor: Any, where: str) -> str:
+    from mido.midifiles.meta import _key_signature_decode
+
+    key = _key_signature_decode.get((_integer(sharps_flats, f"{where}.sharps_flats", -7, 7), 1 if minor else 0))
+    assert key is not None
+    return key
+
+
+def _from_upstream(value: dict[str, Any], where: str) -> dict[str, Any] | None:
+    """An event in upstream's vocabulary as one in ours (None: upstream wrote nothing for
+    it, an ``unknown`` meta event); ours is returned as it is."""
+    etype = value.get("type")
+    if etype == "meta":
+        meta_type = value.get("meta_type")
+        if meta_type == "unknown":
+            return None
+        if not isinstance(meta_type, str):
+            raise LuaCallError(f"{where}.meta_type must be a string, got {lua_type(meta_type)}")
+        out = {k: v for k, v in value.items() if k not in ("type", "meta_type", "sharps_flats", "minor")}
+        out["type"] = _UPSTREAM_META.get(meta_type, meta_type)
+        if meta_type == "key_signature" and "key" not in value:
+            out["key"] = _key_of(value.get("sharps_flats", 0), value.get("minor", False), where)
+        return out
+    if etype == "control_change" and "controller" in value:
+        out = dict(value)
+        out["control"] = out.pop("controller")
+        return out
+    if etype == "aftertouch" and ("pressure" in value or "note" in value):  # upstream's is per key
+        out = {k: v for k, v in value.items() if k != "pressure"}
+        out["type"] = "polytouch"
+        out["value"] = value.get("pressure", value.get("value", 0))
+        return out
+    if etype == "channel_aftertouch":
+        out = {k: v for k, v in value.items() if k != "pressure"}
+        out["type"] = "aftertouch"
+        out["value"] = value.get("pressure", value.get("value", 0))
+        return out
+    if etype == "pitch_bend":
+        out = {k: v for k, v in value.items() if k != "value"}
+        out["type"] = "pitchwheel"
+        out["pitch"] = value.get("value", value.get("pitch", 0))
+        return out
+    return value
+
+
+def _to_upstream(event: dict[str, Any]) -> dict[str, Any]:
+    """An event of ours in upstream's vocabulary (``tick`` and ``delta`` kept)."""
+    etype = event["type"]
+    spec = _spec(etype)
+    if isinstance(spec, _Spec) and spec.kind != "message":
+        out = {k: v for k, v in event.items() if k != "type"}
+        out["type"] = "meta"
+        out["meta_type"] = _MIDO_META.get(etype, etype)
+        if etype == "key_signature":
+            from mido.midifiles.meta import _key_signature_encode
+
+            sharps_flats, minor = _key_signature_encode[out.pop("key")]
+            out["sharps_flats"], out["minor"] = sharps_flats, bool(minor)
+        return out
+    if etype == "control_change":
+        out = dict(event)
+        out["controller"] = out.pop("control")
+        return out
+    if etype == "polytouch":
+        out = {k: v for k, v in event.items() if k != "value"}
+        out["type"], out["pressure"] = "aftertouch", event["value"]
+        return out
+    if etype == "aftertouch":
+        out = {k: v for k, v in event.items() if k != "value"}
+        out["type"], out["pressure"] = "channel_aftertouch", event["value"]
+        return out
+    if etype == "pitchwheel":
+        out = {k: v for k, v in event.items() if k != "pitch"}
+        out["type"], out["value"] = "pitch_bend", event["pitch"]
+        return out
+    return event
+
+
+@dataclass
+class _Shape:
+    """What came in, so that the same comes out."""
+
+    bare: bool = False  # a bare event list (upstream's midi.transpose(track.events, 7))
+    upstream: bool = False  # upstream's event names
+    ended: bool = True  # the bare list had an end_of_track
+
+
 # ------------------------------------------------------------------ table -> model
 
 
-def _event(value: Any, what: str, ti: int, ei: int, previous_tick: int) -> dict[str, Any]:
+def _event(
+    value: Any, what: str, ti: int, ei: int, previous_tick: int, shape: _Shape | None = None
+) -> dict[str, Any] | None:
     if not isinstance(value, dict):
         raise LuaCallError(f"{_where(what, ti, ei)} must be an event table, got {lua_type(value)}")
     etype = value.get("type")
+    if etype in _UPSTREAM_ONLY or (etype == "control_change" and "controller" in value) or (
+        etype == "aftertouch" and ("pressure" in value or "note" in value)
+    ):
+        translated = _from_upstream(value, _where(what, ti, ei))
+        if shape is not None:
+            shape.upstream = True
+        if translated is None:
+            return None
+        value = translated
+        etype = value.get("type")
     if isinstance(etype, bytes):
         etype = etype.decode("utf-8", "replace")
     if not isinstance(etype, str):
@@ -366,7 +474,9 @@ def _finish(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return kept
 
 
-def _track(value: Any, what: str, ti: int, budget: list[int], max_events: int) -> _Track:
+def _track(
+    value: Any, what: str, ti: int, budget: list[int], max_events: int, shape: _Shape | None = None
+) -> _Track:
     if not isinstance(value, dict):
         raise LuaCallError(
             f"{_where(what, ti)} must be a track table {{name, events}}, got {lua_type(value)}"
@@ -378,7 +488,9 @@ def _track(value: Any, what: str, ti: int, budget: list[int], max_events: int) -
     events = []
     tick = 0
     for ei, raw in enumerate(raw_events):
-        event = _event(raw, what, ti, ei, tick)
+        event = _event(raw, what, ti, ei, tick, shape)
+        if event is None:
+            continue
         tick = event["tick"]
         events.append(event)
     name = value.get("name")
@@ -404,12 +516,21 @@ def _set_name(events: list[dict[str, Any]], name: str, what: str, ti: int) -> No
         raise LuaCallError(f"{_where(what, ti)}.name: {exc}") from None
 
 
-def _song_from_table(value: Any, what: str, max_events: int) -> _Song:
-    if isinstance(value, list):
-        raise LuaCallError(
-            f"{what} must be a MIDI table {{ticks_per_beat, format, tracks}}, got an array "
-            "(pass the whole table from midi.read, not a list of tracks or events)"
+def _song_from_table(value: Any, what: str, max_events: int, shape: _Shape | None = None) -> _Song:
+    if isinstance(value, list) or (isinstance(value, dict) and not value):
+        if shape is None:
+            raise LuaCallError(
+                f"{what} must be a MIDI table {{ticks_per_beat, format, tracks}}, got an array "
+                "(pass the whole table from midi.read, not a list of tracks or events)"
+            )
+        # a bare event list: one track of the default resolution
+        shape.bare = True
+        events = value if isinstance(value, list) else []
+        shape.ended = any(
+            isinstance(e, dict) and (e.get("type") == "end_of_track" or e.get("meta_type") == "end_of_track")
+            for e in events
         )
+        value = {"tracks": [{"events": events}]}
     if not isinstance(value, dict):
         raise LuaCallError(
             f"{what} must be a MIDI table or a src (CAS hash or temp path), got {lua_type(value)}"
@@ -422,7 +543,7 @@ def _song_from_table(value: Any, what: str, max_events: int) -> _Song:
     tpb = _integer(value.get("ticks_per_beat", DEFAULT_TICKS_PER_BEAT), f"{what}.ticks_per_beat", 1, 32767)
     fmt = _integer(value.get("format", 1), f"{what}.format", 0, 2)
     budget = [0]
-    tracks = [_track(raw, what, ti, budget, max_events) for ti, raw in enumerate(raw_tracks)]
+    tracks = [_track(raw, what, ti, budget, max_events, shape) for ti, raw in enumerate(raw_tracks)]
     return _Song(tpb, fmt, tracks)
 
 
@@ -493,6 +614,21 @@ def _song_to_bytes(song: _Song, what: str) -> bytes:
 
 
 # -------------------------------------------------------------- model -> table
+
+
+def _out(song: _Song, shape: _Shape) -> Any:
+    """The answer of a function that took ``shape``: a MIDI table or a bare event list,
+    in the vocabulary it came in."""
+    table = _table(song)
+    if shape.upstream:
+        for track in table["tracks"]:
+            track["events"] = [_to_upstream(event) for event in track["events"]]
+    if not shape.bare:
+        return table
+    events = table["tracks"][0]["events"]
+    if not shape.ended:  # added by the normalising, which the list did not ask for
+        events.pop()
+    return events
 
 
 def _table(song: _Song) -> dict[str, Any]:
@@ -641,6 +777,17 @@ def _predicate(value: Any) -> _Predicate:
 # ------------------------------------------------------------------ namespace
 
 
+def _upstream_tracks(value: Any) -> bool:
+    """Whether ``value`` is upstream's argument of ``midi.merge``: an array of tracks
+    ``{events}`` (ours takes MIDI tables, which have ``tracks``)."""
+    return (
+        isinstance(value, list)
+        and bool(value)
+        and all(isinstance(t, dict) and "events" in t and "tracks" not in t for t in value)
+    )
+
+
+
 # The Lua half of `midi`: filter with a Lua function predicate, which cannot cross into
 # Python.  The Python filter normalises the table (and reads a src); the pairing of
 # note_on/note_off follows _pairs: the earliest open note of a channel and pitch closes
@@ -648,7 +795,7 @@ def _predicate(value: Any) -> _Predicate:
 _LUA_PRELUDE: Final = b"""
 local midi, marks = ...
 local by_criteria = midi.filter
-local type, ipairs, pcall, error = type, ipairs, pcall, error
+local type, ipairs, pcall, error, next, rawget = type, ipairs, pcall, error, next, rawget
 
 local function rethrow(err)
   if err == "not enough memory" or type(err) ~= "string" then error(err, 0) end
@@ -691,14 +838,59 @@ local function filter_track(events, track, pred)
   return marks.array(kept), name or ""
 end
 
+-- upstream's bare event lists (midi.transpose(track.events, 7)): a list without
+-- `tracks`; the empty table counts as one
+local function is_events(t)
+  return type(t) == "table" and rawget(t, "tracks") == nil and (rawget(t, 1) ~= nil or next(t) == nil)
+end
+
 midi.filter = function(tbl, pred)
   if type(pred) ~= "function" then return by_criteria(tbl, pred) end
   local ok, song = pcall(by_criteria, tbl, {})
   if not ok then rethrow(song) end
+  if is_events(tbl) then return (filter_track(song, 1, pred)) end
   for number, track in ipairs(song.tracks) do
     track.events, track.name = filter_track(track.events, number, pred)
   end
   return song
+end
+
+-- A bare list is edited in place (as upstream did) and returned: the Python half works
+-- on a copy, whose events then replace the list's.
+local function in_place(name)
+  local python = midi[name]
+  midi[name] = function(tbl, ...)
+    if not is_events(tbl) then return python(tbl, ...) end
+    local ok, events = pcall(python, tbl, ...)
+    if not ok then rethrow(events) end
+    local n = #tbl
+    for i = 1, #events do tbl[i] = events[i] end
+    for i = #events + 1, n do tbl[i] = nil end
+    return tbl
+  end
+end
+in_place("quantize")
+
+-- transpose edits the list's own event tables, so a script holding one sees it change
+local transpose = midi.transpose
+local NOTE_TYPES = {note_on = true, note_off = true, polytouch = true, aftertouch = true}
+midi.transpose = function(tbl, semitones, ...)
+  if not is_events(tbl) then return transpose(tbl, semitones, ...) end
+  local shift = math.tointeger(semitones)
+  if not shift or shift < -127 or shift > 127 then
+    local ok, err = pcall(transpose, {}, semitones)  -- the Python half's message
+    rethrow(ok and "semitones must be an integer from -127 to 127" or err)
+  end
+  for i, event in ipairs(tbl) do
+    if type(event) ~= "table" then rethrow("tbl[" .. i .. "] must be an event table, got " .. type(event)) end
+    local note = event.note
+    if NOTE_TYPES[event.type] and note ~= nil and event.channel ~= 9 then
+      if type(note) ~= "number" then rethrow("tbl[" .. i .. "].note must be a number, got " .. type(note)) end
+      note = note + shift
+      event.note = note < 0 and 0 or note > 127 and 127 or note
+    end
+  end
+  return tbl
 end
 """
 
@@ -754,16 +946,24 @@ class MidiNamespace:
             data = self.temp.read_bytes(text, self.max_read_bytes, what)
         return _song_from_bytes(data, what, self.max_events)
 
-    def _song(self, value: Any, what: str) -> _Song:
-        """A MIDI table or a src argument as a song."""
+    def _song(self, value: Any, what: str) -> tuple[_Song, _Shape]:
+        """A MIDI table, a bare event list or a src argument as a song, and its shape."""
+        shape = _Shape()
         if isinstance(value, (str, bytes)):
-            return self._load(value, what)
-        return _song_from_table(value, what, self.max_events)
+            return self._load(value, what), shape
+        return _song_from_table(value, what, self.max_events, shape), shape
 
     # --- the Lua functions ---
 
-    def read(self, src: Any) -> dict[str, Any]:
-        return _table(self._load(src, "src"))
+    def read(self, src: Any, options: Any = None) -> dict[str, Any]:
+        names = "luanette"
+        if options is not None:
+            if not isinstance(options, dict) or set(options) - {"names"}:
+                raise LuaCallError("options must be a table {names = \"luanette\" | \"upstream\"}")
+            names = options.get("names", names)
+            if names not in ("luanette", "upstream"):
+                raise LuaCallError(f"options.names must be \"luanette\" or \"upstream\", got {names!r}")
+        return _out(self._load(src, "src"), _Shape(upstream=names == "upstream"))
 
     def write(self, tbl: Any, dest: Any = None) -> dict[str, Any]:
         if isinstance(tbl, (str, bytes)) and isinstance(dest, dict):
@@ -785,17 +985,17 @@ class MidiNamespace:
             raise cas_failure(exc, "tbl") from None
         return {"hash": h, "mime_type": MIME, "size_bytes": len(data)}
 
-    def transpose(self, tbl: Any, semitones: Any) -> dict[str, Any]:
-        song = self._song(tbl, "tbl")
+    def transpose(self, tbl: Any, semitones: Any) -> Any:
+        song, shape = self._song(tbl, "tbl")
         shift = _integer(semitones, "semitones", -127, 127)
         for track in song.tracks:
             for event in track.events:
                 if event["type"] in _NOTE_TYPES and event["channel"] != DRUM_CHANNEL:
                     event["note"] = min(127, max(0, event["note"] + shift))
-        return _table(song)
+        return _out(song, shape)
 
-    def quantize(self, tbl: Any, grid_ticks: Any, strength: Any = None) -> dict[str, Any]:
-        song = self._song(tbl, "tbl")
+    def quantize(self, tbl: Any, grid_ticks: Any, strength: Any = None) -> Any:
+        song, shape = self._song(tbl, "tbl")
         grid = _integer(grid_ticks, "grid_ticks", 1, MAX_TICK)
         amount = 1.0 if strength is None else _number(strength, "strength", 0.0, 1.0)
         for track in song.tracks:
@@ -820,16 +1020,18 @@ class MidiNamespace:
                 event["tick"] = min(ticks[i], MAX_TICK)
                 moved.append(event)
             track.events = _finish(moved)
-        return _table(song)
+        return _out(song, shape)
 
     def merge(self, *tables: Any) -> dict[str, Any]:
         names = [f"argument #{i}" for i in range(1, len(tables) + 1)]
+        if len(tables) == 1 and _upstream_tracks(tables[0]):
+            return self._merge_tracks(tables[0])
         if len(tables) == 1 and isinstance(tables[0], list):
             tables = tuple(tables[0])
             names = [f"tables[{i}]" for i in range(1, len(tables) + 1)]
         if not tables:
             raise LuaCallError("give at least one MIDI table: midi.merge(a, b, ...)")
-        songs = [self._song(value, name) for value, name in zip(tables, names, strict=True)]
+        songs = [self._song(value, name)[0] for value, name in zip(tables, names, strict=True)]
         tpb = songs[0].ticks_per_beat
         tracks: list[_Track] = []
         for song in songs:
@@ -849,8 +1051,17 @@ class MidiNamespace:
             fmt = 1 if len(tracks) != 1 else 0
         return _table(_Song(tpb, fmt, tracks))
 
-    def filter(self, tbl: Any, pred: Any) -> dict[str, Any]:
-        song = self._song(tbl, "tbl")
+    def _merge_tracks(self, tracks: list[Any]) -> dict[str, Any]:
+        """Upstream's ``midi.merge(tracks)``: the events of tracks ``{events}`` as one
+        track ``{events}``, in time order (ties keep the order of the tracks)."""
+        shape = _Shape()
+        song = _song_from_table({"tracks": tracks}, "tracks", self.max_events, shape)
+        events = _finish([event for track in song.tracks for event in track.events])
+        merged = _out(_Song(song.ticks_per_beat, 0, [_Track(events)]), shape)["tracks"][0]
+        return {"events": merged["events"]}
+
+    def filter(self, tbl: Any, pred: Any) -> Any:
+        song, shape = self._song(tbl, "tbl")
         predicate = _predicate(pred)
         for number, track in enumerate(song.tracks, 1):
             events = track.events
@@ -870,13 +1081,13 @@ class MidiNamespace:
                 if verdicts[j]:
                     kept.append(event)
             track.events = kept
-        return _table(song)
+        return _out(song, shape)
 
     def notes(self, tbl: Any) -> list[dict[str, Any]]:
-        return _notes(self._song(tbl, "tbl"))
+        return _notes(self._song(tbl, "tbl")[0])
 
     def info(self, src: Any) -> dict[str, Any]:
-        song = self._song(src, "src")
+        song = self._song(src, "src")[0]
         tpb = song.ticks_per_beat
         changes = _tempo_changes(song)
         tempo = changes[0][1] if changes else DEFAULT_TEMPO

@@ -4,9 +4,11 @@ A worker process holds one :class:`Toolbox` (the namespaces that serve every run
 that process's CAS and its proxies of the front's services) and asks
 :func:`namespaces_for` for each run.  Kinds:
 
-- ``eval`` (``lua_eval``): log, clock, json, otel, garden, context.
-- ``job`` (``job_execute`` and timeline triggers): the eval set, plus the model
-  namespaces (orpheus, musicgen, llm, backend), progress, temp, cas, midi, job.
+- ``eval`` (``lua_eval``): log, clock, json, otel, context, the model namespaces
+  (orpheus, musicgen, llm, backend), garden, temp (a directory of its own, removed when
+  the run ends), cas, midi, abc, audio, and the upstream bridge (hootenanny, chaosgarden): the job
+  stdlib, as upstream's eval had it.
+- ``job`` (``job_execute`` and timeline triggers): the eval set, plus progress and job.
 - ``describe`` (``describe()`` of a script being stored): nothing but the sandbox.
 
 Within its kind a run gets what its capabilities admit (``luanette.capabilities``: a
@@ -25,6 +27,8 @@ from luanette.capabilities import Grants
 from luanette.capabilities import namespaces as gate
 from luanette.cas import Cas
 from luanette.engine.api import Namespace
+from luanette.stdlib.abc import AbcNamespace
+from luanette.stdlib.audio import AudioNamespace
 from luanette.stdlib.cas import CasNamespace
 from luanette.stdlib.clock import ClockNamespace
 from luanette.stdlib.context import ContextNamespace
@@ -38,11 +42,13 @@ from luanette.stdlib.otel import OtelNamespace
 from luanette.stdlib.progress import ProgressNamespace
 from luanette.stdlib.session import RunSession, SessionService
 from luanette.stdlib.temp import TempNamespace
+from luanette.stdlib.upstream import UpstreamNamespace
 
 if TYPE_CHECKING:
     from luanette.engine.channel import RunInfo
 
 KINDS: Final = ("eval", "job", "describe")
+UPSTREAM: Final = UpstreamNamespace()  # no state of its own: one serves every run
 
 
 class Toolbox:
@@ -124,7 +130,23 @@ def _of_kind(
     if kind == "describe":
         return RunSet([])
     if kind == "eval":
-        return RunSet([*toolbox.base, toolbox.otel, toolbox.garden, ContextNamespace.of(info)])
+        temp = TempNamespace(toolbox.temp_root)
+        return RunSet(
+            [
+                *toolbox.base,
+                *toolbox.models,
+                toolbox.garden,
+                temp,
+                CasNamespace(toolbox.cas, temp=temp),
+                MidiNamespace(toolbox.cas, temp),
+                AbcNamespace(toolbox.cas, temp),
+                AudioNamespace(toolbox.cas, temp),
+                toolbox.otel,
+                ContextNamespace.of(info),
+                UPSTREAM,
+            ],
+            temp,
+        )
     if kind == "job":
         temp = TempNamespace(toolbox.temp_root)
         cas = toolbox.cas
@@ -137,9 +159,12 @@ def _of_kind(
                 temp,
                 CasNamespace(cas, temp=temp),
                 MidiNamespace(cas, temp),
+                AbcNamespace(cas, temp),
+                AudioNamespace(cas, temp),
                 toolbox.otel,
                 JobNamespace(job_id or "", script_hash or ""),
                 ContextNamespace.of(info, job_id=job_id, script_hash=script_hash),
+                UPSTREAM,
             ],
             temp,
         )

@@ -13,6 +13,7 @@ import structlog
 import zmq
 
 from luanette import auth, logs
+from luanette.cli import mcp as mcp_cli
 from luanette.config import DEFAULT_BIND, DEFAULT_PUB, Config
 from luanette.server import Server
 from luanette.settings import Settings, SettingsError, load_settings
@@ -134,6 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--name", default="server", help="file name of the pair (default server)")
     init = keys.add_parser("init", help="lay out DIR/server, DIR/client and DIR/admin (keeps what exists)")
     init.add_argument("directory", metavar="DIR")
+    mcp_cli.add_arguments(sub.add_parser("mcp", help="serve the daemon to MCP clients (stdio, or --http)"))
     return parser
 
 
@@ -215,6 +217,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "keys":
         return generate_keys(args)
+    if args.command == "mcp":
+        return mcp_cli.run(args)
     config = config_from(args)
     problem = exposure_problem(config)
     if problem is not None:

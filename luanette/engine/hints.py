@@ -131,7 +131,8 @@ TROUBLESHOOTING: Final[Mapping[str, tuple[str, ...]]] = {
     "nil_call": (
         "the function does not exist under that name: check its spelling (names are case-sensitive) "
         "and that the table it is looked up in is the one you think",
-        "docs/lua-api.md lists every namespace function and its arguments; docs/lua.md lists the sandbox's globals",
+        "read_resource lua://namespaces lists what a run gets and lua://namespaces/<name> a namespace's "
+        "functions (docs/lua-api.md: their arguments); docs/lua.md lists the sandbox's globals",
         "to see what a table holds, lua_eval: local ks = {} for k in pairs(T) do ks[#ks + 1] = k end return ks",
     ),
     "nil_index": (
@@ -156,8 +157,8 @@ TROUBLESHOOTING: Final[Mapping[str, tuple[str, ...]]] = {
         "standard library",
     ),
     "namespace_error": (
-        "the message starts with the function that failed (and its kind, if any); docs/lua-api.md describes "
-        "its arguments and failures",
+        "the message starts with the function that failed (and its kind, if any); read_resource "
+        "lua://namespaces/<namespace> and docs/lua-api.md describe its arguments and failures",
         "wrap the call in pcall(fn, ...) to handle the failure in the script",
     ),
     "not_in_sandbox": (

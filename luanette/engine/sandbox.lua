@@ -21,6 +21,7 @@ local sethook, getinfo, getmetatable = debug.sethook, debug.getinfo, debug.getme
 local format, sub, rep, gmatch = string.format, string.sub, string.rep, string.gmatch
 local concat, sort, pack, unpack = table.concat, table.sort, table.pack, table.unpack
 local math_type, getlocal, getupvalue, rawlen = math.type, debug.getlocal, debug.getupvalue, rawlen
+local upvaluejoin, debug_setmetatable = debug.upvaluejoin, debug.setmetatable
 local encode, encode_args, decode, failure = codec.encode, codec.encode_args, codec.decode, codec.failure
 local NULL = codec.NULL
 
@@ -255,31 +256,97 @@ if not parsed then
   end
   parsed_specs[spec] = parsed
 end
+-- A namespace function's wrapper is made when the script first reads its name: binding
+-- all of a job's ~170 functions cost more than the rest of a run's setup, and a run
+-- calls a few.  The namespace tables behave as if filled (pairs through __pairs, an
+-- assignment replaces the function for good); only next/rawget of a name not read yet
+-- see nothing.  The metatable is protected.
+local unbound = {}  -- namespace table -> {name = bridge index} of the names not bound yet
+local function bind_index(index)
+  local entry = parsed[index]
+  return (entry[1] and bind_async or bind_sync)(index, entry[4])
+end
+local function bind_all(t)
+  local names = unbound[t]
+  if names then
+    unbound[t] = nil
+    for name, index in next, names do rawset(t, name, bind_index(index)) end
+  end
+  return t
+end
+local NAMESPACE_META = {
+  __index = function(t, k)
+    local names = unbound[t]
+    local index = names and names[k]
+    if index == nil then return nil end
+    names[k] = nil
+    local f = bind_index(index)
+    rawset(t, k, f)
+    return f
+  end,
+  __newindex = function(t, k, v)
+    local names = unbound[t]
+    if names then names[k] = nil end
+    rawset(t, k, v)
+  end,
+  __pairs = function(t) return next, bind_all(t), nil end,
+  __metatable = "namespace",
+}
 for index = 1, #parsed do
   local entry = parsed[index]
-  local is_async, namespace, name, qualname = entry[1], entry[2], entry[3], entry[4]
-  qualnames[index] = qualname
+  local namespace, name = entry[2], entry[3]
+  qualnames[index] = entry[4]
   local functions = env[namespace]
   if not functions then
-    functions = {}
+    functions = setmetatable({}, NAMESPACE_META)
     env[namespace] = functions
+    unbound[functions] = {}
   end
-  functions[name] = (is_async and bind_async or bind_sync)(index, qualname)
+  unbound[functions][name] = index
 end
 
 -- Lua halves of namespaces (see Namespace.lua_prelude): bytecode we compiled, run as
 -- sandbox code on the script's environment before the script.
 if preludes_packed then
-  local marks = {NULL = NULL, array = function(t)
+  local marks = {NULL = NULL, callable = function(t, fn)
+    -- a namespace table that is also a function (context{...}); only ours, only once
+    if getmetatable(t) ~= NAMESPACE_META or type(fn) ~= "function" then
+      error("marks.callable: a namespace table and a function expected", 2)
+    end
+    local meta = {}
+    for k, v in next, NAMESPACE_META do meta[k] = v end
+    meta.__call = fn
+    debug_setmetatable(t, meta)
+  end, array = function(t)
     if t == nil then t = {} end
     if type(t) ~= "table" or rawequal(t, NULL) then
       error("bad argument #1 to 'array' (table expected, got " .. type(t) .. ")", 2)
     end
     return lib.setmetatable(t, codec.ARRAY)
   end}
-  local preludes = decode(preludes_packed)
-  for i = 1, #preludes, 2 do
-    lib.load(preludes[i + 1], preludes[i], "b", env)(env[preludes[i]], marks)
+  -- Loaded once per state and set of preludes (undumping the bytecode cost more than the
+  -- rest of a run's setup); each run joins a loaded chunk's _ENV to an upvalue of its
+  -- own, so the closures one run's prelude made keep that run's environment.
+  local loaded_preludes = rawget(_G, "__luanette_preludes")
+  if not loaded_preludes then
+    loaded_preludes = {}
+    _G.__luanette_preludes = loaded_preludes
+  end
+  local loaded = loaded_preludes[preludes_packed]
+  if not loaded then
+    loaded = {}
+    local preludes = decode(preludes_packed)
+    for i = 1, #preludes, 2 do
+      loaded[i], loaded[i + 1] = preludes[i], lib.load(preludes[i + 1], preludes[i], "b", {})
+    end
+    loaded_preludes[preludes_packed] = loaded
+  end
+  local prelude_env = env
+  local function env_cell() return prelude_env end
+  for i = 1, #loaded, 2 do
+    local prelude = loaded[i + 1]
+    upvaluejoin(prelude, 1, env_cell, 1)
+    prelude(env[loaded[i]], marks)
   end
 end
 
@@ -354,7 +421,7 @@ local function global_names()
       names[#names + 1] = k
       if type(v) == "table" and not rawequal(v, NULL) then
         local fields = 0
-        for field in next, v do
+        for field in next, bind_all(v) do
           if type(field) == "string" and fields < 200 then
             fields = fields + 1
             names[#names + 1] = k .. "." .. field
@@ -371,6 +438,7 @@ end
 -- live), so a hint can suggest only names the indexed value really has.
 local function keys_of(t, limit)
   local keys, seen = {}, {}
+  bind_all(t)
   local mt = getmetatable(t)
   local index = type(mt) == "table" and rawget(mt, "__index") or nil
   for _, source in next, {t, type(index) == "table" and index or nil} do

@@ -25,10 +25,20 @@ from __future__ import annotations
 from typing import Final
 
 NATIVE_PRELUDE: Final = rb"""
-local context_ns = ...
+local context_ns, marks = ...
 local type, error, pairs, setmetatable, tostring, tointeger =
   type, error, pairs, setmetatable, tostring, math.tointeger
 local lower, gsub, format, concat = string.lower, string.gsub, string.format, table.concat
+-- space and encoding are callable tables, as context is: every global of a run beside
+-- the sandbox's own is a table
+local function callable(name, build)
+  return setmetatable({}, {__call = function(_, ...) return build(...) end, __metatable = name})
+end
+
+-- Everything below is built on the run's first use of space, context{...} or encoding:
+-- most runs use none, and building it cost a third of a trivial run's setup.
+local function build()
+local exports = {}
 local data = setmetatable({}, {__mode = "k"})  -- descriptor -> its fields
 
 local function self_of(d, kind)
@@ -55,13 +65,8 @@ function Space.can_sample(s) return SAMPLES[self_of(s, "space").name] == true en
 function Space.can_continue(s) return CONTINUES[self_of(s, "space").name] == true end
 function Space.output_type(s) return OUTPUTS[self_of(s, "space").name] or "unknown" end
 
--- space and encoding are callable tables, as context is: every global of a run beside
--- the sandbox's own is a table
-local function callable(name, build)
-  return setmetatable({}, {__call = function(_, ...) return build(...) end, __metatable = name})
-end
 
-space = callable("space", function(name)
+exports.space = (function(name)
   if type(name) ~= "string" then
     error("bad argument #1 to 'space' (string expected, got " .. type(name) .. ")", 2)
   end
@@ -115,10 +120,7 @@ function Context.to_table(c)
   return t
 end
 
-setmetatable(context_ns, {
-  __call = function(_, params) return new_context({}, params, "context") end,
-  __metatable = "context",
-})
+exports.context = function(params) return new_context({}, params, "context") end
 
 local Encoding = {}
 Encoding.__index = Encoding
@@ -138,7 +140,7 @@ function Encoding.to_table(e)
   return t
 end
 
-encoding = callable("encoding", function(kind, params)
+exports.encoding = (function(kind, params)
   if type(kind) ~= "string" then
     error("bad argument #1 to 'encoding' (string expected, got " .. type(kind) .. ")", 2)
   end
@@ -156,5 +158,22 @@ encoding = callable("encoding", function(kind, params)
   local e = setmetatable({}, Encoding)
   data[e] = fields
   return e
+end)
+return exports
+end
+
+local built
+space = callable("space", function(...)
+  built = built or build()
+  return built.space(...)
+end)
+-- (the sandbox's namespace tables have a protected metatable of their own)
+marks.callable(context_ns, function(_, params)
+  built = built or build()
+  return built.context(params)
+end)
+encoding = callable("encoding", function(...)
+  built = built or build()
+  return built.encoding(...)
 end)
 """

@@ -52,6 +52,9 @@ local array = marks.array
 -- the run's namespaces as they were granted (a script reassigning a global does not
 -- redirect the bridge)
 local ns = {cas = cas, orpheus = orpheus, musicgen = musicgen, garden = garden, clock = clock}
+-- The tools are built on the run's first use of the bridge: most runs never touch it,
+-- and building them cost more than the rest of a trivial run's setup.
+local function build()
 local NEEDS = {cas = "cas.read or cas.write", orpheus = "model:orpheus", musicgen = "model:musicgen",
                garden = "garden.read or garden.write", clock = "nothing"}
 
@@ -307,37 +310,43 @@ local function garden_tool(qualified, short)
   end
 end
 
-local function bridge(prefix, lookup)
-  return setmetatable({}, {
-    __index = function(t, key)
-      if type(key) ~= "string" then return nil end
-      local found = lookup(key)
-      if found then t[key] = found end  -- (a run's own table: cached for this run only)
-      return found or not_supported(prefix .. key)
-    end,
-    __metatable = prefix,
-  })
-end
-
 local GARDEN_TOOLS = {status = 1, play = 1, pause = 1, stop = 1, seek = 1, set_tempo = 1, create_region = 1,
   delete_region = 1, move_region = 1, get_regions = 1, latent_started = 1, latent_progress = 1,
   latent_resolved = 1, latent_failed = 1, get_pending = 1, approve = 1, reject = 1, query = 1}
-
-local chaosgarden_table = bridge("chaosgarden.", function(key)
-  if GARDEN_TOOLS[key] then return garden_tool("chaosgarden." .. key, key) end
-end)
 
 local HINTS = {abc_parse = "use abc.parse", abc_validate = "use abc.validate", abc_to_midi = "use abc.to_midi",
   abc_transpose = "use abc.transpose", artifact_get = "Luanette has no artifact store; use cas.*",
   artifact_list = "Luanette has no artifact store; use cas.*",
   artifact_upload = "Luanette has no artifact store; use cas.store_file"}
 
-local hootenanny_table = bridge("hootenanny.", function(key)
-  if tools[key] then return tools[key] end
-  if sub(key, 1, 7) == "garden_" and GARDEN_TOOLS[sub(key, 8)] then
-    return garden_tool("hootenanny." .. key, sub(key, 8))
+return {tools = tools, garden_tool = garden_tool, not_supported = not_supported,
+  GARDEN_TOOLS = GARDEN_TOOLS, HINTS = HINTS}
+end
+
+local built
+local function bridge(prefix, lookup)
+  return setmetatable({}, {
+    __index = function(t, key)
+      if type(key) ~= "string" then return nil end
+      built = built or build()
+      local found = lookup(key, built)
+      if found then t[key] = found end  -- (a run's own table: cached for this run only)
+      return found or built.not_supported(prefix .. key)
+    end,
+    __metatable = prefix,
+  })
+end
+
+local chaosgarden_table = bridge("chaosgarden.", function(key, b)
+  if b.GARDEN_TOOLS[key] then return b.garden_tool("chaosgarden." .. key, key) end
+end)
+
+local hootenanny_table = bridge("hootenanny.", function(key, b)
+  if b.tools[key] then return b.tools[key] end
+  if sub(key, 1, 7) == "garden_" and b.GARDEN_TOOLS[sub(key, 8)] then
+    return b.garden_tool("hootenanny." .. key, sub(key, 8))
   end
-  if HINTS[key] then return not_supported("hootenanny." .. key, HINTS[key]) end
+  if b.HINTS[key] then return b.not_supported("hootenanny." .. key, b.HINTS[key]) end
 end)
 
 hootenanny = hootenanny_table

@@ -57,6 +57,20 @@ async def test_globals_are_exactly_the_allowed_set() -> None:
     assert {"params", "args"} <= expected  # the script's params, under seed 003's name too
 
 
+async def test_namespace_tables_behave_as_if_filled() -> None:
+    # Their functions are bound when first read (a run calls few of them): pairs still
+    # sees every one, an assignment replaces one for good, the metatable is protected.
+    listed = await result_of("local n = {} for k in pairs(echo) do n[#n + 1] = k end table.sort(n) return n")
+    assert listed == ["later", "same"]
+    replaced = await result_of("echo.same = nil return {echo.same == nil, echo.later(3), echo.same == nil}")
+    assert replaced == [True, 3, True]
+    custom = await result_of("echo.same = function() return 'mine' end return echo.same()")
+    assert custom == "mine"
+    assert await result_of("return getmetatable(echo)") == "namespace"
+    assert "protected metatable" in await error_message("setmetatable(echo, {})")
+    assert await result_of("return {echo.same(1), echo.same(2), rawequal(echo.same, echo.same)}") == [1, 2, True]
+
+
 async def test_args_is_params() -> None:
     assert await result_of("return {rawequal(args, params), args.p}", {"p": 1}) == [True, 1]
     assert await result_of("return {args == nil, params == nil}") == [True, True]

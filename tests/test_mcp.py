@@ -274,6 +274,54 @@ async def exercise_everything(session: ClientSession) -> None:
     assert "midi" in await complete(mt.ResourceTemplateReference(uri="lua://namespaces/{name}"), "name", "mi")
 
 
+def sample_arguments(schema: dict, defs: dict | None = None) -> dict:
+    """The smallest arguments a tool's JSON Schema accepts (required fields only, each a
+    plain value of its type), so a call reaches the daemon whatever it then answers."""
+    defs = schema.get("$defs", defs or {})
+
+    def value(prop: dict) -> object:
+        if "$ref" in prop:
+            return value(defs[prop["$ref"].rsplit("/", 1)[1]])
+        if "enum" in prop:
+            return prop["enum"][0]
+        for key in ("anyOf", "oneOf"):
+            if key in prop:
+                options = [o for o in prop[key] if o.get("type") != "null"]
+                return value(options[0]) if options else None
+        kind = prop.get("type")
+        kind = next((k for k in kind if k != "null"), None) if isinstance(kind, list) else kind
+        if prop.get("format") == "uuid":
+            return "00000000-0000-0000-0000-000000000001"
+        if kind == "object" and "properties" in prop:
+            return sample_arguments(prop, defs)
+        return {"string": "x", "integer": 1, "number": 1.0, "boolean": False, "array": [], "object": {}}.get(
+            kind or "", None)
+
+    props = schema.get("properties", {})
+    return {name: value(props[name]) for name in schema.get("required", [])}
+
+
+async def test_every_listed_tool_reaches_the_daemon(server):
+    """Each tool the daemon lists is callable through MCP: the call arrives as its request
+    and the daemon's own answer (a result, or its error code) comes back."""
+    async with over_stdio(server.endpoint) as session:
+        with anyio.fail_after(STEP_S):
+            tools = (await session.list_tools()).tools
+        answered = {}
+        for tool in sorted(tools, key=lambda t: t.name == "shutdown"):  # shutdown last
+            result = await call(session, tool.name, sample_arguments(tool.input_schema))
+            if result.is_error:
+                code = result.structured_content["code"]
+                # refused by the MCP layer itself would mean the tool is not callable
+                assert code not in ("invalid_params", "daemon_unavailable", "daemon_timeout", "unknown_tool") or \
+                    "arguments." not in result.structured_content["message"], (tool.name, result.structured_content)
+                answered[tool.name] = code
+            else:
+                answered[tool.name] = "ok"
+    assert len(answered) == len(tools) >= 20
+    assert answered["ping"] == "ok" and answered["list_tools"] == "ok"
+
+
 async def test_stdio_client_uses_every_tool_resource_prompt_and_completion(server):
     async with over_stdio(server.endpoint) as session:
         await exercise_everything(session)

@@ -348,7 +348,82 @@ class SessionDiscard(Variant, tag="session_discard"):
     session_id: str
 
 
-LUANETTE_REQUESTS = (SessionList, SessionShow, SessionCommit, SessionDiscard)
+# Plugins: Luanette's additions (docs/plugins.md, docs/protocol.md#plugins)
+
+
+class PluginList(Variant, tag="plugin_list"):
+    """List the plugins the daemon knows: loaded ones with their subscriptions, and
+    the ones that failed to load with their error."""
+
+
+class PluginLoad(Variant, tag="plugin_load"):
+    """Load a plugin: a stored script tagged ``plugin`` (its hash), or a file of the
+    daemon's plugins directory (its name without ``.lua``)."""
+
+    plugin: str
+
+
+class PluginUnload(Variant, tag="plugin_unload"):
+    """Unload a plugin by name; its ``cleanup(ctx)`` runs first."""
+
+    name: str
+
+
+class PluginReload(Variant, tag="plugin_reload"):
+    """Unload a plugin and load it again from where it came from."""
+
+    name: str
+
+
+# Flows: Luanette's additions (docs/plugins.md#flows, docs/protocol.md#flows)
+
+
+class FlowRegister(Variant, tag="flow_register"):
+    """Register the flow a module's ``define()`` returns: a stored script (its hash) or
+    a loaded plugin (its name)."""
+
+    source: str
+
+
+class FlowStart(Variant, tag="flow_start"):
+    """Start an instance of a registered flow in its initial state."""
+
+    definition: str
+    context: Any = None
+    subject: str = ""
+    user: str | None = None
+
+
+class FlowSend(Variant, tag="flow_send"):
+    """Send an action to a flow instance; the answer is a TransitionResult."""
+
+    instance: str
+    action: str
+    data: Any = None
+    user: str | None = None
+
+
+class FlowGet(Variant, tag="flow_get"):
+    """One flow instance with its history."""
+
+    instance: str
+
+
+class FlowList(Variant, tag="flow_list"):
+    """Flow instances by subject, state and definition; or, with ``definitions``, the
+    registered definitions."""
+
+    subject: str | None = None
+    state: str | None = None
+    definition: str | None = None
+    limit: int = 100
+    definitions: bool = False
+
+
+LUANETTE_REQUESTS = (
+    SessionList, SessionShow, SessionCommit, SessionDiscard, PluginList, PluginLoad, PluginUnload, PluginReload,
+    FlowRegister, FlowStart, FlowSend, FlowGet, FlowList,
+)  # fmt: skip
 """Payload variants Luanette adds to seed 001's (they have no golden vectors)."""
 
 
@@ -379,6 +454,8 @@ Payload = (
     | ListTools | ToolList
     | Success | Error
     | SessionList | SessionShow | SessionCommit | SessionDiscard
+    | PluginList | PluginLoad | PluginUnload | PluginReload
+    | FlowRegister | FlowStart | FlowSend | FlowGet | FlowList
 )  # fmt: skip
 """Every message a peer may send; the tag is ``"type"``."""
 
@@ -458,8 +535,55 @@ class SessionChanged(Variant, tag="session_changed"):
     operations: int
 
 
+class GenerationChunk(Variant, tag="generation_chunk"):
+    """A piece of a streamed LLM answer of a generation pipeline step (docs/plugins.md,
+    "Pipelines"): chunks of one step come in ``index`` order, the last with
+    ``is_final`` (its ``content`` may be empty)."""
+
+    job_id: str | None
+    pipeline_id: str | None
+    step_id: str
+    index: int
+    content: str
+    is_final: bool
+
+
+class CustomEvent(Variant, tag="custom_event"):
+    """A plugin's ``ctx:emit`` or a script's ``hooks.emit`` (docs/plugins.md): ``name``
+    starts with ``custom:``; ``subject`` is who emitted it (a plugin's name,
+    ``job:<id>`` or ``eval``)."""
+
+    name: str
+    subject: str
+    payload: Any
+
+
+class FlowTransition(Variant, tag="flow_transition"):
+    """A flow instance moved from ``from_state`` to ``to_state`` by ``action``
+    (docs/plugins.md#flows); a start has ``from_state`` null and action ``start``.
+    ``timestamp`` is Unix milliseconds."""
+
+    instance_id: str
+    definition_id: str
+    subject: str
+    from_state: str | None
+    to_state: str
+    action: str
+    user: str
+    timestamp: int
+
+
 Broadcast = (
-    ConfigUpdate | ShutdownNotice | ScriptInvalidate | JobStateChanged | Progress | LogLine | SessionChanged
+    ConfigUpdate
+    | ShutdownNotice
+    | ScriptInvalidate
+    | JobStateChanged
+    | Progress
+    | LogLine
+    | SessionChanged
+    | GenerationChunk
+    | CustomEvent
+    | FlowTransition
 )
 """Messages published on the PUB socket, one JSON frame each with ``"type"`` first."""
 

@@ -135,6 +135,7 @@ def _document(name: str, entry: dict[str, Any]) -> NamespaceDoc:
     functions = [
         Function(fname, "async" if _is_async(fn) else "sync", _doc_of(fn), needs_of.get(fname, needs_of.get("*")))
         for fname, fn in entry["functions"].items()
+        if not fname.startswith("_")  # a prelude's private halves (it removes them before the script)
     ]
     have = {f.name for f in functions}
     lua_half = _prelude_functions(namespace) + (_sandbox_core_functions() if name == "core" else [])

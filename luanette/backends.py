@@ -49,7 +49,7 @@ import email.utils
 import math
 import random
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Final
 
 import aiohttp
@@ -229,6 +229,58 @@ class Backends:
                 del headers["traceparent"]
             return await self._call(backend, method, url, data, headers, deadline, span)
 
+    async def stream(
+        self,
+        name: str,
+        path: str,
+        body: Any,
+        *,
+        deadline: float | None,
+        on_chunk: Callable[[str, bool], None] | None = None,
+        buffer_size: int = 1,
+        traceparent: str | None = None,
+        meta: Mapping[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        """POST an OpenAI-style chat ``body`` with ``stream: true`` and read the answer's
+        server-sent events as they come.
+
+        The deltas are handed to ``on_chunk(text, is_final)`` coalesced into chunks of at
+        least ``buffer_size`` characters (the last one may be shorter; it comes with
+        ``is_final`` true, possibly empty).  Returns ``{content, chunks, model,
+        finish_reason, usage}`` (``usage`` None when the backend sent none).  Retries as
+        :meth:`call` does, but only before the first byte of the answer: a stream cut
+        in the middle fails as :class:`BackendUnavailable`, since its chunks are out.
+        A backend that ignores ``stream`` and answers plain JSON is read as one chunk.
+        ``meta`` (which job, pipeline and step) is for the caller's records, not sent.
+        """
+        backend = self._get(name)
+        s = backend.settings
+        url = s.url + path
+        if self._closed:
+            raise BackendUnavailable(name, s.url, "the daemon is shutting down")
+        data = _json_encoder.encode({**body, "stream": True, "stream_options": {"include_usage": True}})
+        headers = {
+            "User-Agent": self._user_agent,
+            "Accept": "text/event-stream",
+            "Content-Type": "application/json",
+            **s.headers,
+        }
+        chunker = _Chunker(max(1, buffer_size), on_chunk)
+
+        async def read(resp: aiohttp.ClientResponse) -> dict[str, Any]:
+            return await _read_events(resp, chunker, backend.name, s.url, s.max_response_bytes)
+
+        with self._telemetry.span(
+            "luanette.backend.stream",
+            kind=SpanKind.CLIENT,
+            attributes={"backend.name": name, "http.request.method": "POST", "url.full": url},
+        ) as span:
+            headers["traceparent"] = traceparent or traceparent_of(span) or ""
+            if not headers["traceparent"]:
+                del headers["traceparent"]
+            result: dict[str, Any] = await self._call(backend, "POST", url, data, headers, deadline, span, read)
+            return result
+
     async def _call(
         self,
         backend: _Backend,
@@ -238,6 +290,7 @@ class Backends:
         headers: dict[str, str],
         deadline: float | None,
         span: Span,
+        read: Callable[[aiohttp.ClientResponse], Awaitable[Any]] | None = None,
     ) -> Any:
         name, s = backend.name, backend.settings
         attempt = 0
@@ -245,7 +298,7 @@ class Backends:
             while True:
                 attempt += 1
                 try:
-                    result = await self._attempt(backend, method, url, data, headers, deadline)
+                    result = await self._attempt(backend, method, url, data, headers, deadline, read)
                 except _Retry as retry:
                     reason = retry.reason
                     if self._closed:
@@ -280,6 +333,7 @@ class Backends:
         data: bytes | None,
         headers: dict[str, str],
         deadline: float | None,
+        read: Callable[[aiohttp.ClientResponse], Awaitable[Any]] | None = None,
     ) -> Any:
         s, stats = backend.settings, backend.stats
         stats.waiting += 1
@@ -309,6 +363,8 @@ class Backends:
                 async with session.request(method, url, data=data, headers=headers, timeout=timeout) as resp:
                     status = resp.status
                     if 200 <= status < 300:
+                        if read is not None:
+                            return await read(resp)
                         raw = await _read_capped(resp, s.max_response_bytes, backend.name, s.url)
                         try:
                             return decode_json(raw) if raw else None
@@ -453,3 +509,107 @@ def _connect_reason(exc: aiohttp.ClientConnectorError) -> str:
         return "connect timed out"
     strerror = getattr(os_error, "strerror", None)
     return f"cannot connect: {strerror or os_error or exc}"
+
+
+# ----------------------------------------------------------------------- streaming
+
+# Chunks one streamed answer may be cut into (each is a broadcast and a handler call).
+MAX_STREAM_CHUNKS: Final = 10_000
+# Longest server-sent event line read (a delta is a few bytes; usage a few hundred).
+_MAX_EVENT_LINE: Final = 1024 * 1024
+
+
+class _Chunker:
+    """Coalesces streamed deltas into chunks of at least ``size`` characters."""
+
+    __slots__ = ("chunks", "emitted", "on_chunk", "pending", "size")
+
+    def __init__(self, size: int, on_chunk: Callable[[str, bool], None] | None) -> None:
+        self.size = size
+        self.on_chunk = on_chunk
+        self.pending: list[str] = []
+        self.chunks: list[str] = []
+        self.emitted = False  # whether anything left: a stream cut after that is not retried
+
+    def add(self, text: str) -> None:
+        self.pending.append(text)
+        if sum(map(len, self.pending)) >= self.size:
+            self._emit(False)
+
+    def finish(self) -> None:
+        self._emit(True)
+
+    def _emit(self, final: bool) -> None:
+        text = "".join(self.pending)
+        self.pending.clear()
+        if len(self.chunks) >= MAX_STREAM_CHUNKS:
+            raise ValueError(f"more than {MAX_STREAM_CHUNKS} chunks (raise buffer_size)")
+        self.chunks.append(text)
+        self.emitted = True
+        if self.on_chunk is not None:
+            self.on_chunk(text, final)
+
+
+async def _read_events(
+    resp: aiohttp.ClientResponse, chunker: _Chunker, name: str, base: str, cap: int
+) -> dict[str, Any]:
+    """The content of a streamed chat completion (``text/event-stream``), fed to
+    ``chunker`` delta by delta; a plain JSON answer counts as one delta."""
+    model: Any = None
+    finish: Any = None
+    usage: Any = None
+    parts: list[str] = []
+    size = 0
+
+    def take(doc: Any) -> None:
+        nonlocal model, finish, usage, size
+        if not isinstance(doc, dict):
+            raise BackendUnavailable(name, base, "a streamed event is not a JSON object")
+        error = doc.get("error")
+        if error is not None:
+            raise BackendUnavailable(name, base, f"the stream failed: {_error_detail(_json_encoder.encode(doc))}")
+        model = doc.get("model", model)
+        usage = doc.get("usage") or usage
+        for choice in doc.get("choices") or ():
+            if not isinstance(choice, dict):
+                continue
+            finish = choice.get("finish_reason") or finish
+            delta = choice.get("delta") or choice.get("message") or {}
+            text = delta.get("content") if isinstance(delta, dict) else None
+            if isinstance(text, str) and text:
+                size += len(text)
+                if size > cap:
+                    raise BackendUnavailable(name, base, f"streamed answer is over the limit of {cap} bytes")
+                parts.append(text)
+                chunker.add(text)
+
+    try:
+        if not resp.content_type.startswith("text/event-stream"):
+            take(decode_json(await _read_capped(resp, cap, name, base)))
+        else:
+            async for raw in resp.content:
+                if len(raw) > _MAX_EVENT_LINE:
+                    raise BackendUnavailable(name, base, "a streamed event line is too long")
+                line = raw.strip()
+                if not line.startswith(b"data:"):
+                    continue  # comments, event names, blank separators
+                payload = line[5:].strip()
+                if payload == b"[DONE]":
+                    break
+                take(decode_json(payload))
+        chunker.finish()
+    except (msgspec.DecodeError, TooDeepError) as exc:
+        raise BackendUnavailable(name, base, f"a streamed event is not JSON ({exc})") from None
+    except ValueError as exc:  # the chunker's bound (aiohttp's line errors are ClientErrors)
+        raise BackendUnavailable(name, base, f"streamed answer: {exc}") from None
+    except aiohttp.ClientError as exc:
+        if not chunker.emitted:
+            raise  # nothing is out yet: retried as any other lost connection
+        raise BackendUnavailable(name, base, f"the stream was cut: {exc.__class__.__name__}: {exc}") from None
+    return {
+        "content": "".join(parts),
+        "chunks": chunker.chunks,
+        "model": model,
+        "finish_reason": finish,
+        "usage": usage,
+    }

@@ -28,11 +28,17 @@ from luanette.stdlib.fs import check_glob
 
 # --- the tables ------------------------------------------------------------------------
 
-ALWAYS: Final = frozenset({"log", "clock", "json", "otel", "progress", "context", "job", "core", "hootenanny"})
+ALWAYS: Final = frozenset(
+    {"log", "clock", "json", "otel", "progress", "context", "job", "core", "hootenanny", "hooks", "pipeline", "flow"}
+)
 """Namespaces every run gets, declared or not (seed 003's always-available modules, with
 our clock, otel, progress and job; ``params``/``args`` and ``require`` are not namespaces).
 ``hootenanny`` (the upstream tool bridge, luanette.stdlib.upstream) only forwards to
-other namespaces, so what it reaches is what the run was granted."""
+other namespaces, so what it reaches is what the run was granted; so does ``pipeline``
+(its steps call the script's own llm/orpheus/musicgen/cas/midi, and its one direct call,
+a streamed LLM answer, is gated as ``model:llm`` by CALL_SCOPE).  ``flow`` only asks the
+front to move flows any client may move over the socket; their handlers run with the
+defining module's capabilities, never the caller's (luanette.flows)."""
 
 SCOPED: Final = frozenset({"model", "fs.read", "fs.write", "net.http.client"})
 """Capabilities that take a scope (``name:scope``); a missing scope means ``*``."""
@@ -73,6 +79,8 @@ FUNCTION_NEEDS: Final[Mapping[str, Mapping[str, str]]] = {
 CALL_SCOPE: Final[Mapping[tuple[str, str], tuple[str, int]]] = {
     # functions whose argument N names the scope they touch: (capability, argument index)
     ("backend", "call"): ("net.http.client", 0),
+    # a streamed LLM step of a pipeline (luanette.stdlib.pipeline): the scope is "llm"
+    ("pipeline", "_stream"): ("model", 0),
 }
 
 LEGACY: Final = (

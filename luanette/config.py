@@ -77,6 +77,11 @@ class Config(msgspec.Struct, kw_only=True, frozen=True):
     job_retention_count: int = 10_000
     """At most this many finished jobs are kept."""
     log_json: bool = False
+    plugins: str | None = None
+    """Directory of plugins (``*.lua``) loaded at start-up (docs/plugins.md); ``None``:
+    only plugins loaded later with ``plugin_load``."""
+    hook_timeout: float = 2.0
+    """Seconds one plugin hook handler may run before it is stopped and skipped."""
     otlp_endpoint: str | None = None
     """OTLP/HTTP collector base URL (e.g. ``http://127.0.0.1:4318``) that spans and
     metrics are exported to; ``None`` exports nothing."""

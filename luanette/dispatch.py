@@ -28,7 +28,9 @@ from luanette.engine.api import CancelToken, ErrorDetail, Limits, ScriptError
 from luanette.engine.channel import RunInfo
 from luanette.engine.pool import Engine, RunHooks
 from luanette.faults import StorageFault
+from luanette.flows import FlowError, FlowManager
 from luanette.jobs import JobError, Jobs
+from luanette.plugins import PluginError, Plugins, is_hash
 from luanette.prompts import PromptError, Prompts
 from luanette.resources import ResourceError, Resources
 from luanette.scripts import ManifestError, ScriptProblem, Scripts
@@ -159,6 +161,8 @@ class Dispatcher:
     ) -> None:
         self.triggers = triggers
         self.sessions = sessions
+        self.plugins: Plugins | None = None  # set by the server (luanette.plugins)
+        self.flows: FlowManager | None = None  # set by the server (luanette.flows)
         self.config = config
         self._telemetry = telemetry
         self.jobs = jobs
@@ -213,6 +217,15 @@ class Dispatcher:
             t.SessionShow: self.session_show,
             t.SessionCommit: self.session_commit,
             t.SessionDiscard: self.session_discard,
+            t.PluginList: self.plugin_list,
+            t.PluginLoad: self.plugin_load,
+            t.PluginUnload: self.plugin_unload,
+            t.PluginReload: self.plugin_reload,
+            t.FlowRegister: self.flow_register,
+            t.FlowStart: self.flow_start,
+            t.FlowSend: self.flow_send,
+            t.FlowGet: self.flow_get,
+            t.FlowList: self.flow_list,
         }
 
     async def dispatch(self, payload: t.Payload, ctx: RequestContext) -> t.Payload:
@@ -229,6 +242,10 @@ class Dispatcher:
             return error(e.code, str(e))
         except SessionError as e:
             return error(e.code, e.message)
+        except PluginError as e:
+            return error(e.code, e.message, e.details)
+        except FlowError as e:
+            return error(e.code, e.message, e.details)
         except cas.InvalidHash as e:
             return error("invalid_params", f"not a script hash: {e}")
         except cas.NotFound as e:
@@ -305,6 +322,7 @@ class Dispatcher:
                         sampled=recording,
                         capabilities=self._eval_capabilities,
                         user=user_of(ctx.caller),
+                        tool_hooks=self.plugins.tool_events() if self.plugins is not None else [],
                     ),
                     cancel=ctx.cancel,
                     hooks=RunHooks(lambda: ctx.log.bind(run="eval"), span=span),
@@ -388,6 +406,9 @@ class Dispatcher:
         except ManifestError as e:
             return error("invalid_params", str(e), e.details())
         self._publisher.publish(t.ScriptInvalidate(hash=record.hash))
+        if self.plugins is not None:
+            about = {"hash": record.hash, "name": record.name, "tags": record.tags, "creator": record.creator}
+            self.plugins.notify("script:stored", record.name or record.hash, about, about)
         result: dict[str, Any] = {
             "hash": record.hash,
             "artifact_id": f"script:{record.hash}",
@@ -432,6 +453,15 @@ class Dispatcher:
         return t.Success(result={"cancelled": True, "job_id": p.job_id, "status": info.status.value})
 
     async def timeline_event(self, p: t.TimelineEvent, ctx: RequestContext) -> t.Payload:
+        if self.plugins is not None and self.plugins.wants("garden:timeline_event"):
+            metadata = p.metadata
+            try:
+                params_mod.check_representable(metadata)
+            except params_mod.InvalidParams:  # what Lua cannot hold is left out (as triggers do)
+                metadata = None
+            event = {"event_type": p.event_type.value, "position_beats": p.position_beats, "tempo": p.tempo,
+                     "metadata": metadata}  # fmt: skip
+            self.plugins.notify("garden:timeline_event", p.event_type.value, event, event)
         if self.triggers is None:
             return t.Success(result={"job_id": None, "rule": None, "matched": False})
         return t.Success(result=await self.triggers.handle(p, user=user_of(ctx.caller)))
@@ -456,6 +486,99 @@ class Dispatcher:
         done = self._sessions().discard_pending(p.session_id, user_of(ctx.caller), ctx.caller.admin)
         ctx.log.info("session.discarded", session_id=p.session_id, operations=done["operations"])
         return t.Success(result=done)
+
+    def _plugins(self) -> Plugins:
+        if self.plugins is None:
+            raise PluginError("unsupported", "this daemon has no plugins")
+        return self.plugins
+
+    async def plugin_list(self, p: t.PluginList, ctx: RequestContext) -> t.Payload:
+        return t.Success(result=self._plugins().views())
+
+    async def plugin_load(self, p: t.PluginLoad, ctx: RequestContext) -> t.Payload:
+        plugins = self._plugins()
+        if not is_hash(p.plugin):
+            loaded = await plugins.load_file(plugins.file_named(p.plugin))
+        else:
+            record = self.scripts.record(p.plugin)
+            if record is None or "plugin" not in [*record.tags, *(record.declared_tags or [])]:
+                raise PluginError(
+                    "invalid_params",
+                    f"{p.plugin} is not a stored script tagged 'plugin' (store it with --tag plugin, or "
+                    "describe().tags = {'plugin'})",
+                )
+            source = await self.scripts.source(p.plugin)
+            loaded = await plugins.load_source(
+                source, f"script:{p.plugin}", default_name=record.name or p.plugin, chunk=record.name or p.plugin
+            )
+        ctx.log.info("plugin.load_requested", plugin=loaded.name, state=loaded.state)
+        return t.Success(result=loaded.view())
+
+    async def plugin_unload(self, p: t.PluginUnload, ctx: RequestContext) -> t.Payload:
+        await self._plugins().unload(p.name)
+        return t.Success(result={"unloaded": True, "name": p.name})
+
+    async def plugin_reload(self, p: t.PluginReload, ctx: RequestContext) -> t.Payload:
+        return t.Success(result=(await self._plugins().reload(p.name)).view())
+
+    # --- flows (luanette.flows, docs/plugins.md#flows) ---------------------------------
+
+    def _flows(self) -> FlowManager:
+        if self.flows is None:
+            raise FlowError("unsupported", "this daemon has no flows")
+        return self.flows
+
+    @staticmethod
+    def _acting_user(asked: str | None, ctx: RequestContext) -> str:
+        """Who an action is taken as: the caller, or the ``user`` an admin (a front end
+        acting for its own users) names."""
+        caller = user_of(ctx.caller)
+        if asked is None or asked == caller:
+            return caller
+        if not ctx.caller.admin:
+            raise FlowError("forbidden", "only an admin may act as another user", {"reason": "not_admin"})
+        return asked
+
+    async def flow_register(self, p: t.FlowRegister, ctx: RequestContext) -> t.Payload:
+        flows = self._flows()
+        if is_hash(p.source):
+            record = self.scripts.record(p.source)
+            if record is None:
+                raise FlowError("not_found", f"no stored script {p.source}")
+            source = await self.scripts.source(p.source)
+            tags = [*record.tags, *(record.declared_tags or [])]
+            registered = await flows.register(
+                source, f"script:{p.source}", chunk=record.name or p.source, creator=record.creator, tags=tags
+            )
+        else:
+            plugin = self.plugins.plugins.get(p.source) if self.plugins is not None else None
+            if plugin is None or plugin.state != "loaded":
+                raise FlowError("not_found", f"{p.source!r} is neither a stored script's hash nor a loaded plugin")
+            registered = await flows.register(plugin.source, f"plugin:{plugin.name}", chunk=plugin.chunk)
+        ctx.log.info("flow.register_requested", flow=registered["id"])
+        return t.Success(result=registered)
+
+    async def flow_start(self, p: t.FlowStart, ctx: RequestContext) -> t.Payload:
+        user = self._acting_user(p.user, ctx)
+        return t.Success(result=await self._flows().start(p.definition, p.context, p.subject, user))
+
+    async def flow_send(self, p: t.FlowSend, ctx: RequestContext) -> t.Payload:
+        user = self._acting_user(p.user, ctx)
+        return t.Success(result=await self._flows().send(p.instance, p.action, p.data, user))
+
+    async def flow_get(self, p: t.FlowGet, ctx: RequestContext) -> t.Payload:
+        found = self._flows().get(p.instance)
+        if found is None:
+            raise FlowError("not_found", f"no flow instance {p.instance!r}")
+        return t.Success(result=found)
+
+    async def flow_list(self, p: t.FlowList, ctx: RequestContext) -> t.Payload:
+        flows = self._flows()
+        if p.definitions:
+            return t.Success(result=flows.definitions())
+        return t.Success(
+            result=flows.query(subject=p.subject, state=p.state, definition=p.definition, limit=p.limit)
+        )
 
     def reference(self) -> apiref.Reference:
         """The Lua API reference (built on first use from the registry the workers bind)."""

@@ -36,7 +36,9 @@ from luanette.engine.channel import RunInfo
 from luanette.engine.pool import Engine, RunHooks
 from luanette.faults import STORAGE_FULL, StorageFault
 from luanette.groupcommit import GroupCommit
+from luanette.plugins import Plugins
 from luanette.scripts import ManifestError, ScriptProblem, Scripts
+from luanette.stdlib.hooks import bounded
 from luanette.stdlib.temp import TempNamespace
 from luanette.store import FINISHED, ScriptRecord, Store
 from luanette.telemetry import StatusCode, Telemetry, script_attributes, span_ids, traceparent_of
@@ -162,6 +164,7 @@ class Jobs:
         self._unwritten: dict[str, tuple[JobStatus, Any, Any]] = {}
         self._deferred = anyio.Event()
         self.finals_deferred = 0  # final states the store refused at first (a statistic)
+        self.plugins: Plugins | None = None  # hooks on jobs (luanette.plugins), set by the server
 
     # --- lifecycle -------------------------------------------------------------------
 
@@ -277,6 +280,8 @@ class Jobs:
             ) from None
         params = checked.params
         grants = self._grants(record, script_hash)  # before the job exists: a refusal costs nothing
+        if self.plugins is not None and self.plugins.wants("job:before_execute"):
+            params = await self._before_execute(record, script_hash, params, user)
         # The queue itself is the limit (live jobs also count the ones running, and a
         # worker between two jobs would let one more in than the queue can hold).
         if self._send.statistics().current_buffer_used + self._reserved >= self._queue_size:
@@ -313,6 +318,46 @@ class Jobs:
             warnings.append({"code": "unknown_params", "params": names, "message": message})
             log.warning("job.unknown_params", job_id=job_id, script_hash=script_hash, params=names)
         return Submitted(info, warnings)
+
+    async def _before_execute(self, record: ScriptRecord, script_hash: str, params: Any, user: str | None) -> Any:
+        """The ``job:before_execute`` handlers' verdict: the params to run with (checked
+        again when a handler changed them); JobError ``cancelled_by_hook`` for a veto."""
+        assert self.plugins is not None
+        about = {"script_hash": script_hash, "script": record.name, "user": user}
+        outcome = await self.plugins.before("job:before_execute", record.name or script_hash, params, about)
+        if outcome.cancelled:
+            raise JobError(
+                "cancelled_by_hook",
+                f"plugin {outcome.plugin} cancelled the job: {outcome.reason}",
+                {"plugin": outcome.plugin, "reason": outcome.reason},
+            )
+        if not outcome.modified:
+            return params
+        try:
+            params_mod.check_representable(outcome.payload, json_keys=True)
+            return params_mod.validate(
+                record.params_schema, outcome.payload, additional=record.additional_params is not False
+            ).params
+        except params_mod.InvalidParams as e:
+            raise JobError(
+                "invalid_params", f"params as plugin hooks changed them do not fit: {e}", e.details()
+            ) from None
+
+    def _hook(self, live: _Live, status: JobStatus, outcome: Any = None) -> None:
+        """Tell the plugins a job started or ended (``job:<state>``), without waiting."""
+        if self.plugins is None:
+            return
+        event = _JOB_EVENTS.get(status)
+        if event is None or not self.plugins.wants(event):
+            return
+        record = self.scripts.record(live.script_hash)
+        name = record.name if record is not None else None
+        about: dict[str, Any] = {"job_id": live.job_id, "script_hash": live.script_hash, "script": name}
+        if status is JobStatus.COMPLETE:
+            about["result"] = bounded(outcome)
+        elif status is not JobStatus.RUNNING:
+            about["error"] = outcome
+        self.plugins.notify(event, name or live.script_hash, {**about, "params": bounded(live.params)}, about)
 
     async def _resolve(self, script_hash: str) -> tuple[ScriptRecord, bool]:
         """The script's index entry (see Scripts.resolve), its refusals as JobError."""
@@ -446,6 +491,7 @@ class Jobs:
             return
         live.progress = _progress(PROGRESS_STARTED)
         self._announce(live.job_id, JobStatus.RUNNING)
+        self._hook(live, JobStatus.RUNNING)
         record = self.scripts.record(live.script_hash)
         name = record.name if record and record.name else None
         with self._telemetry.span(
@@ -495,6 +541,7 @@ class Jobs:
                     execution_mode=live.session[0] or "session",
                     review=bool(live.session[1]),
                     on_error=live.session[2] or "abort",
+                    tool_hooks=self.plugins.tool_events() if self.plugins is not None else [],
                 ),
                 cancel=live.cancel,
                 hooks=RunHooks(jlog, span=span, progress=self._progress_reporter(live)),
@@ -550,6 +597,7 @@ class Jobs:
                     live.job_id, JobStatus.CANCELLED, at=time.time(), error=error, progress=live.progress
                 ):
                     self._announce(live.job_id, JobStatus.CANCELLED, error)
+                    self._hook(live, JobStatus.CANCELLED, error)
         except StorageFault as fault:
             # The token is set: a running job stops; a pending one is skipped by its
             # worker, which writes its end (or defers it) like any other.
@@ -572,6 +620,7 @@ class Jobs:
         self._live.pop(live.job_id, None)
         if changed:
             self._announce(live.job_id, status, result if status is JobStatus.COMPLETE else error)
+            self._hook(live, status, result if status is JobStatus.COMPLETE else error)
 
     def _defer_final(
         self, live: _Live, status: JobStatus, result: Any, error: Any, fault: StorageFault
@@ -638,6 +687,14 @@ class Jobs:
             if self._pollers:  # a fresh event per finished job only when someone waits
                 self._changed.set()
                 self._changed = anyio.Event()
+
+
+_JOB_EVENTS: dict[JobStatus, str] = {
+    JobStatus.RUNNING: "job:started",
+    JobStatus.COMPLETE: "job:completed",
+    JobStatus.FAILED: "job:failed",
+    JobStatus.CANCELLED: "job:cancelled",
+}
 
 
 def _final_progress(live: _Live, status: JobStatus) -> dict[str, Any]:

@@ -15,6 +15,7 @@ URI                              MIME type           content
 ``lua://jobs/{id}``              application/json    one job (JobInfo)
 ``lua://jobs/stats``             application/json    job counts by state
 ``lua://tools``                  application/json    the requests the daemon serves (list_tools)
+``lua://plugins``                application/json    the plugins, loaded or failed with their error
 ===============================  ==================  ==========================================
 
 ``luanette://jobs/stats`` is the older name of the job counts; the dispatcher keeps
@@ -84,6 +85,8 @@ STATIC: Final = (
          uri="lua://jobs/stats"),
     _resource("tools", "The requests this daemon serves, with descriptions and JSON Schemas (as list_tools).", JSON,
          uri="lua://tools"),
+    _resource("plugins", "The daemon's plugins: loaded ones with their subscriptions, and the ones that failed "
+         "to load with their error (as plugin_list).", JSON, uri="lua://plugins"),
 )  # fmt: skip
 """The resources that always exist."""
 
@@ -163,6 +166,8 @@ class Resources:
         self._scripts = scripts
         self._tools = tools
         self._reference = reference
+        # luanette.plugins.Plugins.list, set by the server (None: no plugins)
+        self.plugins: Callable[[], builtins.list[dict[str, Any]]] | None = None
 
     def list(self) -> list[dict[str, Any]]:
         """Every resource: the static ones, each example and namespace, then the
@@ -207,6 +212,8 @@ class Resources:
             return [_json(uri, msgspec.to_builtins(self._jobs.stats()))]
         if uri == "lua://tools":
             return [_json(uri, msgspec.to_builtins(self._tools()))]
+        if uri == "lua://plugins":
+            return [_json(uri, self.plugins() if self.plugins is not None else [])]
         kind, _, rest = uri.removeprefix("lua://").partition("/")
         if uri.startswith("lua://") and rest:
             if kind == "namespaces":

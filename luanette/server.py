@@ -43,9 +43,12 @@ from luanette.config import Config
 from luanette.dispatch import Dispatcher, RequestContext, error
 from luanette.engine.api import Limits
 from luanette.engine.pool import Engine, EngineConfig
+from luanette.flows import FlowManager
 from luanette.garden import GardenClient
 from luanette.jobs import Jobs
 from luanette.modules import Modules
+from luanette.pipelines import PipelineSources
+from luanette.plugins import Plugins
 from luanette.scripts import MAX_SCRIPT_BYTES, ScriptProblem, Scripts
 from luanette.sessions import Sessions
 from luanette.settings import Settings, load_settings
@@ -157,6 +160,9 @@ class Server:
             context=self._context,
             sessions=self.sessions,
         )
+        # generation pipelines: streamed chunks go out on PUB; sources read the index, jobs
+        self.engine.publish = self.publisher.publish
+        self.engine.pipeline_sources = PipelineSources(self.store)
         scripts = Scripts(self.cas, self.store, limits, self.engine)
         self.engine.modules = Modules(config.modules, scripts, max_bytes=MAX_SCRIPT_BYTES)
         self.jobs = Jobs(
@@ -194,6 +200,28 @@ class Server:
             policy=settings.policy,
             sessions=self.sessions,
         )
+        self.plugins = Plugins(
+            self.engine,
+            limits,
+            directory=config.plugins,
+            policy=settings.policy,
+            publish=self.publisher.publish,
+            handler_timeout_s=config.hook_timeout,
+        )
+        # every part that fires or answers hooks reaches the same plugins
+        self.engine.plugins = self.jobs.plugins = self.dispatcher.plugins = self.plugins
+        self.dispatcher.resources.plugins = self.plugins.views
+        # flows: their guards and handlers run like plugin hooks; instances live in the store
+        self.flows = FlowManager(
+            self.engine,
+            limits,
+            self.store,
+            policy=settings.policy,
+            publish=self.publisher.publish,
+            notify=self.plugins.notify,
+            handler_timeout_s=config.hook_timeout,
+        )
+        self.engine.flows = self.dispatcher.flows = self.flows
         self._socket: zmq.asyncio.Socket | None = None
         self._in_flight: set[RequestContext] = set()
         self._quick_replies: list[list[Any]] = []  # refusals of this receive batch
@@ -269,12 +297,17 @@ class Server:
                 except TriggerError as e:  # raised after the group, not wrapped by it
                     trigger_error = e
                 if trigger_error is None:
+                    # a plugin that fails to load is listed with its error: never a reason not to start
+                    await self.plugins.load_directory()
+                    tg.start_soon(self.plugins.serve)
                     tg.start_soon(self._receive_loop, tg)
                     tg.start_soon(self.jobs.run)
                     tg.start_soon(self._prune_periodically)
                     task_status.started(endpoint)
                     await self._draining.wait()
                     await self._drain()
+                    with anyio.move_on_after(self.config.drain_timeout, shield=True):
+                        await self.plugins.close()  # their cleanup(ctx), while the workers still run
                 tg.cancel_scope.cancel()
             if trigger_error is not None:
                 raise trigger_error
@@ -573,7 +606,7 @@ class Server:
                 return False
 
 
-ADMIN_REQUESTS = (t.Shutdown, t.Register)
+ADMIN_REQUESTS = (t.Shutdown, t.Register, t.PluginLoad, t.PluginUnload, t.PluginReload)
 """Requests only an admin key may make under CURVE (any local caller may without it)."""
 
 

@@ -242,7 +242,52 @@ _SCHEMA_V6 = (
     "CREATE INDEX script_describes_created ON script_describes (created_at)",
 )
 
-MIGRATIONS: tuple[Sequence[str], ...] = (_SCHEMA_V1, _SCHEMA_V2, _SCHEMA_V3, _SCHEMA_V4, _SCHEMA_V5, _SCHEMA_V6)
+# flows (luanette.flows): definitions with the source of the module that defined them,
+# instances and their transitions, which must all survive a restart
+_SCHEMA_V7 = (
+    """
+    CREATE TABLE flow_definitions (
+        flow_id TEXT PRIMARY KEY NOT NULL,
+        definition TEXT NOT NULL,
+        source TEXT NOT NULL,
+        chunk TEXT NOT NULL,
+        origin TEXT NOT NULL,
+        capabilities TEXT NOT NULL,
+        registered_at REAL NOT NULL
+    )
+    """,
+    """
+    CREATE TABLE flow_instances (
+        instance_id TEXT PRIMARY KEY NOT NULL,
+        flow_id TEXT NOT NULL,
+        current_state TEXT NOT NULL,
+        context TEXT NOT NULL,
+        subject TEXT NOT NULL,
+        transitions INTEGER NOT NULL,
+        created_at INTEGER NOT NULL,
+        updated_at INTEGER NOT NULL
+    )
+    """,
+    "CREATE INDEX flow_instances_subject ON flow_instances (subject)",
+    "CREATE INDEX flow_instances_flow ON flow_instances (flow_id, current_state)",
+    """
+    CREATE TABLE flow_history (
+        instance_id TEXT NOT NULL,
+        seq INTEGER NOT NULL,
+        from_state TEXT NOT NULL,
+        to_state TEXT NOT NULL,
+        action TEXT NOT NULL,
+        user TEXT,
+        timestamp INTEGER NOT NULL,
+        data TEXT,
+        PRIMARY KEY (instance_id, seq)
+    )
+    """,
+)
+
+MIGRATIONS: tuple[Sequence[str], ...] = (
+    _SCHEMA_V1, _SCHEMA_V2, _SCHEMA_V3, _SCHEMA_V4, _SCHEMA_V5, _SCHEMA_V6, _SCHEMA_V7,
+)  # fmt: skip
 """``MIGRATIONS[n]`` takes a database from ``user_version`` n to n + 1. Append, never
 edit: a file written by an older build replays only the steps it has not seen."""
 

@@ -204,6 +204,83 @@ TOOL_DOCS: Final[dict[str, ToolDoc]] = {
         "an admin, may discard. Returns {session_id, discarded: true, operations}.",
         {"session_id": _SESSION_ID},
     ),
+    "plugin_list": ToolDoc(
+        "List the daemon's plugins (Lua modules whose hooks react to jobs, model calls and custom events): "
+        "each with its name, origin (file or stored script), state (loaded or failed), error when it failed "
+        "to load, declared capabilities and subscriptions (event, priority, pattern, once, delivery counts). "
+        "Returns [{name, origin, state, error, capabilities, description, subscriptions}]."
+    ),
+    "plugin_load": ToolDoc(
+        "Load a plugin: describe() and init(ctx) run once in the sandbox and its subscriptions take effect at "
+        "once. Administrative; needs an admin key under CURVE. Returns the plugin as plugin_list shows it "
+        "(state failed with the error when its init failed).",
+        {
+            "plugin": "A stored script's hash (32 hex; the script must be tagged 'plugin') or the name of a "
+            "file in the daemon's --plugins directory, without '.lua'.",
+        },
+    ),
+    "plugin_unload": ToolDoc(
+        "Unload a plugin: its cleanup(ctx) runs, then its subscriptions are gone. Administrative. "
+        "Returns {unloaded: true, name}.",
+        {"name": "The plugin's name, as plugin_list shows it."},
+    ),
+    "plugin_reload": ToolDoc(
+        "Unload a plugin and load it again from its origin (a file is read again). Administrative. Returns "
+        "the plugin as plugin_list shows it.",
+        {"name": "The plugin's name, as plugin_list shows it."},
+    ),
+    "flow_register": ToolDoc(
+        "Register a flow (a state machine whose guards and enter/exit handlers are Lua functions): the module's "
+        "define() runs once in the sandbox and its FlowDefinition {id, initial, states, context} is kept by id in "
+        "the daemon's database (registering an id again replaces it). Returns the definition with its origin "
+        "and the capabilities its handlers run with.",
+        {
+            "source": "The module that defines the flow: a stored script's hash (32 hex) or the name of a loaded "
+            "plugin, as plugin_list shows it.",
+        },
+    ),
+    "flow_start": ToolDoc(
+        "Start an instance of a registered flow in its initial state (its enter handler runs). Instances and "
+        "their history survive a daemon restart. Returns the instance {id, definition_id, current_state, "
+        "context, subject, transitions, final, created_at, updated_at, history}.",
+        {
+            "definition": "The flow's id, as flow_register returned it.",
+            "context": "A table merged over the definition's own context; handlers read and change it.",
+            "subject": "What the instance is about, e.g. a garden region's id; flow_list can filter by it.",
+            "user": "Act as this user (what guards see as ctx:current_user()); only an admin caller may name "
+            "someone else. Default: the caller (its CURVE key, or 'local').",
+        },
+    ),
+    "flow_send": ToolDoc(
+        "Send an action to a flow instance. Returns a TransitionResult: {type: 'success', new_state, from_state, "
+        "action, final}, {type: 'guard_failed', guard, reason}, {type: 'invalid_action', action, current_state} "
+        "(the state has no such action) or {type: 'invalid_state', state} (the instance's state is no longer in "
+        "its definition). A guard, then the old state's exit and the new state's enter handler run first; a "
+        "failing handler is error flow_handler_failed and nothing changes.",
+        {
+            "instance": "The instance's id, as flow_start returned it.",
+            "action": "The action to take, one of the current state's 'on' keys (e.g. 'submit', 'approve').",
+            "data": "Any value handed to the guard and handlers with the event (a table's fields are also "
+            "fields of the event); kept in the history.",
+            "user": "Act as this user; only an admin caller may name someone else. Default: the caller.",
+        },
+    ),
+    "flow_get": ToolDoc(
+        "Show one flow instance: its state, context, subject and every transition so far (from, to, action, "
+        "user, timestamp in Unix ms, data).",
+        {"instance": "The instance's id, as flow_start returned it."},
+    ),
+    "flow_list": ToolDoc(
+        "List flow instances (newest first, without history) matching every filter given; or, with "
+        "definitions: true, the registered flow definitions.",
+        {
+            "subject": "Only instances about this subject.",
+            "state": "Only instances in this state.",
+            "definition": "Only instances of this flow id.",
+            "limit": "At most this many instances (1..1000, default 100).",
+            "definitions": "List the registered definitions instead of instances.",
+        },
+    ),
 }
 
 

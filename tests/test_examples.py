@@ -41,6 +41,12 @@ def test_every_example_is_covered():
         "review_variations.lua",
     }  # fmt: skip
     assert {p.name for p in (EXAMPLES / "modules").glob("*.lua")} == {"variations.lua"}
+    # seed 004's plugins (run by tests/test_plugins.py)
+    assert {p.name for p in (EXAMPLES / "plugins").glob("*.lua")} == {
+        "studio_hooks.lua",
+        "generation_pipeline.lua",  # run by tests/test_pipelines.py
+        "review_flow.lua",  # run by tests/test_flows.py
+    }
 
 
 async def test_hello(stack):

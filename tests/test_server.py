@@ -136,6 +136,8 @@ async def test_list_tools_names_every_served_request_with_a_schema(client):
         "job_execute", "job_status", "job_list", "job_poll", "job_cancel",
         "read_resource", "list_resources", "list_prompts", "get_prompt", "complete", "timeline_event",
         "session_list", "session_show", "session_commit", "session_discard",
+        "plugin_list", "plugin_load", "plugin_unload", "plugin_reload",
+        "flow_register", "flow_start", "flow_send", "flow_get", "flow_list",
     }  # fmt: skip
     schema = tools["lua_eval"].input_schema
     assert schema["type"] == "object"

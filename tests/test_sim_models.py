@@ -355,7 +355,7 @@ async def test_invalid_bodies(client, sim):
     assert r.status_code == 400 and "JSON object" in r.json()["detail"]
     for bad in ({"messages": []}, {"messages": [{"role": "robot", "content": "x"}]},
                 {"messages": [{"role": "user", "content": 5}]},
-                {"messages": [{"role": "user", "content": "x"}], "stream": True}):
+                {"messages": [{"role": "user", "content": "x"}], "stream": "yes"}):
         r = await client.post("/v1/chat/completions", json=bad)
         assert r.status_code == 400
         err = r.json()["error"]  # OpenAI error shape
@@ -610,3 +610,19 @@ def test_cli_rejects_bad_switches(capsys):
         [sys.executable, "-m", "luanette.sim.cli", "models", "--port", "0", "--fail-status", "200"],
         capture_output=True, text=True, timeout=30)
     assert proc.returncode == 2 and "fail_status" in proc.stderr
+
+
+async def test_chat_streams_server_sent_events_that_add_up_to_the_plain_answer(client):
+    body = {"messages": [{"role": "user", "content": "a quiet tune in d minor please"}]}
+    plain = (await client.post("/v1/chat/completions", json=body)).json()
+    r = await client.post("/v1/chat/completions",
+                          json={**body, "stream": True, "stream_options": {"include_usage": True}})
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+    lines = [line[len("data: "):] for line in r.text.split("\n") if line.startswith("data: ")]
+    assert lines[-1] == "[DONE]"
+    events = [json.loads(line) for line in lines[:-1]]
+    deltas = [c["delta"].get("content", "") for e in events for c in e["choices"]]
+    assert sum(1 for d in deltas if d) > 3  # word by word
+    assert "".join(deltas) == plain["choices"][0]["message"]["content"]
+    assert events[-1]["usage"] == plain["usage"] and events[-1]["choices"] == []
+    assert any(c.get("finish_reason") == "stop" for e in events for c in e["choices"])

@@ -98,7 +98,7 @@ def test_open_creates_state_dir_and_file_in_wal_mode(tmp_path: Path) -> None:
         conn = s._db()
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         assert conn.execute("PRAGMA synchronous").fetchone()[0] == 1  # NORMAL
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 6
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 7
 
 
 def test_closed_store_refuses_calls_and_close_is_idempotent(tmp_path: Path) -> None:

@@ -116,6 +116,40 @@ def build_parser() -> argparse.ArgumentParser:
     ses.add_parser("commit", help="apply a pending session to the garden (all or nothing)").add_argument("session_id")
     ses.add_parser("discard", help="drop a pending session").add_argument("session_id")
 
+    plg = sub.add_parser("plugin", help="plugins and their hooks (docs/plugins.md)").add_subparsers(
+        dest="action", required=True
+    )
+    plg.add_parser("list", help="plugins, loaded or failed with their error")
+    plg.add_parser("load", help="load a stored script tagged 'plugin' (HASH) or a --plugins file (NAME)").add_argument(
+        "plugin", metavar="HASH|NAME"
+    )
+    plg.add_parser("unload", help="run a plugin's cleanup and drop its hooks").add_argument("name")
+    plg.add_parser("reload", help="unload a plugin and load it again from its origin").add_argument("name")
+
+    flw = sub.add_parser("flow", help="state-machine flows (docs/plugins.md#flows)").add_subparsers(
+        dest="action", required=True
+    )
+    flw.add_parser("register", help="register the flow a module's define() returns").add_argument(
+        "source", metavar="HASH|PLUGIN", help="a stored script's hash or a loaded plugin's name"
+    )
+    fs = flw.add_parser("start", help="start an instance of a registered flow")
+    fs.add_argument("definition", metavar="FLOW_ID")
+    fs.add_argument("--context", default=None, help="JSON object merged over the definition's context")
+    fs.add_argument("--subject", default="", help="what the instance is about (e.g. a region id)")
+    fs.add_argument("--user", default=None, help="act as this user (admins only)")
+    fn = flw.add_parser("send", help="send an action to an instance; prints the TransitionResult")
+    fn.add_argument("instance")
+    fn.add_argument("flow_action", metavar="ACTION")  # "action" is the subcommand's
+    fn.add_argument("--data", default=None, help="JSON value handed to the guard and handlers")
+    fn.add_argument("--user", default=None, help="act as this user (admins only)")
+    flw.add_parser("get", help="one instance with its history").add_argument("instance")
+    fl = flw.add_parser("list", help="instances, newest first (or --definitions)")
+    fl.add_argument("--subject", default=None)
+    fl.add_argument("--state", default=None)
+    fl.add_argument("--definition", default=None, metavar="FLOW_ID")
+    fl.add_argument("--limit", type=int, default=100)
+    fl.add_argument("--definitions", action="store_true", help="list the registered definitions instead")
+
     wa = sub.add_parser("watch", help="print broadcasts (job states, progress) as they arrive")
     wa.add_argument("--pub", default=os.environ.get("LUANETTE_PUB", DEFAULT_PUB),
                     help=f"daemon PUB endpoint (default $LUANETTE_PUB or {DEFAULT_PUB})")
@@ -180,6 +214,31 @@ def build_request(args: argparse.Namespace) -> t.Payload:
                 return t.SessionCommit(session_id=args.session_id)
             case _:
                 return t.SessionDiscard(session_id=args.session_id)
+    if args.command == "plugin":
+        match args.action:
+            case "list":
+                return t.PluginList()
+            case "load":
+                return t.PluginLoad(plugin=args.plugin)
+            case "unload":
+                return t.PluginUnload(name=args.name)
+            case _:
+                return t.PluginReload(name=args.name)
+    if args.command == "flow":
+        match args.action:
+            case "register":
+                return t.FlowRegister(source=args.source)
+            case "start":
+                context = None if args.context is None else _json_arg(args.context, "--context")
+                return t.FlowStart(definition=args.definition, context=context, subject=args.subject, user=args.user)
+            case "send":
+                data = None if args.data is None else _json_arg(args.data, "--data")
+                return t.FlowSend(instance=args.instance, action=args.flow_action, data=data, user=args.user)
+            case "get":
+                return t.FlowGet(instance=args.instance)
+            case _:
+                return t.FlowList(subject=args.subject, state=args.state, definition=args.definition,
+                                  limit=args.limit, definitions=args.definitions)  # fmt: skip
     try:
         return payload_codec.decode(args.payload.encode(), Encoding.JSON)
     except DecodeError as e:
@@ -192,6 +251,14 @@ def _dump(value: Any) -> str:
 
 def _value(result: Any) -> str:
     return result if isinstance(result, str) else _dump(result)
+
+
+def _plugin_line(plugin: dict[str, Any]) -> str:
+    if plugin.get("state") == "failed":
+        error = plugin.get("error") or {}
+        return f"{plugin['name']}  failed  {plugin['origin']}  {error.get('kind')}: {error.get('message')}"
+    events = ", ".join(s["event"] for s in plugin.get("subscriptions", []))
+    return f"{plugin['name']}  loaded  {plugin['origin']}  [{events}]"
 
 
 def render(args: argparse.Namespace, reply: t.Payload) -> str:
@@ -221,6 +288,16 @@ def render(args: argparse.Namespace, reply: t.Payload) -> str:
             return "\n".join(
                 f"{s['session_id']}  {s['operation_count']:>4} ops  {s['job_id'] or '-'}" for s in found
             )
+        case t.Success(result=list(found)) if command == "plugin" and action == "list":
+            return "\n".join(_plugin_line(p) for p in found)
+        case t.Success(result={"unloaded": True, "name": name}):
+            return f"unloaded {name}"
+        case t.Success(result=dict(plugin)) if command == "plugin":
+            return _plugin_line(plugin)
+        case t.Success(result=list(found)) if command == "flow" and action == "list" and not args.definitions:
+            return "\n".join(f"{f['id']}  {f['definition_id']}  {f['current_state']}  {f['subject']}" for f in found)
+        case t.Success(result={"type": "success", "new_state": state, "from_state": old, "action": act}):
+            return f"{old} --{act}--> {state}"
         case t.Success(result={"committed": True, "session_id": sid, "operations": n}):
             return f"committed {sid} ({n} operations)"
         case t.Success(result={"discarded": True, "session_id": sid, "operations": n}):

@@ -98,6 +98,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="job and script database directory (default: the user state directory)")
     serve.add_argument("--modules", default=None, metavar="DIR",
                        help="directory of Lua modules for require() (default: none, only stored scripts)")
+    serve.add_argument("--plugins", default=None, metavar="DIR",
+                       help="directory of plugins (*.lua) loaded at start-up (default: none; see docs/plugins.md)")
+    serve.add_argument("--hook-timeout", type=positive(float), default=d.hook_timeout, metavar="SECONDS",
+                       help=f"time budget of one plugin hook handler (default {d.hook_timeout:g})")
     serve.add_argument("--max-jobs", type=positive(int), default=d.max_jobs,
                        help=f"jobs running at once (default {d.max_jobs})")
     serve.add_argument("--job-queue", type=positive(int), default=d.job_queue,

@@ -54,6 +54,9 @@ class RunInfo(msgspec.Struct, array_like=True, omit_defaults=True):
     execution_mode: str = "session"  # "session" (garden edits go to an overlay) or "autoCommit"
     review: bool = False  # keep the overlay as a pending session at the end of main
     on_error: str = "abort"  # "skip": a failing namespace call returns nil and is recorded
+    # the tool:* events some plugin subscribes to (luanette.plugins): the run's async
+    # namespace calls report them; empty (the usual case) costs nothing
+    tool_hooks: list[str] = []
 
 
 class Run(Message, tag="run"):

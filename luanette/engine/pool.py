@@ -42,6 +42,7 @@ from opentelemetry import context as otel_context
 
 from hooteproto import garden as g
 from hooteproto.depth import check_value
+from hooteproto.types import GenerationChunk
 from luanette.backends import Backends
 from luanette.cas import env_read_only_why
 from luanette.engine import channel as ch
@@ -301,6 +302,11 @@ class Engine:
         self._sessions = sessions  # luanette.sessions.Sessions: commits and pending sessions
         # resolves require() for every worker (the front owns the script index)
         self.modules = modules
+        # luanette.plugins.Plugins: answers the runs' tool:before calls and takes their
+        # hook notes (set by the server; None: no plugins)
+        self.plugins: Any = None
+        # luanette.flows.FlowManager: answers the runs' flow.* calls (set by the server)
+        self.flows: Any = None
         self.stats = EngineStats()
         self._backends = backends
         self._garden = garden
@@ -324,6 +330,10 @@ class Engine:
         self._restart_backoff = 0.0
         self._garden_replies = msgspec.msgpack.Encoder()
         self._garden_requests = msgspec.msgpack.Decoder(g.ShellRequest)
+        # set by the server: where generation_chunk broadcasts go, and what answers a
+        # pipeline's script_search / job_result sources (luanette.pipelines)
+        self.publish: Callable[[Any], None] | None = None
+        self.pipeline_sources: Any = None
 
     # --- lifecycle -------------------------------------------------------------------
 
@@ -762,6 +772,11 @@ class Engine:
         self._settle(pending)
 
     def _on_note(self, message: ch.Note) -> None:
+        if message.kind == "hook":
+            if self.plugins is not None:
+                with contextlib.suppress(Exception):  # a note is news, never a reason to fail
+                    self.plugins.note(message.data)
+            return
         if message.kind == "metric":
             name, value, attributes = message.data
             if self._telemetry is not None and (
@@ -804,12 +819,27 @@ class Engine:
             name, path, body, left, method = message.args
             deadline = None if left is None else time.monotonic() + left
             return await self._backends.call(name, path, body, deadline=deadline, method=method)
+        if message.service == "backend_stream":
+            return await self._stream(message)
+        if message.service == "pipeline_source":
+            if self.pipeline_sources is None:
+                raise RuntimeError("pipeline sources are not available to this daemon's runs")
+            kind, args = message.args
+            return await self.pipeline_sources.fetch(kind, args)
         if message.service == "garden":
             if self._garden is None:
                 raise GardenUnavailable("no garden configured (set endpoint in the [garden] section of the config)")
             packed, timeout = message.args
             reply = await self._garden.request(self._garden_requests.decode(packed), timeout=timeout)
             return self._garden_replies.encode(reply)
+        if message.service == "hook":
+            if self.plugins is None:  # no plugins since the run started: nothing to ask
+                return {}
+            return await self.plugins.call(message.args)
+        if message.service == "flow":
+            if self.flows is None:
+                raise RuntimeError("flows are not available to this daemon's runs")
+            return await self.flows.call(message.args)
         if message.service == "module":
             if self.modules is None:
                 raise ModuleError("module not found: modules are not available to this daemon's runs")
@@ -825,6 +855,33 @@ class Engine:
                 job_id, user, script_hash = about
                 return self._sessions.keep(ops, job_id=job_id, user=user, script_hash=script_hash)
         raise RuntimeError(f"unknown service {message.service!r}")
+
+    async def _stream(self, message: ch.Call) -> Any:
+        # The front reads the stream and publishes each chunk as it comes; the worker
+        # gets the whole answer with its chunk list (docs/plugins.md, "Pipelines").
+        if self._backends is None:
+            raise RuntimeError("no backends")
+        name, path, body, left, meta = message.args
+        deadline = None if left is None else time.monotonic() + left
+        publish = self.publish
+        index = itertools.count()
+
+        def on_chunk(text: str, final: bool) -> None:
+            if publish is not None:
+                publish(
+                    GenerationChunk(
+                        job_id=meta.get("job_id"),
+                        pipeline_id=meta.get("pipeline_id"),
+                        step_id=meta.get("step_id", ""),
+                        index=next(index),
+                        content=text,
+                        is_final=final,
+                    )
+                )
+
+        return await self._backends.stream(
+            name, path, body, deadline=deadline, on_chunk=on_chunk, buffer_size=int(meta.get("buffer_size", 1))
+        )
 
     def workers(self) -> list[Mapping[str, Any]]:
         """The workers now: name, pid, runs, RSS, state."""

@@ -135,6 +135,26 @@ class RemoteBackends:
         left = None if deadline is None else deadline - time.monotonic()
         return await self._calls.call(self._run_of(), "backend", [name, path, body, left, method])
 
+    async def stream(
+        self,
+        name: str,
+        path: str,
+        body: Any,
+        *,
+        deadline: float | None,
+        buffer_size: int = 1,
+        meta: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        """A streamed chat completion read by the front, which publishes its chunks;
+        the whole answer with its chunk list (``Backends.stream``)."""
+        left = None if deadline is None else deadline - time.monotonic()
+        labels = {**(meta or {}), "buffer_size": buffer_size}
+        return dict(await self._calls.call(self._run_of(), "backend_stream", [name, path, body, left, labels]))
+
+    async def pipeline_source(self, kind: str, args: dict[str, Any]) -> Any:
+        """A pipeline context source only the front can read (its script index, its jobs)."""
+        return await self._calls.call(self._run_of(), "pipeline_source", [kind, args])
+
 
 class RemoteGarden:
     """``GardenClient`` as the garden namespace uses it, calling through the front."""
@@ -171,6 +191,37 @@ class RemoteSessions:
     ) -> str:
         """Keep ``ops`` as a pending session; its id."""
         return str(await self._calls.call(self._run_of(), "session", ["keep", ops, job_id, user, script_hash]))
+
+
+class RemoteHooks:
+    """The front's plugin hooks (``luanette.plugins``) as a run's tool calls and
+    ``hooks.emit`` reach them: a before event waits for the front's answer, the others
+    are notes."""
+
+    def __init__(self, calls: _Calls, send: Any, run_of: Any) -> None:
+        self._calls = calls
+        self._send = send
+        self._run_of = run_of
+
+    async def before(self, name: str, args: list[Any]) -> dict[str, Any]:
+        """``{cancel, reason}`` or ``{args}`` (maybe modified) from the tool:before handlers."""
+        return dict(await self._calls.call(self._run_of(), "hook", ["tool:before", name, args]))
+
+    def notify(self, event: str, subject: str, payload: Any) -> None:
+        """An after event or a custom one, delivered by the front without a reply."""
+        self._send(ch.Note(run=self._run_of(), kind="hook", data=[event, subject, payload]))
+
+
+class RemoteFlows:
+    """The front's flows (``luanette.flows``) as a run's ``flow.*`` reaches them."""
+
+    def __init__(self, calls: _Calls, run_of: Any) -> None:
+        self._calls = calls
+        self._run_of = run_of
+
+    async def call(self, op: str, arguments: dict[str, Any], user: str | None) -> dict[str, Any]:
+        """``{ok, value}`` or ``{ok = false, code, message}`` from the front."""
+        return dict(await self._calls.call(self._run_of(), "flow", [op, arguments, user]))
 
 
 class _RemoteSpan(trace.NonRecordingSpan):
@@ -272,6 +323,8 @@ class Worker:
             metrics=RemoteMetrics(self.send),
             fs_roots=settings.fs_roots(),
             sessions=RemoteSessions(self._calls, current_run.get),
+            hooks=RemoteHooks(self._calls, self.send, current_run.get),
+            flows=RemoteFlows(self._calls, current_run.get),
         )
 
     def send(self, message: ch.Message) -> None:

@@ -88,8 +88,12 @@ LLM (``POST /v1/chat/completions``)
 -----------------------------------
 
 Request: OpenAI chat completion: ``{model, messages: [{role, content}], max_tokens,
-temperature, response_format: {type: "json_object"}?}``; ``stream: true`` answers 400.
-Response::
+temperature, response_format: {type: "json_object"}?, stream, stream_options}``.
+With ``stream: true`` the same answer comes as server-sent events
+(``text/event-stream``), as OpenAI sends them: a first ``chat.completion.chunk`` with
+the role, one per word (``delta.content``, the word and its following space), one with
+``finish_reason``, then (with ``stream_options: {include_usage: true}``) one with
+``usage`` and no choices, then ``data: [DONE]``.  Response::
 
     {id: "chatcmpl-sim-...", object: "chat.completion", created, model,
      choices: [{index: 0, message: {role: "assistant", content}, finish_reason}],
@@ -763,8 +767,8 @@ def _text_of(content: Any, i: int) -> str:
 
 def llm_complete(body: dict, *, default_model: str = "sim-llm") -> dict:
     model = _string(body, "model", default_model) or default_model
-    if body.get("stream"):
-        raise _bad("stream=true is not supported by the simulator", "stream")
+    if not isinstance(body.get("stream", False), bool):
+        raise _bad("stream must be a boolean", "stream")
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise _bad("messages must be a non-empty list of {role, content}", "messages")
@@ -806,6 +810,36 @@ def llm_complete(body: dict, *, default_model: str = "sim-llm") -> dict:
     }
 
 
+def stream_events(result: dict, body: dict) -> list[dict]:
+    """The ``chat.completion.chunk`` events that stream ``result`` (an
+    :func:`llm_complete` answer) as OpenAI would: role, one delta per word, the finish
+    reason, and the usage when ``stream_options.include_usage`` asks for it."""
+    base = {"id": result["id"], "object": "chat.completion.chunk", "created": result["created"],
+            "model": result["model"]}
+    choice = result["choices"][0]
+    words = choice["message"]["content"].split(" ")
+    pieces = [w + " " for w in words[:-1]] + [words[-1]]
+    events = [{**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
+                                    "finish_reason": None}]}]
+    events += [{**base, "choices": [{"index": 0, "delta": {"content": p}, "finish_reason": None}]}
+               for p in pieces if p]
+    events.append({**base, "choices": [{"index": 0, "delta": {}, "finish_reason": choice["finish_reason"]}]})
+    options = body.get("stream_options")
+    if isinstance(options, dict) and options.get("include_usage"):
+        events.append({**base, "choices": [], "usage": result["usage"]})
+    return events
+
+
+async def _stream_answer(request: web.Request, result: dict, body: dict) -> web.StreamResponse:
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+    await response.prepare(request)
+    for event in stream_events(result, body):
+        await response.write(b"data: " + json.dumps(event).encode() + b"\n\n")
+    await response.write(b"data: [DONE]\n\n")
+    await response.write_eof()
+    return response
+
+
 # ---------------------------------------------------------------------------------
 # HTTP
 # ---------------------------------------------------------------------------------
@@ -844,7 +878,7 @@ class _Handlers:
             return "musicgen"
         return "orpheus"
 
-    async def _model_call(self, request: web.Request, fixed_kind: str | None, api: str) -> web.Response:
+    async def _model_call(self, request: web.Request, fixed_kind: str | None, api: str) -> web.StreamResponse:
         cfg, st = self.config, self.stats
         if cfg.seed != self._rng_seed:  # seed changed at run time: restart the draws
             self.rng, self._rng_seed = random.Random(cfg.seed), cfg.seed
@@ -907,7 +941,10 @@ class _Handlers:
                 st.failures_sent += 1
                 raise SimError(cfg.fail_status, "simulated_failure",
                                f"simulated {kind} failure (fail_rate={cfg.fail_rate:g})")
-            response = web.json_response(result)
+            if kind == "llm" and body.get("stream"):
+                response = await _stream_answer(request, result, body)
+            else:
+                response = web.json_response(result)
         except SimError as e:
             if e.status == 400 and e.type == "invalid_request" and parse_error is e:
                 st.bad_requests += 1
@@ -922,11 +959,11 @@ class _Handlers:
     # -- routes ----------------------------------------------------------------
 
     def predict(self, kind: str | None):
-        async def handler(request: web.Request) -> web.Response:
+        async def handler(request: web.Request) -> web.StreamResponse:
             return await self._model_call(request, kind, "predict")
         return handler
 
-    async def chat(self, request: web.Request) -> web.Response:
+    async def chat(self, request: web.Request) -> web.StreamResponse:
         return await self._model_call(request, "llm", "openai")
 
     def health(self, kind: str | None):

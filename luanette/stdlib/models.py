@@ -246,6 +246,27 @@ class Models:
         except UnknownBackend as exc:
             raise LuaCallError(str(exc.args[0])) from None
 
+    async def stream(
+        self, run: RunContext, backend: str, body: Any, *, buffer_size: int, meta: dict[str, Any]
+    ) -> dict[str, Any]:
+        """A streamed chat completion (``Backends.stream``); errors as coded Lua errors.
+        In a worker the front reads the stream and publishes its chunks."""
+        try:
+            result: dict[str, Any] = await self.backends.stream(
+                backend,
+                self.default_path(backend),
+                body,
+                deadline=run.deadline,
+                buffer_size=buffer_size,
+                meta=meta,
+            )
+            return result
+        except BackendError as exc:
+            run.logger.info("backend.error", backend=backend, code=exc.code, reason=exc.reason)
+            raise LuaCallError(str(exc)) from None
+        except UnknownBackend as exc:
+            raise LuaCallError(str(exc.args[0])) from None
+
     def default_path(self, backend: str) -> str:
         settings = self.backends.settings(backend)
         if settings.kind == "openai":

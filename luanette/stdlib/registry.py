@@ -10,6 +10,12 @@ that process's CAS and its proxies of the front's services) and asks
   stdlib, as upstream's eval had it.
 - ``job`` (``job_execute`` and timeline triggers): the eval set, plus progress and job.
 - ``describe`` (``describe()`` of a script being stored): nothing but the sandbox.
+- ``plugin`` (a plugin's init, one event delivered to a handler, cleanup; luanette.plugins):
+  the eval set without ``hooks`` (a hook run's calls fire no hooks: no recursion).
+
+Jobs and evals also get ``flow`` (the daemon's flows, luanette.flows; plugin runs, which
+run flow handlers, do not: no recursion) and ``hooks`` (``hooks.emit``), and when some plugin subscribes to a
+tool event (``RunInfo.tool_hooks``) their tool namespaces report it (stdlib.hooks).
 
 Within its kind a run gets what its capabilities admit (``luanette.capabilities``: a
 job's come from its script's ``describe().capabilities`` or the policy's default, an
@@ -32,13 +38,16 @@ from luanette.stdlib.audio import AudioNamespace
 from luanette.stdlib.cas import CasNamespace
 from luanette.stdlib.clock import ClockNamespace
 from luanette.stdlib.context import ContextNamespace
+from luanette.stdlib.flow import FlowNamespace, FlowService
 from luanette.stdlib.fs import FsNamespace
 from luanette.stdlib.garden import GardenNamespace
+from luanette.stdlib.hooks import HookService, HooksNamespace, hooked
 from luanette.stdlib.job import JobNamespace
 from luanette.stdlib.json import JsonNamespace
 from luanette.stdlib.log import LogNamespace
 from luanette.stdlib.midi import MidiNamespace
 from luanette.stdlib.otel import OtelNamespace
+from luanette.stdlib.pipeline import pipeline_namespaces
 from luanette.stdlib.progress import ProgressNamespace
 from luanette.stdlib.session import RunSession, SessionService
 from luanette.stdlib.temp import TempNamespace
@@ -47,7 +56,7 @@ from luanette.stdlib.upstream import UpstreamNamespace
 if TYPE_CHECKING:
     from luanette.engine.channel import RunInfo
 
-KINDS: Final = ("eval", "job", "describe")
+KINDS: Final = ("eval", "job", "describe", "plugin")
 UPSTREAM: Final = UpstreamNamespace()  # no state of its own: one serves every run
 
 
@@ -64,6 +73,8 @@ class Toolbox:
         metrics: Any,
         fs_roots: Mapping[str, Path] | None = None,
         sessions: SessionService | None = None,
+        hooks: HookService | None = None,
+        flows: FlowService | None = None,
     ) -> None:
         self.cas = cas
         self.fs_roots = dict(fs_roots or {})  # [fs.roots]: what fs.* reaches
@@ -71,8 +82,11 @@ class Toolbox:
         self.base: tuple[Namespace, ...] = (LogNamespace(), ClockNamespace(), JsonNamespace())
         self.otel = OtelNamespace(metrics)
         self.models = tuple(models)
+        self.pipelines = pipeline_namespaces(self.models)  # generation pipelines over them
         self.garden = garden
         self.sessions = sessions  # the front's commit and keep (luanette.sessions)
+        self.hooks = hooks  # the front's plugin hooks (luanette.plugins)
+        self.flows = flows  # the front's flows (luanette.flows)
 
 
 class RunSet:
@@ -115,6 +129,8 @@ def namespaces_for(
             runset.namespaces.append(FsNamespace.from_capabilities(toolbox.fs_roots, capabilities))
     if session is not None:
         runset.namespaces = session.wrap(runset.namespaces)
+    if info is not None and info.tool_hooks and kind in ("eval", "job") and toolbox.hooks is not None:
+        runset.namespaces = hooked(runset.namespaces, toolbox.hooks, info.tool_hooks)
     return runset
 
 
@@ -135,6 +151,7 @@ def _of_kind(
             [
                 *toolbox.base,
                 *toolbox.models,
+                *toolbox.pipelines,
                 toolbox.garden,
                 temp,
                 CasNamespace(toolbox.cas, temp=temp),
@@ -144,6 +161,26 @@ def _of_kind(
                 toolbox.otel,
                 ContextNamespace.of(info),
                 UPSTREAM,
+                HooksNamespace(toolbox.hooks, "eval"),
+                FlowNamespace(toolbox.flows, info.user if info is not None else None),
+            ],
+            temp,
+        )
+    if kind == "plugin":
+        temp = TempNamespace(toolbox.temp_root)
+        return RunSet(
+            [
+                *toolbox.base,
+                *toolbox.models,
+                *toolbox.pipelines,
+                toolbox.garden,
+                temp,
+                CasNamespace(toolbox.cas, temp=temp),
+                MidiNamespace(toolbox.cas, temp),
+                AbcNamespace(toolbox.cas, temp),
+                AudioNamespace(toolbox.cas, temp),
+                toolbox.otel,
+                ContextNamespace.of(info),
             ],
             temp,
         )
@@ -154,6 +191,7 @@ def _of_kind(
             [
                 *toolbox.base,
                 *toolbox.models,
+                *toolbox.pipelines,
                 toolbox.garden,
                 ProgressNamespace(progress or _no_progress),
                 temp,
@@ -165,6 +203,8 @@ def _of_kind(
                 JobNamespace(job_id or "", script_hash or ""),
                 ContextNamespace.of(info, job_id=job_id, script_hash=script_hash),
                 UPSTREAM,
+                HooksNamespace(toolbox.hooks, f"job:{job_id}"),
+                FlowNamespace(toolbox.flows, info.user if info is not None else None),
             ],
             temp,
         )

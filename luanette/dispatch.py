@@ -30,7 +30,7 @@ from luanette.engine.pool import Engine, RunHooks
 from luanette.faults import StorageFault
 from luanette.flows import FlowError, FlowManager
 from luanette.jobs import JobError, Jobs
-from luanette.plugins import PluginError, Plugins, is_hash
+from luanette.plugins import Plugin, PluginError, Plugins, is_hash
 from luanette.prompts import PromptError, Prompts
 from luanette.resources import ResourceError, Resources
 from luanette.scripts import ManifestError, ScriptProblem, Scripts
@@ -500,22 +500,45 @@ class Dispatcher:
         if not is_hash(p.plugin):
             loaded = await plugins.load_file(plugins.file_named(p.plugin))
         else:
-            record = self.scripts.record(p.plugin)
-            if record is None or "plugin" not in [*record.tags, *(record.declared_tags or [])]:
-                raise PluginError(
-                    "invalid_params",
-                    f"{p.plugin} is not a stored script tagged 'plugin' (store it with --tag plugin, or "
-                    "describe().tags = {'plugin'})",
-                )
-            source = await self.scripts.source(p.plugin)
-            loaded = await plugins.load_source(
-                source, f"script:{p.plugin}", default_name=record.name or p.plugin, chunk=record.name or p.plugin
-            )
+            loaded = await self.load_stored_plugin(p.plugin)
+            if loaded.state == "loaded":
+                plugins.remember(p.plugin)  # loaded again at the next start
         ctx.log.info("plugin.load_requested", plugin=loaded.name, state=loaded.state)
         return t.Success(result=loaded.view())
 
+    async def load_stored_plugin(self, script_hash: str) -> Plugin:
+        """Load the stored script ``script_hash`` (tagged ``plugin``) as a plugin."""
+        record = self.scripts.record(script_hash)
+        if record is None or "plugin" not in [*record.tags, *(record.declared_tags or [])]:
+            raise PluginError(
+                "invalid_params",
+                f"{script_hash} is not a stored script tagged 'plugin' (store it with --tag plugin, or "
+                "describe().tags = {'plugin'})",
+            )
+        source = await self.scripts.source(script_hash)
+        return await self._plugins().load_source(
+            source, f"script:{script_hash}", default_name=record.name or script_hash, chunk=record.name or script_hash
+        )
+
+    async def load_remembered_plugins(self) -> None:
+        """At start-up: load again the stored-script plugins loaded before (one that no
+        longer loads is listed as failed, or logged, and forgotten)."""
+        plugins = self._plugins()
+        for script_hash in plugins.remembered():
+            try:
+                loaded = await self.load_stored_plugin(script_hash)
+            except (PluginError, cas.CasError) as e:
+                log.error("plugin.remembered_not_loaded", script_hash=script_hash, error=str(e))
+                plugins.forget(script_hash)
+                continue
+            if loaded.state != "loaded":
+                plugins.forget(script_hash)
+
     async def plugin_unload(self, p: t.PluginUnload, ctx: RequestContext) -> t.Payload:
-        await self._plugins().unload(p.name)
+        unloaded = await self._plugins().unload(p.name)
+        kind, _, script_hash = unloaded.origin.partition(":")
+        if kind == "script":
+            self._plugins().forget(script_hash)
         return t.Success(result={"unloaded": True, "name": p.name})
 
     async def plugin_reload(self, p: t.PluginReload, ctx: RequestContext) -> t.Payload:

@@ -25,6 +25,8 @@ broadcast on PUB as ``custom_event``.
 from __future__ import annotations
 
 import fnmatch
+import json
+import os
 import re
 import time
 from collections.abc import Callable
@@ -230,8 +232,49 @@ class Plugins:
         self._globbed: list[Subscription] = []  # subscriptions whose event is a glob
         self._send, self._receive = anyio.create_memory_object_stream[_Event](MAX_QUEUED)
         self.dropped = 0  # notifications the full queue refused
+        # the stored-script plugins loaded by request (luanette-cli plugin load HASH)
+        self.remember_file: Path | None = None
 
     # --- loading ---------------------------------------------------------------------
+
+    # --- stored-script plugins loaded by request, remembered across restarts ---------
+
+    def remembered(self) -> list[str]:
+        """Hashes of the stored-script plugins to load at start-up."""
+        if self.remember_file is None:
+            return []
+        try:
+            hashes = json.loads(self.remember_file.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return []
+        except (OSError, ValueError) as e:
+            log.error("plugins.remembered_unreadable", file=str(self.remember_file), error=str(e))
+            return []
+        if not isinstance(hashes, list):
+            return []
+        return [h for h in hashes if isinstance(h, str) and is_hash(h)][:MAX_PLUGINS]
+
+    def remember(self, script_hash: str) -> None:
+        """Load ``script_hash`` again at the next start."""
+        hashes = self.remembered()
+        if script_hash not in hashes:
+            self._write_remembered([*hashes, script_hash])
+
+    def forget(self, script_hash: str) -> None:
+        """Stop loading ``script_hash`` at start-up."""
+        hashes = self.remembered()
+        if script_hash in hashes:
+            self._write_remembered([h for h in hashes if h != script_hash])
+
+    def _write_remembered(self, hashes: list[str]) -> None:
+        assert self.remember_file is not None
+        # written whole and renamed: a crash leaves the old list or the new one
+        tmp = self.remember_file.with_suffix(".tmp")
+        try:
+            tmp.write_text(json.dumps(hashes), encoding="utf-8")
+            os.replace(tmp, self.remember_file)
+        except OSError as e:
+            log.error("plugins.remember_failed", file=str(self.remember_file), error=str(e))
 
     async def load_directory(self) -> list[Plugin]:
         """Load every ``*.lua`` of the plugins directory (by name); a plugin that fails

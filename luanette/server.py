@@ -210,6 +210,7 @@ class Server:
         )
         # every part that fires or answers hooks reaches the same plugins
         self.engine.plugins = self.jobs.plugins = self.dispatcher.plugins = self.plugins
+        self.plugins.remember_file = self.store.path.parent / "plugins.json"
         self.dispatcher.resources.plugins = self.plugins.views
         # flows: their guards and handlers run like plugin hooks; instances live in the store
         self.flows = FlowManager(
@@ -299,6 +300,7 @@ class Server:
                 if trigger_error is None:
                     # a plugin that fails to load is listed with its error: never a reason not to start
                     await self.plugins.load_directory()
+                    await self.dispatcher.load_remembered_plugins()
                     tg.start_soon(self.plugins.serve)
                     tg.start_soon(self._receive_loop, tg)
                     tg.start_soon(self.jobs.run)

@@ -377,3 +377,27 @@ async def test_stored_script_and_timeline_events_reach_plugins(make_server, tmp_
                                                 tempo=120.0, metadata=metadata))
         assert isinstance(reply, t.Success), reply
         assert (await seen.next("custom:timeline")).payload == {"type": "cue_point", "at": 8.0}
+
+
+async def test_a_stored_plugin_loaded_by_request_is_loaded_again_after_a_restart(make_server):
+    first = await make_server()
+    async with Client(first.endpoint) as c:
+        plugin = await store(c, VETO_ALL)
+        plain = await store(c, "return 'ran'")
+        assert isinstance(await c.request(t.PluginLoad(plugin=plugin)), t.Success)
+    await first.stop()
+
+    again = await make_server()  # the same state directory (tmp_path)
+    async with Client(again.endpoint) as c:
+        (listed,) = (await c.request(t.PluginList())).result
+        assert (listed["name"], listed["state"]) == ("veto_all", "loaded")
+        refused = await c.request(t.JobExecute(script_hash=plain, params=None))
+        assert isinstance(refused, t.Error) and refused.code == "cancelled_by_hook"
+        assert isinstance(await c.request(t.PluginUnload(name="veto_all")), t.Success)
+    await again.stop()
+
+    third = await make_server()  # unloaded: not loaded at start-up any more
+    async with Client(third.endpoint) as c:
+        assert (await c.request(t.PluginList())).result == []
+        done = await wait_done(c, (await run(c, plain))["job_id"])
+        assert done["result"] == "ran"

@@ -273,12 +273,19 @@ def namespaces(candidates: Sequence[Namespace], grants: Grants) -> list[Namespac
     """The namespaces of a run with ``grants``: the ones it is admitted to, gated where
     their functions need more than presence."""
     chosen: list[Namespace] = []
-    for namespace in candidates:
-        if not admits(grants, namespace.name):
-            continue
-        gated = namespace.name in FUNCTION_NEEDS or any(ns == namespace.name for ns, _ in CALL_SCOPE)
-        chosen.append(Gated(namespace, grants) if gated else namespace)
+    plan = _plan(grants, tuple(namespace.name for namespace in candidates))
+    for namespace, (admitted, gated) in zip(candidates, plan, strict=True):
+        if admitted:
+            chosen.append(Gated(namespace, grants) if gated else namespace)
     return chosen
+
+
+@functools.lru_cache(maxsize=256)
+def _plan(grants: Grants, names: tuple[str, ...]) -> tuple[tuple[bool, bool], ...]:
+    # (admitted, gated) per namespace: every run asks, with one of a few grants
+    return tuple(
+        (admits(grants, name), name in FUNCTION_NEEDS or any(ns == name for ns, _ in CALL_SCOPE)) for name in names
+    )
 
 
 # --- policy ---------------------------------------------------------------------------

@@ -230,6 +230,7 @@ class Plugins:
         self._order = 0
         self._by_event: dict[str, list[Subscription]] = {}
         self._globbed: list[Subscription] = []  # subscriptions whose event is a glob
+        self._tool_events: list[str] = []  # (see tool_events)
         self._send, self._receive = anyio.create_memory_object_stream[_Event](MAX_QUEUED)
         self.dropped = 0  # notifications the full queue refused
         # the stored-script plugins loaded by request (luanette-cli plugin load HASH)
@@ -449,14 +450,16 @@ class Plugins:
             for sub in plugin.subscriptions:
                 (globbed if _is_glob(sub.event) else by_event.setdefault(sub.event, [])).append(sub)
         self._by_event, self._globbed = by_event, globbed
+        self._tool_events = [event for event in TOOL_EVENTS if self.wants(event)]
 
     def wants(self, event: str) -> bool:
         """Whether any plugin subscribes to ``event`` (nothing else is worth doing)."""
         return event in self._by_event or any(fnmatch.fnmatchcase(event, s.event) for s in self._globbed)
 
     def tool_events(self) -> list[str]:
-        """The tool events some plugin subscribes to (for a run's ``RunInfo``)."""
-        return [event for event in TOOL_EVENTS if self.wants(event)]
+        """The tool events some plugin subscribes to (for a run's ``RunInfo``; every job
+        asks, so the answer is kept from one change of the subscriptions to the next)."""
+        return self._tool_events
 
     def _matching(self, event: str, subject: str) -> list[Subscription]:
         found = [*self._by_event.get(event, ()), *(s for s in self._globbed if fnmatch.fnmatchcase(event, s.event))]

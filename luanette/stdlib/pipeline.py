@@ -79,6 +79,10 @@ local now_ms, stream, source = P._now_ms, private(P._stream), private(P._source)
 for _, k in ipairs({"_check", "_expand", "_expand_value", "_lookup", "_assemble", "_tokens", "_now_ms",
                     "_stream", "_source"}) do P[k] = nil end
 
+-- Everything below is built on the run's first pipeline call: most runs make none, and
+-- building it every run cost more than the rest of a trivial run's setup.
+local function build()
+local exports = {}
 local function fail(code, message) error("pipeline: " .. code .. ": " .. message, 0) end
 
 local function need(name)
@@ -412,7 +416,7 @@ local function run(entry, vars)
   }
 end
 
-function P.register(def)
+function exports.register(def)
   local entry = prepare(def)
   local id = entry.def.id
   if not registry[id] then
@@ -425,11 +429,11 @@ function P.register(def)
   return id
 end
 
-function P.run(id_or_def, vars)
+function exports.run(id_or_def, vars)
   return run(entry_of(id_or_def), vars)
 end
 
-function P.complete(prompt, opts)
+function exports.complete(prompt, opts)
   if type(prompt) ~= "string" then fail("invalid_params", "prompt must be a string, got " .. type(prompt)) end
   if opts ~= nil and type(opts) ~= "table" then fail("invalid_params", "opts must be a table, got " .. type(opts)) end
   opts = opts or {}
@@ -444,22 +448,36 @@ function P.complete(prompt, opts)
   return result.final_result, result
 end
 
-function P.assemble(config, vars)
+function exports.assemble(config, vars)
   local entry = prepare{id = "assemble", context = config, strategy = {type = "single", prompt = "-"}}
   local state = {entry = entry, def = entry.def, vars = vars or {}, steps = {}, store = {}}
   return assemble_context(entry, state, entry.def.context)
 end
 
-function P.count_tokens(text)
+function exports.count_tokens(text)
   return tokens(text)
 end
 
-function P.list()
+function exports.list()
   local ids = marks.array()
   for id in pairs(registry) do ids[#ids + 1] = id end
   table.sort(ids)
   return ids
 end
+return exports
+end
+
+local built
+local function api()
+  built = built or build()
+  return built
+end
+function P.register(def) return api().register(def) end
+function P.run(id_or_def, vars) return api().run(id_or_def, vars) end
+function P.complete(prompt, opts) return api().complete(prompt, opts) end
+function P.assemble(config, vars) return api().assemble(config, vars) end
+function P.count_tokens(text) return api().count_tokens(text) end
+function P.list() return api().list() end
 """
 )
 

@@ -33,6 +33,7 @@ from luanette.capabilities import CapabilityError, Policy, declared_capabilities
 from luanette.engine.api import CancelToken, Limits, ScriptError
 from luanette.engine.channel import RunInfo
 from luanette.engine.pool import Engine, RunHooks
+from luanette.lua import module_driver
 from luanette.stdlib.hooks import bounded, custom_name
 from luanette.store import Store
 
@@ -54,81 +55,9 @@ QUERY_LIMIT: Final = 1000
 
 _ID = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
-# The one chunk every flow run executes: it loads the defining module's source (so
-# errors name its file and lines) and does what params.op asks.  The module's own main
-# and on_shutdown are cleared: a flow run is not a script run.
-DRIVER: Final = r"""
-local P = params
-local chunk, err = load(P.source, "=" .. P.chunk, "t")
-if not chunk then error("flow module does not compile: " .. tostring(err), 0) end
-local M = chunk()
-main, on_shutdown = nil, nil
-if type(M) ~= "table" then M = _G end
-if P.op == "describe" then
-  if type(M.describe) ~= "function" then return {found = false} end
-  return {found = true, value = M.describe()}
-end
-if P.op == "define" then
-  if type(M.define) ~= "function" then error("the module defines no define()", 0) end
-  local def = M.define()
-  if type(def) ~= "table" then error("define() must return a table", 0) end
-  local problems = {}
-  -- a handler may be given as the function itself: it is named by the module field holding it
-  local function named(where, f)
-    if f == nil then return nil end
-    if type(f) == "function" then
-      for k, v in pairs(M) do
-        if v == f and type(k) == "string" then return k end
-      end
-      problems[#problems + 1] = where .. ": the function is not a field of the module"
-      return nil
-    end
-    if type(f) ~= "string" or type(M[f]) ~= "function" then
-      problems[#problems + 1] = where .. ": the module has no function " .. tostring(f)
-    end
-    return f
-  end
-  if type(def.states) == "table" then
-    for name, st in pairs(def.states) do
-      if type(st) == "table" then
-        st.enter = named("states." .. tostring(name) .. ".enter", st.enter)
-        st.exit = named("states." .. tostring(name) .. ".exit", st.exit)
-        if type(st.guards) == "table" then
-          for action, g in pairs(st.guards) do
-            st.guards[action] = named("states." .. tostring(name) .. ".guards." .. tostring(action), g)
-          end
-        end
-      end
-    end
-  end
-  return {definition = def, problems = problems}
-end
-local f = M[P.handler]
-if type(f) ~= "function" then error("the flow module has no function " .. tostring(P.handler), 0) end
-local context, emits = P.context, {}
-local ctx = {}
-function ctx:current_state() return P.state end
-function ctx:context() return context end
-function ctx:set_context(key, value)
-  if type(key) ~= "string" then error("ctx:set_context: the key must be a string", 2) end
-  context[key] = value
-end
-function ctx:subject() return P.subject end
-function ctx:current_user() return P.user end
-function ctx:now() return P.now end
-function ctx:emit(name, payload)
-  if type(name) ~= "string" then error("ctx:emit: the event name must be a string", 2) end
-  emits[#emits + 1] = {name = name, payload = payload}
-end
-function ctx:log(level, message)
-  local fn = log[level == "warning" and "warn" or level] or log.info
-  fn(tostring(message), {flow = P.flow, instance = P.instance})
-end
--- the seed's Lua spellings
-ctx.currentState, ctx.setContext, ctx.currentUser = ctx.current_state, ctx.set_context, ctx.current_user
-local ok, reason = f(ctx, P.event)
-return {ok = ok, reason = reason, context = context, emits = emits}
-"""
+# The one chunk every flow run executes (luanette/lua/): the module prologue, then what
+# params.op asks.
+DRIVER: Final = module_driver("flow_driver.lua")
 
 
 class FlowError(Exception):
@@ -559,7 +488,8 @@ class FlowManager:
         timeout_s: float | None = None, user: str | None = None,
     ) -> dict[str, Any]:
         limits = self._limits if timeout_s is None else msgspec.structs.replace(self._limits, timeout_s=timeout_s)
-        params = {"source": registered.source, "chunk": registered.chunk, "op": op, "now": _now_ms(), **extra}
+        params = {"source": registered.source, "chunk": registered.chunk, "op": op, "what": "flow module",
+                  "now": _now_ms(), **extra}  # fmt: skip
         try:
             outcome = await self._engine.run(
                 DRIVER,

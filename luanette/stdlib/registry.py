@@ -145,70 +145,41 @@ def _of_kind(
 ) -> RunSet:
     if kind == "describe":
         return RunSet([])
+    temp = TempNamespace(toolbox.temp_root)
+    user = info.user if info is not None else None
     if kind == "eval":
-        temp = TempNamespace(toolbox.temp_root)
         return RunSet(
             [
-                *toolbox.base,
-                *toolbox.models,
-                *toolbox.pipelines,
-                toolbox.garden,
-                temp,
-                CasNamespace(toolbox.cas, temp=temp),
-                MidiNamespace(toolbox.cas, temp),
-                AbcNamespace(toolbox.cas, temp),
-                AudioNamespace(toolbox.cas, temp),
-                toolbox.otel,
-                ContextNamespace.of(info),
-                UPSTREAM,
-                HooksNamespace(toolbox.hooks, "eval"),
-                FlowNamespace(toolbox.flows, info.user if info is not None else None),
+                *_services(toolbox), *_files(toolbox, temp), toolbox.otel, ContextNamespace.of(info), UPSTREAM,
+                HooksNamespace(toolbox.hooks, "eval"), FlowNamespace(toolbox.flows, user),
             ],
             temp,
-        )
+        )  # fmt: skip
     if kind == "plugin":
-        temp = TempNamespace(toolbox.temp_root)
-        return RunSet(
-            [
-                *toolbox.base,
-                *toolbox.models,
-                *toolbox.pipelines,
-                toolbox.garden,
-                temp,
-                CasNamespace(toolbox.cas, temp=temp),
-                MidiNamespace(toolbox.cas, temp),
-                AbcNamespace(toolbox.cas, temp),
-                AudioNamespace(toolbox.cas, temp),
-                toolbox.otel,
-                ContextNamespace.of(info),
-            ],
-            temp,
-        )
+        return RunSet([*_services(toolbox), *_files(toolbox, temp), toolbox.otel, ContextNamespace.of(info)], temp)
     if kind == "job":
-        temp = TempNamespace(toolbox.temp_root)
-        cas = toolbox.cas
         return RunSet(
             [
-                *toolbox.base,
-                *toolbox.models,
-                *toolbox.pipelines,
-                toolbox.garden,
-                ProgressNamespace(progress or _no_progress),
-                temp,
-                CasNamespace(cas, temp=temp),
-                MidiNamespace(cas, temp),
-                AbcNamespace(cas, temp),
-                AudioNamespace(cas, temp),
-                toolbox.otel,
-                JobNamespace(job_id or "", script_hash or ""),
-                ContextNamespace.of(info, job_id=job_id, script_hash=script_hash),
-                UPSTREAM,
-                HooksNamespace(toolbox.hooks, f"job:{job_id}"),
-                FlowNamespace(toolbox.flows, info.user if info is not None else None),
+                *_services(toolbox), ProgressNamespace(progress or _no_progress), *_files(toolbox, temp),
+                toolbox.otel, JobNamespace(job_id or "", script_hash or ""),
+                ContextNamespace.of(info, job_id=job_id, script_hash=script_hash), UPSTREAM,
+                HooksNamespace(toolbox.hooks, f"job:{job_id}"), FlowNamespace(toolbox.flows, user),
             ],
             temp,
-        )
+        )  # fmt: skip
     raise ValueError(f"unknown kind of run {kind!r}; one of {', '.join(KINDS)}")
+
+
+def _services(toolbox: Toolbox) -> list[Namespace]:
+    """The namespaces over the daemon's services, the same for every kind but describe."""
+    return [*toolbox.base, *toolbox.models, *toolbox.pipelines, toolbox.garden]
+
+
+def _files(toolbox: Toolbox, temp: TempNamespace) -> list[Namespace]:
+    """The run's temporary directory and the namespaces that read and write through it."""
+    cas = toolbox.cas
+    return [temp, CasNamespace(cas, temp=temp), MidiNamespace(cas, temp), AbcNamespace(cas, temp),
+            AudioNamespace(cas, temp)]  # fmt: skip
 
 
 def _no_progress(percent: float, message: str | None) -> None:

@@ -20,7 +20,7 @@ COPY deploy ./deploy
 RUN useradd --create-home --uid 1000 luanette && mkdir -p /data/cas /data/state /data/keys && chown -R luanette /data
 USER luanette
 VOLUME ["/data"]
-EXPOSE 5570 5572
+EXPOSE 5570 5571 5572
 
 # Reachable from outside the container, so CURVE is required: create the keys first
 # (`docker run -v keys:/data/keys luanette:dev luanette keys init /data/keys`; the

@@ -15,7 +15,11 @@ twins): that is how serde writes an externally tagged enum, ``{"variant": body}`
 every encoding. A class that names ``__compact_fields__`` gets a twin of just those
 fields (a sibling class, not a subclass, which would inherit the rest): extension
 fields a positional array cannot add without breaking seed 001 peers; decoding fills
-in their defaults.
+in their defaults. A class that names ``__compact_trailing__`` (its last fields, each
+defaulting to ``msgspec.UNSET``) gets a twin that may carry them as optional trailing
+array elements: decoding accepts the array with or without them, and encoding writes
+them only when set, so a message that leaves them unset is byte-identical to the
+seed's form.
 
 Every decoding failure raises :class:`DecodeError` and nothing else.
 """
@@ -80,8 +84,11 @@ def compact_twin(cls: type[msgspec.Struct]) -> type[msgspec.Struct]:
         return cls
     as_map = getattr(cls, "__compact_map__", False)
     only = getattr(cls, "__compact_fields__", None)
+    trailing = _trailing(cls)
     fields = [
-        _twin_field(f, keep_default=as_map) for f in msgspec.structs.fields(cls) if only is None or f.name in only
+        _twin_field(f, keep_default=as_map or f.name in trailing)
+        for f in msgspec.structs.fields(cls)
+        if only is None or f.name in only
     ]
     if only is None:
         twin = msgspec.defstruct(cls.__name__, fields, bases=(cls,), module=cls.__module__, array_like=not as_map)
@@ -91,6 +98,26 @@ def compact_twin(cls: type[msgspec.Struct]) -> type[msgspec.Struct]:
             cls.__name__, fields, bases=cls.__bases__, module=cls.__module__, array_like=True,
             tag=config.tag, tag_field=config.tag_field,
         )  # fmt: skip
+    _CANONICAL[twin] = cls
+    return twin
+
+
+def _trailing(cls: type) -> tuple[str, ...]:
+    """A class's ``__compact_trailing__`` fields (none unless it names some)."""
+    names: tuple[str, ...] = getattr(cls, "__compact_trailing__", ())
+    return names
+
+
+@functools.cache
+def _short_twin(cls: type[msgspec.Struct], n: int) -> type[msgspec.Struct]:
+    """The compact twin of ``cls`` without its last ``n`` ``__compact_trailing__``
+    fields: what encoding writes when they are unset (decoding never makes one)."""
+    config = cls.__struct_config__
+    fields = [_twin_field(f, keep_default=False) for f in msgspec.structs.fields(cls)[:-n]]
+    twin = msgspec.defstruct(
+        cls.__name__, fields, bases=cls.__bases__, module=cls.__module__, array_like=True,
+        tag=config.tag, tag_field=config.tag_field,
+    )  # fmt: skip
     _CANONICAL[twin] = cls
     return twin
 
@@ -170,9 +197,18 @@ def _rebuild(obj: msgspec.Struct, target: type[msgspec.Struct]) -> msgspec.Struc
 def to_compact(obj: msgspec.Struct) -> msgspec.Struct:
     """Convert a struct (and the structs inside it) to compact twins for encoding."""
     cls = type(obj)
-    if _is_twin(cls):
+    canonical = _CANONICAL.get(cls)
+    if canonical is not None and _trailing(canonical):
+        obj, cls = to_canonical(obj), canonical  # a decoded twin: leave unset trailing fields out
+    elif _is_twin(cls):
         return obj
-    return _rebuild(obj, compact_twin(cls))
+    trailing = _trailing(cls)
+    unset = 0  # trailing fields unset at the end: the array leaves them out
+    for name in reversed(trailing):
+        if getattr(obj, name) is not msgspec.UNSET:
+            break
+        unset += 1
+    return _rebuild(obj, _short_twin(cls, unset) if unset else compact_twin(cls))
 
 
 def to_canonical(obj: msgspec.Struct) -> msgspec.Struct:

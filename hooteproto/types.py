@@ -169,9 +169,24 @@ class ScriptSearch(Variant, tag="script_search"):
 
 
 class JobExecute(Variant, tag="job_execute"):
+    """Start a stored script as a job.
+
+    ``priority`` is Luanette's extension (docs/protocol.md): an integer from -10 to
+    10, higher served first; absent (or null) is normal, 0. Unset, it is left out of
+    every encoding (the compact array is the seed's three elements), so seed 001 peers
+    see no change."""
+
+    __compact_trailing__ = ("priority",)
+
     script_hash: str
     params: Any
     tags: list[str] | None = None
+    priority: int | None | msgspec.UnsetType = msgspec.UNSET
+
+
+PRIORITY_MIN = -10
+PRIORITY_MAX = 10
+"""The range of ``JobExecute.priority`` (Luanette's extension); 0 is normal."""
 
 
 class JobStatusRequest(Variant, tag="job_status"):

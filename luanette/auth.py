@@ -5,7 +5,10 @@ public key, ``NAME.key_secret`` the pair. ``luanette serve --curve DIR`` reads
 
 - ``DIR/server.key_secret``: the daemon's own pair (clients need ``server.key``);
 - ``DIR/clients/*.key``: public keys allowed to connect and make ordinary requests;
-- ``DIR/admins/*.key``: public keys allowed to connect and make admin requests too.
+- ``DIR/admins/*.key``: public keys allowed to connect and make admin requests too;
+- ``DIR/workers/*.key``: public keys of remote workers (``luanette worker --curve``)
+  allowed to join the pool endpoint, and nothing else: a worker key is not a client
+  key, and a client key cannot join the pool (it would be sent other users' scripts).
 
 pyzmq's ZAP authenticator checks each connecting key against the key ring; every
 message also carries its sender's key (the ZAP User-Id), which the server checks
@@ -30,7 +33,10 @@ SERVER_SECRET = "server.key_secret"
 CLIENT_SECRET = "client.key_secret"
 CLIENTS_DIR = "clients"
 ADMINS_DIR = "admins"
+WORKERS_DIR = "workers"
+WORKER_SECRET = "worker.key_secret"
 ZAP_DOMAIN = b"luanette"
+POOL_DOMAIN = b"luanette-pool"
 
 ENV_CURVE = "LUANETTE_CURVE"
 """The client's key directory when ``--curve`` is not given."""
@@ -57,6 +63,7 @@ class KeyRing(msgspec.Struct, frozen=True):
 
     clients: frozenset[str]
     admins: frozenset[str]
+    workers: frozenset[str] = frozenset()  # may join the pool endpoint, nothing more
 
     def caller(self, key: str | None) -> Caller | None:
         """The caller a key is now, or None when the ring no longer has it."""
@@ -100,23 +107,26 @@ def generate(directory: Path | str, name: str = "server") -> tuple[Path, Path]:
 
 
 def init(directory: Path | str) -> list[Path]:
-    """Lay out a key directory for a daemon and its first two users, keeping whatever is
-    there already (safe to run at every start): ``DIR/server`` (for ``serve --curve``),
-    ``DIR/client`` and ``DIR/admin`` (each for ``luanette-cli --curve``: the daemon's
-    public key and the user's pair, whose public key is in the server's ``clients/`` or
-    ``admins/``). Returns the files it wrote."""
+    """Lay out a key directory for a daemon, its first two users and its remote workers,
+    keeping whatever is there already (safe to run at every start): ``DIR/server`` (for
+    ``serve --curve``), ``DIR/client`` and ``DIR/admin`` (each for ``luanette-cli
+    --curve``: the daemon's public key and the user's pair, whose public key is in the
+    server's ``clients/`` or ``admins/``), ``DIR/worker`` (for ``luanette worker
+    --curve``: the daemon's public key and the workers' pair ``worker.key_secret``, whose
+    public key is in the server's ``workers/``). Returns the files it wrote."""
     directory = Path(directory)
     server = directory / "server"
     written: list[Path] = []
     if not (server / SERVER_SECRET).exists():
         written.extend(generate(server, "server"))
-    for user, role in (("client", CLIENTS_DIR), ("admin", ADMINS_DIR)):
+    for user, role, pair in (("client", CLIENTS_DIR, "client"), ("admin", ADMINS_DIR, "client"),
+                             ("worker", WORKERS_DIR, "worker")):  # fmt: skip
         home = directory / user
-        if not (home / CLIENT_SECRET).exists():
-            written.extend(generate(home, "client"))
+        if not (home / f"{pair}.key_secret").exists():
+            written.extend(generate(home, pair))
         for source, target in (
             (server / SERVER_KEY, home / SERVER_KEY),
-            (home / "client.key", server / role / f"{user}.key"),
+            (home / f"{pair}.key", server / role / f"{user}.key"),
         ):
             if not target.exists():
                 target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -149,7 +159,11 @@ def load_ring(directory: Path | str) -> KeyRing:
     """The key ring of a server key directory (``clients/`` and ``admins/``)."""
     directory = Path(directory)
     admins = _public_keys(directory / ADMINS_DIR)
-    return KeyRing(clients=_public_keys(directory / CLIENTS_DIR) | admins, admins=admins)
+    return KeyRing(
+        clients=_public_keys(directory / CLIENTS_DIR) | admins,
+        admins=admins,
+        workers=_public_keys(directory / WORKERS_DIR),
+    )
 
 
 def load_server(directory: Path | str) -> ServerKeys:
@@ -191,12 +205,30 @@ def load_client(directory: Path | str) -> CurveKeys:
 # --- sockets -------------------------------------------------------------------------
 
 
-def secure_server_socket(sock: zmq.Socket, keys: ServerKeys) -> None:
-    """Make ``sock`` (before bind) a CURVE server checked by the ZAP handler."""
+def secure_server_socket(sock: zmq.Socket, keys: ServerKeys, domain: bytes = ZAP_DOMAIN) -> None:
+    """Make ``sock`` (before bind) a CURVE server checked by the ZAP handler: clients'
+    keys in ``ZAP_DOMAIN``, workers' keys in ``POOL_DOMAIN``."""
     sock.curve_secretkey = keys.secret
     sock.curve_publickey = keys.public
     sock.curve_server = True
-    sock.zap_domain = ZAP_DOMAIN
+    sock.zap_domain = domain
+
+
+def load_worker(directory: Path | str) -> tuple[str, str, str]:
+    """A remote worker's keys from ``directory``: ``server.key`` (the front's public
+    key) and ``worker.key_secret`` (its own pair, whose ``worker.key`` goes into the
+    front's ``workers/``), as z85 text: (server, public, secret)."""
+    directory = Path(directory)
+    server_path, worker_path = directory / SERVER_KEY, directory / WORKER_SECRET
+    for path, hint in ((server_path, "copy the front's server.key here"),
+                       (worker_path, f"create it with `luanette keys generate {directory} --name worker` "
+                        "and copy worker.key into the front's workers/ directory")):
+        if not path.is_file():
+            raise AuthError(f"no {path.name} in {directory}: {hint}")
+    server, _ = _load(server_path, secret=False)
+    public, secret = _load(worker_path, secret=True)
+    assert secret is not None
+    return server.decode("ascii"), public.decode("ascii"), secret.decode("ascii")
 
 
 class Gate:
@@ -219,6 +251,7 @@ class Gate:
         auth = AsyncioAuthenticator(self._context)
         auth.start()
         auth.configure_curve_callback(domain=ZAP_DOMAIN.decode(), credentials_provider=self)
+        auth.configure_curve_callback(domain=POOL_DOMAIN.decode(), credentials_provider=_PoolKeys(self))
         self._auth = auth
 
     def stop(self) -> None:
@@ -240,6 +273,16 @@ class Gate:
     def caller(self, user_id: str | None) -> Caller | None:
         """Who sent a message whose ZAP User-Id is ``user_id``; None: no longer allowed."""
         return self.keys.ring.caller(user_id)
+
+
+class _PoolKeys:
+    """ZAP for the pool endpoint: only the ring's worker keys may join."""
+
+    def __init__(self, gate: Gate) -> None:
+        self._gate = gate
+
+    def callback(self, domain: str, key: bytes) -> bool:
+        return key.decode("ascii", "replace") in self._gate.keys.ring.workers
 
 
 # --- endpoints -----------------------------------------------------------------------

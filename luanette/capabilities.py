@@ -18,6 +18,7 @@ from __future__ import annotations
 import fnmatch
 import functools
 import inspect
+import re
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, Final
 
@@ -47,6 +48,10 @@ PLAIN: Final = frozenset({"garden.read", "garden.write", "cas.read", "cas.write"
 """Capabilities without a scope.  ``abc`` and ``audio`` (upstream's namespaces) are like
 ``midi``: the namespace reads and writes its own files in the CAS and the temp directory
 (its CAS writes count against the run's quota), so it needs neither cas.* nor temp."""
+
+GROUP_PATTERN: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+"""A worker group's name (``describe().group``, a trigger's ``group``, ``luanette worker
+--group``): the pool sends a run of a group only to that group's workers."""
 
 MODEL_NAMESPACES: Final = frozenset({"orpheus", "musicgen", "llm"})
 """Namespaces granted by ``model:<name>`` (``model:*`` grants them all)."""
@@ -338,6 +343,12 @@ class Policy(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
     def eval_grants(self) -> Grants:
         return Grants.of(self.eval)
+
+
+def permitted(wanted: Capability, permitted: Sequence[Capability]) -> bool:
+    """Whether ``wanted`` is within one of ``permitted`` (also: whether a worker that
+    offers ``permitted`` may run a script granted ``wanted``, luanette.engine.pool)."""
+    return _permitted(wanted, permitted)
 
 
 def _permitted(wanted: Capability, permitted: Sequence[Capability]) -> bool:

@@ -6,6 +6,7 @@ import msgspec
 
 DEFAULT_BIND = "tcp://127.0.0.1:5570"
 DEFAULT_PUB = "tcp://127.0.0.1:5572"
+DEFAULT_POOL = "tcp://127.0.0.1:5571"  # seed 001: "async job dispatch" to sub-workers
 
 
 class Config(msgspec.Struct, kw_only=True, frozen=True):
@@ -22,7 +23,18 @@ class Config(msgspec.Struct, kw_only=True, frozen=True):
     script_memory: int = 256 * 2**20
     """Bytes of memory one Lua runtime may allocate."""
     workers: int | None = None
-    """Worker processes that run Lua; ``None``: one per core."""
+    """Worker processes that run Lua; ``None``: one per core; 0: none, remote workers
+    only (``luanette worker --connect``)."""
+    pool: str | None = None
+    """The pool endpoint remote workers join (seed 001's ``:5571``; the command line's
+    default is ``tcp://127.0.0.1:5571``); ``None``: local workers only."""
+    workers_min: int | None = None
+    workers_max: int | None = None
+    """The local supervisor scales its worker processes between these on queue depth
+    (both given, min < max); ``None``: ``workers`` processes, fixed."""
+    no_worker_timeout: float = 30.0
+    """Seconds a job (or eval) waits for a worker that can serve it (its group, its
+    capabilities) before it fails ``no_worker``."""
     lua_memory_total: int | None = None
     """Bytes of memory all workers' Lua may use together; each worker's share is this
     divided by ``workers``, and a worker past its share is recycled between runs.
@@ -46,7 +58,12 @@ class Config(msgspec.Struct, kw_only=True, frozen=True):
     cas_root: str | None = None
     """CAS root; else ``$HOOTENANNY_CAS_PATH``; else ``~/.hootenanny/cas``."""
     state_dir: str | None = None
-    """Where the job and script database lives; else the user state directory."""
+    """Where the job and script database lives; else the user state directory. With
+    ``state`` it holds only files (job temp directories, plugins.json)."""
+    state: str | None = None
+    """A ``postgresql://`` URL: keep jobs, the script index and flows in that PostgreSQL
+    database instead of SQLite in ``state_dir``, shared with standby fronts
+    (luanette.lease); None: SQLite."""
     modules: str | None = None
     """Directory of Lua modules scripts load with ``require("a/b")`` (``DIR/a/b.lua``);
     ``None``: only stored scripts can be required (``require("script:NAME")``)."""

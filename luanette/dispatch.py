@@ -17,7 +17,7 @@ import msgspec
 import structlog
 
 from hooteproto import types as t
-from luanette import apiref, cas
+from luanette import apiref, cas, poolview
 from luanette import params as params_mod
 from luanette.auth import ANYONE, Caller
 from luanette.broadcast import Publisher
@@ -191,6 +191,7 @@ class Dispatcher:
         self._reference: apiref.Reference | None = None
         # resources, prompts and completions (luanette/resources.py, ...): what AI clients read
         self.resources = Resources(jobs=jobs, scripts=scripts, tools=self.tools, reference=self.reference)
+        self.resources.pool = lambda: poolview.snapshot(engine)  # lua://workers
         self.prompts = Prompts(jobs=jobs, scripts=scripts, reference=self.reference)
         self.completions = Completions(jobs=jobs, scripts=scripts, reference=self.reference)
         self._handlers: dict[type, Handler] = {
@@ -406,6 +407,8 @@ class Dispatcher:
         except ManifestError as e:
             return error("invalid_params", str(e), e.details())
         self._publisher.publish(t.ScriptInvalidate(hash=record.hash))
+        if self._engine is not None:  # hot reload: every worker, local or remote, drops its compiled chunks
+            self._engine.invalidate([record.hash])
         if self.plugins is not None:
             about = {"hash": record.hash, "name": record.name, "tags": record.tags, "creator": record.creator}
             self.plugins.notify("script:stored", record.name or record.hash, about, about)
@@ -432,7 +435,10 @@ class Dispatcher:
         return t.Success(result=described.value)
 
     async def job_execute(self, p: t.JobExecute, ctx: RequestContext) -> t.Payload:
-        done = await self.jobs.submit_checked(cas.parse_hash(p.script_hash), p.params, p.tags, user=user_of(ctx.caller))
+        priority = None if p.priority is msgspec.UNSET else p.priority  # (Luanette's extension)
+        done = await self.jobs.submit_checked(
+            cas.parse_hash(p.script_hash), p.params, p.tags, user=user_of(ctx.caller), priority=priority
+        )
         result: dict[str, Any] = {"job_id": done.info.job_id, "script_hash": done.info.source}
         if done.warnings:  # (absent when there are none: the reply stays as it was)
             result["warnings"] = done.warnings

@@ -189,7 +189,7 @@ def fs_fault(exc: BaseException, shown: str, where: str) -> StorageFault | None:
 
 def database_fault(
     exc: BaseException,
-    path: Path,
+    path: Path | str,
     *,
     full: type[StorageFault] = StorageFull,
     unavailable: type[StorageFault] = Unavailable,
@@ -203,6 +203,11 @@ def database_fault(
         return unavailable(closed_message(path))
     code = getattr(exc, "sqlite_errorcode", None) if isinstance(exc, sqlite3.Error) else None
     found = SQLITE_FAULTS.get(code & 0xFF) if isinstance(code, int) else None
+    if found is None and type(exc).__module__.startswith("psycopg"):
+        # imported here: psycopg is only loaded by a daemon whose store is PostgreSQL
+        from luanette.postgres import fault_reason
+
+        found = fault_reason(exc)
     if found is None:
         found = os_reason(exc)  # creating the file or its directory
         if found is not None and found[0] == _READ_ONLY:
@@ -211,9 +216,10 @@ def database_fault(
         return None
     meaning, reason = found
     if meaning == _FULL:
+        where = "the PostgreSQL server" if str(path).startswith("postgres") else "--state-dir"
         return full(
             f"the job database at {path} is full ({reason}); nothing was written: free space "
-            "on the disk of --state-dir",
+            f"on the disk of {where}",
         )
     return unavailable(
         f"the job database at {path} is unavailable ({reason}); try again shortly, and see "
@@ -221,7 +227,7 @@ def database_fault(
     )
 
 
-def closed_message(path: Path) -> str:
+def closed_message(path: Path | str) -> str:
     """The message of a call to a closed job database."""
     return f"the job database at {path} is closed (the daemon is stopping)"
 

@@ -1,11 +1,12 @@
 """Background jobs: run a stored script by hash, track it, cancel it, wait for it.
 
-A job is pending in a bounded queue, then running on one of ``max_jobs`` workers, then
-complete, failed or cancelled. Every state change is written to the store first (so a
+A job is pending in a bounded queue (higher ``priority`` first, FIFO within one: see
+luanette.jobqueue), then running on one of ``max_jobs`` workers, then complete, failed
+or cancelled. Every state change is written to the store first (so a
 restart loses nothing that finished) and then published as ``job_state_changed``.
 
-Cancel is real: a pending job is finished as cancelled at once (a worker that later
-picks it up sees it is no longer pending and skips it), a running job's cancel token
+Cancel is real: a pending job is finished as cancelled at once and leaves the queue (a
+worker that picks one up anyway sees it is no longer pending and skips it), a running job's cancel token
 stops its script at the next hook, and the store refuses to overwrite a finished job,
 so a late result can never relabel a cancelled one (the Rust version's bug).
 """
@@ -26,22 +27,39 @@ import msgspec
 import structlog
 from opentelemetry import context as otel_context
 
-from hooteproto.types import JobInfo, JobStateChanged, JobStatus, JobStoreStats, PollMode, Progress
+from hooteproto.types import (
+    PRIORITY_MAX,
+    PRIORITY_MIN,
+    JobInfo,
+    JobStateChanged,
+    JobStatus,
+    JobStoreStats,
+    PollMode,
+    Progress,
+)
 from luanette import params as params_mod
 from luanette.broadcast import Publisher
 from luanette.capabilities import CapabilityError, Grants, Policy
 from luanette.cas import CasError, NotFound
-from luanette.engine.api import CancelToken, Limits, ScriptError
+from luanette.engine.api import CancelToken, Limits, Outcome, ScriptError
 from luanette.engine.channel import RunInfo
 from luanette.engine.pool import Engine, RunHooks
 from luanette.faults import STORAGE_FULL, StorageFault
 from luanette.groupcommit import GroupCommit
+from luanette.jobqueue import JobQueue, QueueFull
 from luanette.plugins import Plugins
 from luanette.scripts import ManifestError, ScriptProblem, Scripts
 from luanette.stdlib.hooks import bounded
 from luanette.stdlib.temp import TempNamespace
 from luanette.store import FINISHED, ScriptRecord, Store
-from luanette.telemetry import StatusCode, Telemetry, script_attributes, span_ids, traceparent_of
+from luanette.telemetry import (
+    StatusCode,
+    Telemetry,
+    observe_queue,
+    script_attributes,
+    span_ids,
+    traceparent_of,
+)
 
 log = structlog.get_logger("luanette.jobs")
 
@@ -70,6 +88,20 @@ class JobError(Exception):
         self.details = details
 
 
+def check_priority(priority: Any) -> int:
+    """A job's queue priority: ``priority`` itself (an integer from PRIORITY_MIN to
+    PRIORITY_MAX), 0 for None; JobError ``invalid_params`` naming the field otherwise."""
+    if priority is None:
+        return 0
+    if isinstance(priority, int) and not isinstance(priority, bool) and PRIORITY_MIN <= priority <= PRIORITY_MAX:
+        return priority
+    raise JobError(
+        "invalid_params",
+        f"priority must be an integer from {PRIORITY_MIN} to {PRIORITY_MAX} (0 is normal); got {priority!r}",
+        {"field": "priority", "value": priority, "min": PRIORITY_MIN, "max": PRIORITY_MAX},
+    )
+
+
 class Submitted(msgspec.Struct):
     """A queued job and what its caller should know: ``warnings`` such as
     ``{code: "unknown_params", params, message}``."""
@@ -93,7 +125,7 @@ class _Live:
 
     __slots__ = (
         "job_id", "script_hash", "params", "cancel", "progress", "trace_context", "capabilities",
-        "user", "creator", "trigger", "shutdown_timeout", "session",
+        "user", "creator", "trigger", "shutdown_timeout", "session", "group", "retry", "priority",
     )  # fmt: skip
 
     def __init__(self, job_id: str, script_hash: str, params: Any, capabilities: list[str] | None = None) -> None:
@@ -112,6 +144,9 @@ class _Live:
         self.shutdown_timeout: float | None = None  # describe().shutdown_timeout
         # describe()'s execution_mode, review, on_error (None: the defaults)
         self.session: tuple[str | None, bool | None, str | None] = (None, None, None)
+        self.group: str | None = None  # the worker group it must run on (describe() or its trigger)
+        self.retry: str | None = None  # describe().retry: "on_worker_loss" re-queues it once
+        self.priority = 0  # its place in the queue (luanette.jobqueue)
 
 
 _job_counter = itertools.count(1)
@@ -151,7 +186,13 @@ class Jobs:
         self._publisher = publisher
         self._limits = limits
         self._live: dict[str, _Live] = {}
-        self._send, self._receive = anyio.create_memory_object_stream[_Live](queue_size)
+        # pending jobs, higher priority first (luanette.jobqueue); a job handed to an
+        # idle worker is never counted as queued
+        self._queue: JobQueue[_Live] = JobQueue(queue_size)
+        self._parked = 0  # queued jobs waiting apart for a worker that can serve them (see _park)
+        self._tg: Any = None
+        # its gauges (luanette.jobs.queue_depth, .oldest_pending_age), read at each collection
+        observe_queue(self._telemetry, self.queue_stats)
         self._queue_size = queue_size
         self._reserved = 0  # submissions waiting for their row's commit
         self._pub_results = pub_results
@@ -168,18 +209,22 @@ class Jobs:
 
     # --- lifecycle -------------------------------------------------------------------
 
-    def recover(self) -> list[str]:
+    def recover(self, lost_front: str | None = None) -> list[str]:
         """At start-up: jobs a previous process left pending or running are failed as
-        ``interrupted``; the job temp directories and the CAS temp files (older than
-        an hour: another process may share the CAS) a crash left behind are removed."""
+        ``interrupted`` (as ``worker_lost`` when ``lost_front`` names the front, sharing
+        a PostgreSQL store, that held them and was lost: luanette.lease); the job temp
+        directories and the CAS temp files (older than an hour: another process may
+        share the CAS) a crash left behind are removed."""
         TempNamespace.clean_root(self._temp_root, older_than_s=0)  # left by a crash
         self._clean_cas_temp()
         try:
-            ids = self.store.recover_interrupted(time.time())
+            ids = self.store.recover_interrupted(time.time(), lost_front=lost_front)
         except StorageFault as fault:  # start anyway: reads work, the next start retries
             log.error("jobs.recover_failed", code=fault.code, error=str(fault))
             return []
-        if ids:
+        if ids and lost_front is not None:
+            log.warning("jobs.worker_lost", count=len(ids), job_ids=ids[:20], lost_front=lost_front)
+        elif ids:
             log.warning("jobs.interrupted", count=len(ids), job_ids=ids[:20])
         return ids
 
@@ -199,6 +244,7 @@ class Jobs:
         """Run the workers until cancelled; a cancelled run cancels running scripts."""
         try:
             async with anyio.create_task_group() as tg:
+                self._tg = tg
                 for _ in range(self.max_jobs):
                     tg.start_soon(self._worker)
                 tg.start_soon(self._rewrite_finals)
@@ -239,8 +285,13 @@ class Jobs:
         *,
         user: str | None = None,
         trigger: dict[str, Any] | None = None,
+        group: str | None = None,
+        priority: int | None = None,
     ) -> JobInfo:
         """Queue a job for a stored script; returns its pending JobInfo at once.
+
+        ``priority`` (-10..10, None: normal, 0) orders the queue: higher first, FIFO
+        within one priority; it never interrupts a running job.
 
         ``user`` (who asked: the client's CURVE key, or "local") and ``trigger`` (the
         timeline event that started it, see luanette.triggers) are what the script's
@@ -250,9 +301,14 @@ class Jobs:
         Raises :class:`JobError` ``not_found`` (no such script), ``invalid_params``
         (params a script cannot be given, naming the place, or params that do not fit
         its describe(), with ``details.problems``), ``lua_error`` (a script in the CAS
-        that script_store would refuse) or ``busy`` (the queue is full).
+        that script_store would refuse) or ``busy`` (the queue is full); and
+        ``invalid_params`` with ``details.field = "priority"`` for a priority out of range.
         """
-        return (await self.submit_checked(script_hash, params, tags, user=user, trigger=trigger)).info
+        return (
+            await self.submit_checked(
+                script_hash, params, tags, user=user, trigger=trigger, group=group, priority=priority
+            )
+        ).info
 
     async def submit_checked(
         self,
@@ -262,9 +318,12 @@ class Jobs:
         *,
         user: str | None = None,
         trigger: dict[str, Any] | None = None,
+        group: str | None = None,
+        priority: int | None = None,
     ) -> Submitted:
         """:meth:`submit`, with the warnings for its caller (params the script does not
         declare, accepted)."""
+        priority = check_priority(priority)
         try:
             params_mod.check_representable(params, json_keys=True)
         except params_mod.InvalidParams as e:
@@ -284,7 +343,7 @@ class Jobs:
             params = await self._before_execute(record, script_hash, params, user)
         # The queue itself is the limit (live jobs also count the ones running, and a
         # worker between two jobs would let one more in than the queue can hold).
-        if self._send.statistics().current_buffer_used + self._reserved >= self._queue_size:
+        if len(self._queue) + self._reserved >= self._queue_size:
             raise JobError(
                 "busy", f"{self.max_jobs} jobs are running and {self._queue_size} are queued; try again shortly"
             )
@@ -303,8 +362,11 @@ class Jobs:
         live.creator = record.creator
         live.shutdown_timeout = record.shutdown_timeout
         live.session = (record.execution_mode, record.review, record.on_error)
+        live.group = group if group is not None else record.group
+        live.retry = record.retry
         self._live[job_id] = live
-        self._send.send_nowait(live)
+        live.priority = priority
+        self._queue.put(live, priority)  # (room was checked above and reserved since)
         self._announce(job_id, JobStatus.PENDING)
         warnings = []
         if checked.unknown:
@@ -409,6 +471,18 @@ class Jobs:
     def stats(self) -> JobStoreStats:
         return self.store.stats()
 
+    def queue_stats(self) -> dict[str, Any]:
+        """The queue's autoscaling signals, cheap to read (no store access):
+        ``queue_depth`` (jobs waiting for a worker), ``oldest_pending_s`` (how long the
+        longest-waiting one has waited, None when none waits) and ``by_priority``
+        (``{"<priority>": count}`` of the waiting ones)."""
+        return {
+            "queue_depth": len(self._queue),
+            "waiting_for_worker": self._parked,
+            "oldest_pending_s": self._queue.oldest_age(),
+            "by_priority": {str(p): n for p, n in sorted(self._queue.by_priority().items(), reverse=True)},
+        }
+
     def cancel(self, job_id: str) -> JobInfo:
         """Cancel a queued or running job. Raises ``not_found`` for an unknown id and
         ``invalid_state`` for a job that has already finished."""
@@ -453,7 +527,15 @@ class Jobs:
     # --- running ---------------------------------------------------------------------
 
     async def _worker(self) -> None:
-        async for live in self._receive:
+        while True:
+            live = await self._queue.get()
+            if not live.cancel.cancelled and not self._engine.eligible(live.group, live.capabilities):
+                # No worker can serve it yet: it waits apart, not in one of the
+                # max_jobs slots (a flood of gpu-host jobs must not stall the others).
+                assert self._tg is not None
+                self._parked += 1
+                self._tg.start_soon(self._park, live)
+                continue
             try:
                 await self._execute(live)
             except Exception:
@@ -467,7 +549,51 @@ class Jobs:
                 except Exception:  # the store itself is failing: keep the other workers going
                     log.exception("jobs.finish_failed", job_id=live.job_id)
 
+    async def _park(self, live: _Live) -> None:
+        """A job no worker can serve yet: wait for one (pending, with the reason), then
+        take its place in the queue again (or fail ``no_worker``)."""
+        try:
+            if not await self._placed(live):
+                return
+            try:
+                self._queue.put(live, live.priority)
+                return
+            except QueueFull:  # it was admitted already: it runs, past the queue's bound
+                pass
+            await self._execute(live)
+        except Exception:
+            log.exception("jobs.park_failed", job_id=live.job_id)
+        finally:
+            self._parked -= 1
+
+    async def _placed(self, live: _Live) -> bool:
+        """Wait (pending) until some worker can serve the job: its group, its
+        capabilities.  False: it was cancelled, or it failed ``no_worker``."""
+        engine = self._engine
+        if engine.eligible(live.group, live.capabilities):
+            return True
+        why = engine.why_no_worker(live.group, live.capabilities)
+        live.progress = _progress(0.0, f"waiting for a worker: {why}")
+        log.info("job.waiting_for_worker", job_id=live.job_id, reason=why)
+        timeout = engine.config.no_worker_timeout_s
+        if await engine.wait_eligible(live.group, live.capabilities, timeout, live.cancel):
+            live.progress = _progress(0.0)
+            return True
+        if live.cancel.cancelled:
+            return live.job_id in self._live  # its cancel finishes it (see _execute)
+        why = engine.why_no_worker(live.group, live.capabilities)
+        error = {
+            "kind": "no_worker",
+            "message": f"no worker could run the job within {timeout:g} s: {why}",
+            "hints": ["start a worker of its group with its capabilities (luanette worker --connect ...), "
+                      "or raise --no-worker-timeout"],
+        }
+        await self._finish(live, JobStatus.FAILED, error=error)
+        return False
+
     async def _execute(self, live: _Live) -> None:
+        if not live.cancel.cancelled and not await self._placed(live):
+            return
         try:
             started = not live.cancel.cancelled and await self._commits.write(
                 self.store.mark_running_op(live.job_id, time.time())
@@ -521,38 +647,50 @@ class Jobs:
         except CasError as e:
             await self._finish(live, JobStatus.FAILED, error={"kind": "script_missing", "message": str(e)})
             return JobStatus.FAILED
-        try:
-            outcome = await self._engine.run(
-                code,
-                live.params,
-                limits=self._limits
-                if live.shutdown_timeout is None
-                else msgspec.structs.replace(self._limits, shutdown_timeout_s=live.shutdown_timeout),
-                info=RunInfo(
-                    "job",
-                    job_id=live.job_id,
-                    script_hash=live.script_hash,
-                    traceparent=traceparent_of(span),
-                    sampled=span.is_recording(),
-                    capabilities=live.capabilities,
-                    user=live.user,
-                    creator=live.creator,
-                    trigger=live.trigger,
-                    execution_mode=live.session[0] or "session",
-                    review=bool(live.session[1]),
-                    on_error=live.session[2] or "abort",
-                    tool_hooks=self.plugins.tool_events() if self.plugins is not None else [],
-                ),
-                cancel=live.cancel,
-                hooks=RunHooks(jlog, span=span, progress=self._progress_reporter(live)),
-                chunk_name=name or "script",
-            )
-        except ScriptError as e:
-            status = JobStatus.CANCELLED if e.detail.kind == "cancelled" else JobStatus.FAILED
-            await self._finish(live, status, error=msgspec.to_builtins(e.detail))
-            return status
+        for attempt in (1, 2):
+            try:
+                outcome = await self._attempt(live, code, name, jlog, span)
+                break
+            except ScriptError as e:
+                if e.detail.kind == "worker_lost" and live.retry == "on_worker_loss" and attempt == 1:
+                    # the script says it is safe to run again: once
+                    jlog().warning("job.retried_after_worker_loss", error=e.detail.message)
+                    span.add_event("job.retry", {"reason": e.detail.message})
+                    continue
+                status = JobStatus.CANCELLED if e.detail.kind == "cancelled" else JobStatus.FAILED
+                await self._finish(live, status, error=msgspec.to_builtins(e.detail))
+                return status
         await self._finish(live, JobStatus.COMPLETE, result=outcome.result)
         return JobStatus.COMPLETE
+
+    async def _attempt(self, live: _Live, code: str, name: str | None, jlog: Callable[[], Any], span: Any) -> Outcome:
+        """One run of the job's script in the engine (ScriptError when it fails)."""
+        return await self._engine.run(
+            code,
+            live.params,
+            limits=self._limits
+            if live.shutdown_timeout is None
+            else msgspec.structs.replace(self._limits, shutdown_timeout_s=live.shutdown_timeout),
+            info=RunInfo(
+                "job",
+                job_id=live.job_id,
+                script_hash=live.script_hash,
+                traceparent=traceparent_of(span),
+                sampled=span.is_recording(),
+                capabilities=live.capabilities,
+                user=live.user,
+                creator=live.creator,
+                trigger=live.trigger,
+                execution_mode=live.session[0] or "session",
+                review=bool(live.session[1]),
+                on_error=live.session[2] or "abort",
+                tool_hooks=self.plugins.tool_events() if self.plugins is not None else [],
+                group=live.group,
+            ),
+            cancel=live.cancel,
+            hooks=RunHooks(jlog, span=span, progress=self._progress_reporter(live)),
+            chunk_name=name or "script",
+        )
 
     def _broadcast_result(self, job_id: str, result: Any) -> Any:
         """The result as broadcast: itself up to ``--pub-results`` bytes of JSON, else
@@ -596,6 +734,7 @@ class Jobs:
                 if self.store.finish(
                     live.job_id, JobStatus.CANCELLED, at=time.time(), error=error, progress=live.progress
                 ):
+                    self._queue.remove(live)  # (no worker will take it now; its place is free)
                     self._announce(live.job_id, JobStatus.CANCELLED, error)
                     self._hook(live, JobStatus.CANCELLED, error)
         except StorageFault as fault:

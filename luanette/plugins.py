@@ -29,6 +29,7 @@ import json
 import os
 import re
 import time
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Final
@@ -64,7 +65,9 @@ MAX_EMIT_DEPTH: Final = 4
 MAX_QUEUED: Final = 1000
 """Notifications waiting for delivery; past it new ones are dropped (and counted)."""
 DELIVERERS: Final = 4
-"""Notifications delivered at once (each one's handlers in priority order)."""
+"""Notifications delivered at once (each one's handlers in priority order).  Each
+deliverer has its own lane, chosen by the notification's subject: notifications about
+one subject (a script's ``job:started`` and ``job:completed``) arrive in order."""
 HANDLER_TIMEOUT_S: Final = 2.0
 """Default time budget of one handler run (``--hook-timeout``)."""
 CLEANUP_TIMEOUT_S: Final = 5.0
@@ -174,7 +177,9 @@ class Plugins:
         self._by_event: dict[str, list[Subscription]] = {}
         self._globbed: list[Subscription] = []  # subscriptions whose event is a glob
         self._tool_events: list[str] = []  # (see tool_events)
-        self._send, self._receive = anyio.create_memory_object_stream[_Event](MAX_QUEUED)
+        self._lanes = [
+            anyio.create_memory_object_stream[_Event](MAX_QUEUED // DELIVERERS) for _ in range(DELIVERERS)
+        ]
         self.dropped = 0  # notifications the full queue refused
         # the stored-script plugins loaded by request (luanette-cli plugin load HASH)
         self.remember_file: Path | None = None
@@ -448,7 +453,8 @@ class Plugins:
         if not self.wants(event):
             return
         try:
-            self._send.send_nowait(_Event(event, subject, payload, about or {}, depth))
+            lane = self._lanes[zlib.crc32(subject.encode("utf-8", "replace")) % DELIVERERS][0]
+            lane.send_nowait(_Event(event, subject, payload, about or {}, depth))
         except anyio.WouldBlock:
             self.dropped += 1
             log.warning("plugin.event_dropped", hook_event=event, queued=MAX_QUEUED, dropped=self.dropped)
@@ -456,11 +462,11 @@ class Plugins:
     async def serve(self) -> None:
         """Deliver notifications until cancelled."""
         async with anyio.create_task_group() as tg:
-            for _ in range(DELIVERERS):
-                tg.start_soon(self._deliverer)
+            for _, receive in self._lanes:
+                tg.start_soon(self._deliverer, receive)
 
-    async def _deliverer(self) -> None:
-        async for event in self._receive:
+    async def _deliverer(self, receive: Any) -> None:
+        async for event in receive:
             for sub in self._matching(event.name, event.subject):
                 result = await self._deliver(sub, event)
                 if isinstance(result, dict) and result.get("type") in ("cancel", "continue_modified"):

@@ -13,9 +13,10 @@ URI                              MIME type           content
 ``lua://scripts/{hash}``         text/x-lua + JSON   a stored script's source and its describe()
 ``lua://jobs``                   application/json    recent jobs (JobInfo), newest first
 ``lua://jobs/{id}``              application/json    one job (JobInfo)
-``lua://jobs/stats``             application/json    job counts by state
+``lua://jobs/stats``             application/json    job counts by state; queue depth, oldest wait
 ``lua://tools``                  application/json    the requests the daemon serves (list_tools)
 ``lua://plugins``                application/json    the plugins, loaded or failed with their error
+``lua://workers``                application/json    the Lua workers (local and remote) and the pool's counts
 ===============================  ==================  ==========================================
 
 ``luanette://jobs/stats`` is the older name of the job counts; the dispatcher keeps
@@ -41,7 +42,7 @@ import msgspec
 
 from hooteproto import types as t
 from hooteproto.results import ResourceContent, ResourceInfo, ResourceRead
-from luanette import cas
+from luanette import cas, poolview
 from luanette.apiref import Reference
 from luanette.jobs import JobError, Jobs
 from luanette.scripts import Scripts
@@ -81,12 +82,17 @@ STATIC: Final = (
          uri="lua://examples"),
     _resource("jobs", f"The {MAX_LISTED_JOBS} most recent jobs, newest first: state, script hash, result or error.",
          JSON, uri="lua://jobs"),
-    _resource("job-stats", "How many jobs are in each state (pending, running, completed, failed, cancelled).", JSON,
+    _resource("job-stats", "How many jobs are in each state (pending, running, completed, failed, cancelled), "
+         "and the queue: queue_depth (jobs waiting for a job slot), oldest_pending_s (how long the longest-waiting "
+         "one has waited, null when none) and by_priority (waiting jobs by priority).", JSON,
          uri="lua://jobs/stats"),
     _resource("tools", "The requests this daemon serves, with descriptions and JSON Schemas (as list_tools).", JSON,
          uri="lua://tools"),
     _resource("plugins", "The daemon's plugins: loaded ones with their subscriptions, and the ones that failed "
          "to load with their error (as plugin_list).", JSON, uri="lua://plugins"),
+    _resource("workers", "The Lua workers serving this front, local and remote: name, group, capabilities, host, "
+         "state, runs and capacity, last heartbeat; and the pool's counts by group (busy, idle) with the runs "
+         "waiting for an eligible worker.", JSON, uri="lua://workers"),
 )  # fmt: skip
 """The resources that always exist."""
 
@@ -168,6 +174,8 @@ class Resources:
         self._reference = reference
         # luanette.plugins.Plugins.list, set by the server (None: no plugins)
         self.plugins: Callable[[], builtins.list[dict[str, Any]]] | None = None
+        # luanette.poolview.snapshot of the engine, set by the dispatcher (None: no workers known)
+        self.pool: Callable[[], dict[str, Any]] | None = None
 
     def list(self) -> list[dict[str, Any]]:
         """Every resource: the static ones, each example and namespace, then the
@@ -209,11 +217,15 @@ class Resources:
             jobs = self._jobs.list(None)[:MAX_LISTED_JOBS]
             return [_json(uri, msgspec.to_builtins(jobs))]
         if uri == "lua://jobs/stats":
-            return [_json(uri, msgspec.to_builtins(self._jobs.stats()))]
+            # the store's counts by state, and the queue's signals (Jobs.queue_stats)
+            return [_json(uri, msgspec.to_builtins(self._jobs.stats()) | self._jobs.queue_stats())]
         if uri == "lua://tools":
             return [_json(uri, msgspec.to_builtins(self._tools()))]
         if uri == "lua://plugins":
             return [_json(uri, self.plugins() if self.plugins is not None else [])]
+        if uri == "lua://workers":
+            pool = self.pool() if self.pool is not None else {"workers": [], "pool": poolview.pool_from_workers([])}
+            return [_json(uri, pool)]
         kind, _, rest = uri.removeprefix("lua://").partition("/")
         if uri.startswith("lua://") and rest:
             if kind == "namespaces":

@@ -22,7 +22,7 @@ import msgspec
 import structlog
 
 from luanette import params as params_mod
-from luanette.capabilities import declared_capabilities
+from luanette.capabilities import GROUP_PATTERN, declared_capabilities
 from luanette.cas import Cas, CasError
 from luanette.engine.api import MAX_SHUTDOWN_TIMEOUT_S, CancelToken, ErrorDetail, Limits, ScriptError
 from luanette.engine.channel import RunInfo
@@ -96,6 +96,24 @@ def declared_session(described: Any) -> tuple[str | None, bool | None, str | Non
     return mode, review, on_error
 
 
+RETRY = ("on_worker_loss",)
+
+
+def declared_placement(described: Any) -> tuple[str | None, str | None]:
+    """``describe()``'s ``retry`` and ``group`` (None where not declared);
+    ``ValueError`` naming the field for any other value."""
+    if not isinstance(described, dict):
+        return None, None
+    retry, group = described.get("retry"), described.get("group")
+    if retry is not None and retry not in RETRY:
+        raise ValueError(f'describe().retry must be "on_worker_loss" (or absent: never), got {retry!r}')
+    if group is not None and (not isinstance(group, str) or not GROUP_PATTERN.match(group)):
+        raise ValueError(
+            f"describe().group must name a worker group (letters, digits, '_', '.', '-'; at most 64), got {group!r}"
+        )
+    return retry, group
+
+
 class ManifestError(ValueError):
     """``describe()`` declares something malformed (its params table, additional_params,
     tags); ``problems`` lists each as ``{path, expected, got, message}``."""
@@ -164,6 +182,11 @@ def manifest(described: Described, content: str) -> dict[str, Any]:
     except ValueError as e:
         hint = 'e.g. execution_mode = "autoCommit", review = true, on_error = "skip"'
         raise ScriptProblem(ErrorDetail("invalid_params", str(e), hints=[hint])) from None
+    try:
+        retry, group = declared_placement(info)
+    except ValueError as e:
+        hint = 'e.g. retry = "on_worker_loss", group = "gpu-host"'
+        raise ScriptProblem(ErrorDetail("invalid_params", str(e), hints=[hint])) from None
     problems = params_mod.check_schema(info.get("params"))
     additional = info.get("additional_params")
     if additional is not None and not isinstance(additional, bool):
@@ -185,6 +208,8 @@ def manifest(described: Described, content: str) -> dict[str, Any]:
         "on_error": on_error,
         "additional_params": additional,
         "declared_tags": declared_tags,
+        "retry": retry,
+        "group": group,
     }
 
 

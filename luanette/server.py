@@ -35,7 +35,7 @@ from hooteproto.codec import (
     peek_envelope_id,
 )
 from hooteproto.frames import Command, Hoot01
-from luanette.auth import ANYONE, AuthError, Caller, Gate, secure_server_socket
+from luanette.auth import ANYONE, POOL_DOMAIN, AuthError, Caller, Gate, secure_server_socket
 from luanette.backends import Backends
 from luanette.broadcast import Publisher
 from luanette.cas import Cas
@@ -49,11 +49,12 @@ from luanette.jobs import Jobs
 from luanette.modules import Modules
 from luanette.pipelines import PipelineSources
 from luanette.plugins import Plugins
+from luanette.poolview import pool_stats
 from luanette.scripts import MAX_SCRIPT_BYTES, ScriptProblem, Scripts
 from luanette.sessions import Sessions
 from luanette.settings import Settings, load_settings
 from luanette.store import Store
-from luanette.telemetry import SpanKind, StatusCode, Telemetry, parent_context
+from luanette.telemetry import SpanKind, StatusCode, Telemetry, observe_pool, parent_context
 from luanette.triggers import TriggerError, Triggers
 
 log = structlog.get_logger("luanette.server")
@@ -126,15 +127,19 @@ class Server:
         self.gate = Gate(self._context, config.curve) if config.curve else None
         self.cas = Cas.from_config(config.cas_root)
         state_dir = Path(config.state_dir) if config.state_dir else default_state_dir()
-        self.store = Store.open(state_dir)
+        # --state (a PostgreSQL URL) moves the database; state_dir keeps the files
+        self.store = Store.open(state_dir, url=config.state)
         self.publisher = Publisher(context=self._context)
         settings = settings or load_settings(None)
         self.backends = Backends(settings.backends, telemetry=self.telemetry)
         self.garden = GardenClient(settings.garden, context=self._context, telemetry=self.telemetry)
         # garden edits of runs in session mode: commits, and sessions pending review
         self.sessions = Sessions(self.garden, self.store, self.publisher.publish)
-        workers = config.workers or os.cpu_count() or 1
-        share = (config.lua_memory_total or default_lua_memory_total()) // workers
+        workers = config.workers if config.workers is not None else os.cpu_count() or 1
+        if config.workers_min is not None:
+            workers = config.workers_min
+        scaled = max(workers, config.workers_max or 0, 1)
+        share = (config.lua_memory_total or default_lua_memory_total()) // scaled
         # one run may not take more than its worker's share of the budget
         limits = Limits(
             timeout_s=config.script_timeout,
@@ -153,6 +158,10 @@ class Server:
                 cas_root=str(self.cas.root),
                 settings=settings,
                 log_json=config.log_json,
+                pool_endpoint=config.pool,
+                no_worker_timeout_s=config.no_worker_timeout,
+                workers_min=config.workers_min or 0,
+                workers_max=config.workers_max or 0,
             ),
             backends=self.backends,
             garden=self.garden,
@@ -160,6 +169,8 @@ class Server:
             context=self._context,
             sessions=self.sessions,
         )
+        # the worker pool's gauges (luanette.workers.*, luanette.pool.*), read at each collection
+        observe_pool(self.telemetry, lambda: pool_stats(self.engine))
         # generation pipelines: streamed chunks go out on PUB; sources read the index, jobs
         self.engine.publish = self.publisher.publish
         self.engine.pipeline_sources = PipelineSources(self.store)
@@ -178,6 +189,8 @@ class Server:
             pub_results=config.pub_results,
             policy=settings.policy,
         )
+        # the local supervisor scales on it (--workers-min/--workers-max)
+        self.engine.queue_depth = lambda: self.jobs.queue_stats()["queue_depth"]
         self.triggers = Triggers(
             settings.triggers,
             submit=lambda script_hash, params, **about: self.jobs.submit(script_hash, params, ["trigger"], **about),
@@ -210,7 +223,7 @@ class Server:
         )
         # every part that fires or answers hooks reaches the same plugins
         self.engine.plugins = self.jobs.plugins = self.dispatcher.plugins = self.plugins
-        self.plugins.remember_file = self.store.path.parent / "plugins.json"
+        self.plugins.remember_file = state_dir / "plugins.json"
         self.dispatcher.resources.plugins = self.plugins.views
         # flows: their guards and handlers run like plugin hooks; instances live in the store
         self.flows = FlowManager(
@@ -231,6 +244,9 @@ class Server:
         self._idle.set()
         self._draining: anyio.Event | None = None
         self.shutdown_reason: str | None = None
+        self.lost_front: str | None = None
+        """The front this one took the PostgreSQL store's lease over from (luanette.lease):
+        the jobs it left end ``worker_lost`` instead of ``interrupted``."""
 
     # --- lifecycle -------------------------------------------------------------------
 
@@ -246,12 +262,16 @@ class Server:
             self.gate.start()  # before the first peer can connect
             keys = self.gate.keys
             secure_server_socket(sock, keys)
+            gate = self.gate
+            self.engine.secure_pool = lambda pool: secure_server_socket(pool, gate.keys, POOL_DOMAIN)
         try:
             sock.bind(self.config.bind)
             if self.config.pub:
                 self.publisher.bind(self.config.pub, keys)
+            self.engine.bind()  # a pool endpoint in use stops the start, as the others do
         except zmq.ZMQError:
             sock.close(0)
+            self.publisher.close()
             if self.gate is not None:
                 self.gate.stop()
             raise
@@ -261,8 +281,9 @@ class Server:
             "server.listening",
             endpoint=self.endpoint,
             pub=self.publisher.endpoint,
+            pool=self.engine.pool_endpoint,
             cas=str(self.cas.root),
-            state=str(self.store.path),
+            state=self.store.location,
             worker_id=str(self.dispatcher.worker_id),
             curve=None if self.gate is None else f"{len(keys.ring.clients) if keys else 0} keys",
         )
@@ -288,7 +309,7 @@ class Server:
         endpoint = self.bind() if self._socket is None else self.endpoint
         sock = self._socket
         assert sock is not None and endpoint is not None
-        self.jobs.recover()
+        self.jobs.recover(self.lost_front)
         trigger_error: TriggerError | None = None
         try:
             async with anyio.create_task_group() as tg:

@@ -18,11 +18,17 @@ directly; the only O(n) call is ``search`` with a vibe.
 
 Times are float Unix seconds in the database; ``JobInfo`` shows them as whole seconds,
 as the wire protocol specifies.
+
+PostgreSQL: ``Store("postgresql://...")`` (``luanette serve --state URL``) keeps the same
+tables in a PostgreSQL database instead, so fronts on several machines can share them
+(one at a time: :mod:`luanette.lease`). The SQL here is written once, for SQLite;
+:mod:`luanette.postgres` translates it. psycopg is only imported for such a store.
 """
 
 from __future__ import annotations
 
 import builtins  # Store.list shadows list in the class body's annotations
+import contextlib
 import math
 import re
 import sqlite3
@@ -30,7 +36,7 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, TypeVar, cast
 
 import msgspec
 
@@ -98,6 +104,12 @@ class ScriptRecord(msgspec.Struct, kw_only=True):
     declared_tags: list[str] | None = None
     """``describe().tags``: tags every job of the script carries (JobInfo.tags); None:
     none declared (schema v6)."""
+    retry: str | None = None
+    """``describe().retry``: ``"on_worker_loss"`` re-queues a job once when the worker
+    running it is lost (for idempotent scripts); None: never (schema v8)."""
+    group: str | None = None
+    """``describe().group``: the worker group the script's runs must go to (say
+    ``"gpu-host"``); None: any worker that has its capabilities (schema v8)."""
 
 
 class JobRecord(msgspec.Struct, kw_only=True):
@@ -285,8 +297,15 @@ _SCHEMA_V7 = (
     """,
 )
 
+# describe()'s retry and group (luanette.engine.pool: worker groups; luanette.jobs:
+# a job re-queued once when its worker is lost)
+_SCHEMA_V8 = (
+    "ALTER TABLE scripts ADD COLUMN retry TEXT",
+    "ALTER TABLE scripts ADD COLUMN worker_group TEXT",
+)
+
 MIGRATIONS: tuple[Sequence[str], ...] = (
-    _SCHEMA_V1, _SCHEMA_V2, _SCHEMA_V3, _SCHEMA_V4, _SCHEMA_V5, _SCHEMA_V6, _SCHEMA_V7,
+    _SCHEMA_V1, _SCHEMA_V2, _SCHEMA_V3, _SCHEMA_V4, _SCHEMA_V5, _SCHEMA_V6, _SCHEMA_V7, _SCHEMA_V8,
 )  # fmt: skip
 """``MIGRATIONS[n]`` takes a database from ``user_version`` n to n + 1. Append, never
 edit: a file written by an older build replays only the steps it has not seen."""
@@ -425,7 +444,7 @@ _JOB_COLUMNS = (
 )
 _SCRIPT_COLUMNS = (
     "hash, name, description, tags, creator, params_schema, created_at, capabilities, emits, shutdown_timeout, "
-    "execution_mode, review, on_error, additional_params, declared_tags"
+    "execution_mode, review, on_error, additional_params, declared_tags, retry, worker_group"
 )
 
 
@@ -465,7 +484,7 @@ def _job_from_row(row: tuple) -> JobRecord:
 
 def _script_from_row(row: tuple) -> ScriptRecord:
     hash_, name, description, tags, creator, params_schema, created, capabilities, emits, shutdown_timeout = row[:10]
-    execution_mode, review, on_error, additional_params, declared_tags = row[10:]
+    execution_mode, review, on_error, additional_params, declared_tags, retry, group = row[10:]
     return ScriptRecord(
         hash=hash_,
         name=name,
@@ -482,6 +501,8 @@ def _script_from_row(row: tuple) -> ScriptRecord:
         on_error=on_error,
         additional_params=None if additional_params is None else bool(additional_params),
         declared_tags=_from_json(declared_tags),
+        retry=retry,
+        group=group,
     )
 
 
@@ -522,6 +543,8 @@ def _merge_scripts(old: ScriptRecord, new: ScriptRecord) -> ScriptRecord:
         on_error=new.on_error,
         additional_params=new.additional_params,
         declared_tags=new.declared_tags,
+        retry=new.retry,
+        group=new.group,
     )
 
 
@@ -529,16 +552,29 @@ def _merge_scripts(old: ScriptRecord, new: ScriptRecord) -> ScriptRecord:
 
 
 class Store:
-    """Job records and the script index in one SQLite file; safe to share across threads."""
+    """Job records and the script index in one SQLite file (or a PostgreSQL database);
+    safe to share across threads."""
 
-    def __init__(self, path: Path) -> None:
-        """Open (creating if needed) the database file at ``path`` and migrate it."""
-        self.path = Path(path)
+    def __init__(self, path: Path | str) -> None:
+        """Open (creating if needed) the database file at ``path`` and migrate it; a
+        ``postgresql://`` URL opens that PostgreSQL database instead."""
         self._lock = threading.RLock()
+        self._pg: Any = None  # the luanette.postgres module, for a PostgreSQL store
+        # errors of the database itself, and the one a duplicate key raises
+        self._db_errors: tuple[type[BaseException], ...] = (sqlite3.Error, OSError)
+        self._duplicate: tuple[type[BaseException], ...] = (sqlite3.IntegrityError,)
+        if isinstance(path, str) and path.startswith(("postgresql://", "postgres://")):
+            self._open_postgres(path)
+            return
+        db_file = Path(path)
+        self.path: Path | None = db_file
+        """The SQLite file; None for a PostgreSQL store."""
+        self.location = str(db_file)
+        """Where the database is, for messages: the file, or the URL without password."""
         # isolation_level=None: we issue BEGIN/COMMIT ourselves, so a transaction spans
         # exactly what _write() wraps and DDL is transactional too
         conn = sqlite3.connect(
-            self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False
+            db_file, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False
         )
         try:
             conn.execute("PRAGMA journal_mode = WAL")
@@ -549,13 +585,39 @@ class Store:
             raise
         self._conn: sqlite3.Connection | None = conn
 
+    def _open_postgres(self, url: str) -> None:
+        from luanette import postgres  # imported here: only such a store needs psycopg
+
+        self._pg = postgres
+        self.path = None
+        self.location = postgres.redact(url)
+        self._db_errors = (sqlite3.Error, OSError, postgres.psycopg.Error)
+        self._duplicate = (sqlite3.IntegrityError, postgres.psycopg.errors.UniqueViolation)
+        with self._faults():
+            conn = postgres.Connection(url)
+            try:
+                postgres.migrate(conn, MIGRATIONS)
+            except BaseException:
+                conn.close()
+                raise
+        # the wrapper speaks the part of sqlite3.Connection the store uses (its SQL is
+        # translated), so the store's writes take either
+        self._conn = cast(sqlite3.Connection, conn)
+
+    @property
+    def is_postgres(self) -> bool:
+        """Whether the database is PostgreSQL (else a SQLite file)."""
+        return self._pg is not None
+
     @classmethod
-    def open(cls, state_dir: Path | str) -> Store:
+    def open(cls, state_dir: Path | str, url: str | None = None) -> Store:
         """Open ``<state_dir>/luanette.sqlite3``, creating the directory (mode 0700, as it
-        holds job params and results) when it does not exist."""
+        holds job params and results) when it does not exist; with ``url`` (a
+        ``postgresql://`` URL, ``--state``) open that database instead, and only create
+        the directory (it still holds the job temp directories and plugins.json)."""
         state_dir = Path(state_dir)
         state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        return cls(state_dir / DB_FILENAME)
+        return cls(url if url is not None else state_dir / DB_FILENAME)
 
     def close(self) -> None:
         """Close the database; later calls raise. Closing twice is harmless."""
@@ -574,12 +636,15 @@ class Store:
 
     def _db(self) -> sqlite3.Connection:
         if self._conn is None:
-            raise DatabaseClosed(faults.closed_message(self.path))
+            raise DatabaseClosed(faults.closed_message(self.location))
+        if self._pg is not None:
+            # PostgreSQL restarted: the call after the one that failed connects again
+            cast(Any, self._conn).reopen_if_lost()
         return self._conn
 
     def _fault(self, exc: BaseException) -> faults.StorageFault | None:
         """``exc`` named by the table of :mod:`luanette.faults`, or None."""
-        return faults.database_fault(exc, self.path, full=DatabaseFull, unavailable=DatabaseUnavailable)
+        return faults.database_fault(exc, self.location, full=DatabaseFull, unavailable=DatabaseUnavailable)
 
     @contextmanager
     def _faults(self) -> Iterator[None]:
@@ -587,7 +652,7 @@ class Store:
         (full disk, locked, I/O error, closed); the one place the store maps them."""
         try:
             yield
-        except (sqlite3.Error, OSError) as exc:
+        except self._db_errors as exc:
             fault = self._fault(exc)
             if fault is None or fault is exc:
                 raise
@@ -617,7 +682,8 @@ class Store:
         job updates). Returns each op's result, or the exception it raised, in order.
 
         An op that raises changes nothing: each one writes with a single statement,
-        which SQLite undoes by itself when it fails, so the others still commit. When
+        which SQLite undoes by itself when it fails (PostgreSQL, which would abort the
+        whole transaction, runs each op in a savepoint), so the others still commit. When
         the transaction itself is lost (SQLite rolls it back on a full disk or an I/O
         error) or COMMIT fails, nothing is written and the exception is raised.  Failures
         of the database itself are named (:mod:`luanette.faults`): a full disk is
@@ -626,11 +692,13 @@ class Store:
             conn = self._db()
             conn.execute("BEGIN IMMEDIATE")
             results: builtins.list[Any] = []
+            failures: tuple[type[BaseException], ...] = (*self._db_errors, ValueError, LookupError)
             try:
                 for op in ops:
                     try:
-                        results.append(op(conn))
-                    except (sqlite3.Error, ValueError, LookupError) as e:
+                        with self._alone(conn):
+                            results.append(op(conn))
+                    except failures as e:
                         if not conn.in_transaction:
                             raise
                         results.append(self._fault(e) or e)
@@ -640,6 +708,11 @@ class Store:
                     conn.execute("ROLLBACK")
                 raise
             return results
+
+    def _alone(self, conn: sqlite3.Connection) -> contextlib.AbstractContextManager[None]:
+        """Where one op of a batch runs: in SQLite a failed statement undoes itself;
+        PostgreSQL aborts the whole transaction, so there each op gets a savepoint."""
+        return cast(Any, conn).savepoint() if self._pg is not None else contextlib.nullcontext()
 
     def _read(self, sql: str, args: Sequence[Any] = ()) -> list[tuple]:
         with self._lock, self._faults():
@@ -698,7 +771,7 @@ class Store:
                     " VALUES (?, ?, ?, ?, ?, ?)",
                     row,
                 )
-            except sqlite3.IntegrityError:
+            except self._duplicate:
                 raise ValueError(f"a job with id {job_id!r} already exists") from None
             return JobInfo(
                 job_id=job_id,
@@ -830,8 +903,10 @@ class Store:
             cancelled=counts.get(JobStatus.CANCELLED.value, 0),
         )
 
-    def recover_interrupted(self, at: float) -> builtins.list[str]:
-        """Mark every pending or running job failed with error kind ``interrupted``.
+    def recover_interrupted(self, at: float, *, lost_front: str | None = None) -> builtins.list[str]:
+        """Mark every pending or running job failed with error kind ``interrupted``, or
+        ``worker_lost`` when ``lost_front`` names the front that held them and was lost
+        (a standby taking over: :mod:`luanette.lease`).
 
         Called once at startup, before any job runs: no job of a previous process can
         still make progress, so leaving them active would make pollers wait forever.
@@ -843,8 +918,12 @@ class Store:
                 " ORDER BY created_at, rowid"
             ).fetchall()
             for job_id, state in rows:
-                message = f"the daemon stopped while this job was {state}"
-                error = {"kind": "interrupted", "message": message}
+                if lost_front is None:
+                    message = f"the daemon stopped while this job was {state}"
+                    error = {"kind": "interrupted", "message": message}
+                else:
+                    message = f"the front {lost_front} was lost while this job was {state}"
+                    error = {"kind": "worker_lost", "message": message}
                 conn.execute(
                     "UPDATE jobs SET status = ?, error = ?, completed_at = ? WHERE job_id = ?",
                     (JobStatus.FAILED.value, _to_json("error", error), completed, job_id),
@@ -895,7 +974,7 @@ class Store:
             schema = merged.params_schema
             capabilities = merged.capabilities
             conn.execute(
-                f"INSERT OR REPLACE INTO scripts ({_SCRIPT_COLUMNS}) VALUES ({', '.join('?' * 15)})",
+                f"INSERT OR REPLACE INTO scripts ({_SCRIPT_COLUMNS}) VALUES ({', '.join('?' * 17)})",
                 (
                     merged.hash,
                     merged.name,
@@ -912,6 +991,8 @@ class Store:
                     merged.on_error,
                     None if merged.additional_params is None else int(merged.additional_params),
                     None if merged.declared_tags is None else _to_json("declared_tags", merged.declared_tags),
+                    merged.retry,
+                    merged.group,
                 ),
             )
         return merged

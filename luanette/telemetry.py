@@ -29,12 +29,14 @@ import threading
 import time
 import types
 import urllib.parse
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any, Final
 
+import structlog
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry._logs import SeverityNumber
+from opentelemetry.metrics import CallbackOptions, Observation
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import MetricReader, PeriodicExportingMetricReader
 from opentelemetry.sdk.resources import Resource
@@ -401,3 +403,131 @@ class Telemetry:
             self._logger_provider.shutdown()
         self._tracer_provider.shutdown()
         self._meter_provider.shutdown()
+
+
+# --- the worker pool's gauges ------------------------------------------------------------
+
+POOL_GAUGES: Final = (
+    "luanette.workers.busy",
+    "luanette.workers.idle",
+    "luanette.pool.waiting_runs",
+    "luanette.pool.oldest_waiting_age",
+)
+"""The gauges :func:`observe_pool` registers (docs/operations.md, "Scaling out")."""
+
+
+def observe_pool(telemetry: Telemetry, stats: Callable[[], Mapping[str, Any]]) -> None:
+    """Register the worker pool's observable gauges on ``telemetry``'s meter, read from
+    ``stats`` (``luanette.poolview.pool_stats`` of the engine) at each collection:
+
+    - ``luanette.workers.busy`` / ``luanette.workers.idle``: workers with a run / ready
+      without one, one point per worker group (attribute ``group``);
+    - ``luanette.pool.waiting_runs``: runs waiting for an eligible worker;
+    - ``luanette.pool.oldest_waiting_age``: seconds the oldest of them has waited (0
+      when none waits).
+
+    An exporter collects on its own thread, while the event loop changes the pool: a
+    read that meets a change (``RuntimeError``: a dict changed size) is tried again; one
+    that still fails is logged and reports nothing rather than breaking the export of
+    the other metrics."""
+
+    def current() -> Mapping[str, Any] | None:
+        error: Exception | None = None
+        for _ in range(3):
+            try:
+                return stats()
+            except RuntimeError as e:  # the pool changed while it was read: again
+                error = e
+            except Exception as e:  # a metrics callback must not raise
+                error = e
+                break
+        structlog.get_logger("luanette.telemetry").warning("telemetry.pool_stats_failed", error=repr(error))
+        return None
+
+    def per_group(key: str) -> Callable[[CallbackOptions], Iterable[Observation]]:
+        def observe(options: CallbackOptions) -> Iterable[Observation]:
+            pool = current()
+            groups = pool.get("groups") if pool else None
+            if not isinstance(groups, Mapping):
+                return []
+            return [
+                Observation(int(group.get(key, 0) or 0), {"group": str(name)})
+                for name, group in sorted(groups.items())
+                if isinstance(group, Mapping)
+            ]
+
+        return observe
+
+    def waiting(options: CallbackOptions) -> Iterable[Observation]:
+        pool = current()
+        return [Observation(int(pool.get("waiting") or 0))] if pool else []
+
+    def oldest(options: CallbackOptions) -> Iterable[Observation]:
+        pool = current()
+        return [Observation(float(pool.get("oldest_waiting_s") or 0.0))] if pool else []
+
+    meter = telemetry.meter
+    meter.create_observable_gauge("luanette.workers.busy", [per_group("busy")], unit="{worker}",
+                                  description="Workers running at least one run, by worker group")  # fmt: skip
+    meter.create_observable_gauge("luanette.workers.idle", [per_group("idle")], unit="{worker}",
+                                  description="Ready workers running nothing, by worker group")  # fmt: skip
+    meter.create_observable_gauge("luanette.pool.waiting_runs", [waiting], unit="{run}",
+                                  description="Runs waiting for an eligible worker")  # fmt: skip
+    meter.create_observable_gauge("luanette.pool.oldest_waiting_age", [oldest], unit="s",
+                                  description="How long the oldest run waiting for a worker has waited")  # fmt: skip
+
+
+# --- the job queue's gauges --------------------------------------------------------------
+
+QUEUE_GAUGES: Final = (
+    "luanette.jobs.queue_depth",
+    "luanette.jobs.queue_depth_by_priority",
+    "luanette.jobs.oldest_pending_age",
+)
+"""The gauges :func:`observe_queue` registers (docs/operations.md, docs/jobs.md)."""
+
+
+def observe_queue(telemetry: Telemetry, stats: Callable[[], Mapping[str, Any]]) -> None:
+    """Register the job queue's observable gauges on ``telemetry``'s meter, read from
+    ``stats`` (``Jobs.queue_stats``) at each collection:
+
+    - ``luanette.jobs.queue_depth``: jobs queued, waiting for a free job slot (one point,
+      0 when none waits: what to scale on);
+    - ``luanette.jobs.queue_depth_by_priority``: the same by priority, one point per
+      priority with queued jobs (attribute ``priority``), so that summing it gives the
+      depth without counting a job twice;
+    - ``luanette.jobs.oldest_pending_age``: seconds the longest-queued job has waited
+      (0 when none waits).
+
+    A read of ``stats`` that fails is logged and reports nothing rather than breaking
+    the export of the other metrics."""
+
+    def current() -> Mapping[str, Any] | None:
+        try:
+            return stats()
+        except Exception as e:  # a metrics callback must not raise
+            structlog.get_logger("luanette.telemetry").warning("telemetry.queue_stats_failed", error=repr(e))
+            return None
+
+    def depth(options: CallbackOptions) -> Iterable[Observation]:
+        queue = current()
+        return [Observation(int(queue.get("queue_depth") or 0))] if queue else []
+
+    def by_priority(options: CallbackOptions) -> Iterable[Observation]:
+        queue = current()
+        counts = queue.get("by_priority") if queue else None
+        if not isinstance(counts, Mapping):
+            return []
+        return [Observation(int(n), {"priority": str(p)}) for p, n in counts.items()]
+
+    def oldest(options: CallbackOptions) -> Iterable[Observation]:
+        queue = current()
+        return [Observation(float(queue.get("oldest_pending_s") or 0.0))] if queue else []
+
+    meter = telemetry.meter
+    meter.create_observable_gauge("luanette.jobs.queue_depth", [depth], unit="{job}",
+                                  description="Jobs queued for a free job slot")  # fmt: skip
+    meter.create_observable_gauge("luanette.jobs.queue_depth_by_priority", [by_priority], unit="{job}",
+                                  description="Jobs queued for a free job slot, by priority")  # fmt: skip
+    meter.create_observable_gauge("luanette.jobs.oldest_pending_age", [oldest], unit="s",
+                                  description="How long the longest-queued job has waited")  # fmt: skip

@@ -103,6 +103,9 @@ TOOL_DOCS: Final[dict[str, ToolDoc]] = {
             "script_hash": _HASH,
             "params": "The JSON object passed to the script's main(params); use {} when it takes none.",
             "tags": "Optional labels recorded with the job.",
+            "priority": "Optional integer from -10 to 10 (default 0, normal): queued jobs with a higher priority "
+            "start first, in the order they came within one priority. It only orders the queue; a running job "
+            "is never interrupted.",
         },
     ),
     "job_status": ToolDoc(
@@ -134,8 +137,9 @@ TOOL_DOCS: Final[dict[str, ToolDoc]] = {
     ),
     "list_resources": ToolDoc(
         "List the readable resources: the Lua API reference (lua://namespaces), example scripts "
-        "(lua://examples), jobs (lua://jobs), job statistics and this tool list, plus URI templates for "
-        "stored scripts and single jobs. Use it to discover context worth reading before writing a script. "
+        "(lua://examples), jobs (lua://jobs), job statistics, this tool list, the plugins (lua://plugins) and "
+        "the Lua workers (lua://workers), plus URI templates for stored scripts and single jobs. Use it to "
+        "discover context worth reading before writing a script. "
         "Returns [{uri or uri_template, name, description, mime_type}].",
     ),
     "read_resource": ToolDoc(

@@ -58,7 +58,7 @@ from opentelemetry import trace
 
 from hooteproto import types as t
 from luanette import params as params_mod
-from luanette.capabilities import manifest_list
+from luanette.capabilities import GROUP_PATTERN, manifest_list
 from luanette.cas import InvalidHash, parse_hash
 from luanette.when import Condition, WhenError
 from luanette.when import parse as parse_condition
@@ -101,6 +101,9 @@ class TriggerRule(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fiel
     concurrency: str = "queue"
     """What a match does while a job of this rule is queued or running: start another
     (queue), do nothing (single), or cancel it and start anew (replace)."""
+    group: str | None = None
+    """The worker group the rule's jobs run on (say ``gpu-host``), in place of the
+    script's own ``describe().group``; None: the script's."""
 
     def __post_init__(self) -> None:
         if self.event_type != "*" and self.event_type not in EVENT_TYPES:
@@ -108,6 +111,8 @@ class TriggerRule(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fiel
         if (self.script is None) == (self.script_file is None):
             raise ValueError("script: give exactly one of script (a stored name or hash) and script_file")
         _check_template(self.params, "params")
+        if self.group is not None and not GROUP_PATTERN.match(self.group):
+            raise ValueError(f"group: must name a worker group (letters, digits, '_', '.', '-'), got {self.group!r}")
         if self.concurrency not in CONCURRENCY:
             raise ValueError(f"concurrency: must be one of {', '.join(CONCURRENCY)}, got {self.concurrency!r}")
         if self.when is not None:
@@ -477,7 +482,8 @@ class Triggers:
     async def _start(
         self, rule: TriggerRule, event: t.TimelineEvent, script_hash: str, params: Any, user: str | None, trace_id: int
     ) -> dict[str, Any]:
-        info = await self._submit(script_hash, params, user=user, trigger=trigger_info(event, rule.name))
+        about: dict[str, Any] = {"group": rule.group} if rule.group is not None else {}
+        info = await self._submit(script_hash, params, user=user, trigger=trigger_info(event, rule.name), **about)
         self._started[info.job_id] = (rule.name, trace_id)
         log.info("trigger.fired", rule=rule.name, job_id=info.job_id, script_hash=script_hash,
                  event_type=event.event_type.value)

@@ -41,6 +41,7 @@ import csv
 import functools
 import io
 import itertools
+import json
 import math
 import multiprocessing as mp
 import os
@@ -502,6 +503,7 @@ def luanette_exe() -> str:
     return shutil.which("luanette", path=str(Path(sys.executable).parent)) or "luanette"
 
 
+@functools.cache
 def serve_supports(flag: str) -> bool:
     """Whether ``luanette serve --help`` lists ``flag`` (flags come and go while the
     daemon is restructured; the bench must run before and after)."""
@@ -524,7 +526,9 @@ class Daemon:
         env = None if source is None else os.environ | {"PYTHONPATH": str(source)}
         self.proc = subprocess.Popen(
             [*command, "--bind", endpoint, "--pub", "none",
-             "--state-dir", str(self.state / "state"), "--cas-root", str(self.state / "cas"), *args],
+             "--state-dir", str(self.state / "state"), "--cas-root", str(self.state / "cas"),
+             *(("--pool", "none") if source is None and "--pool" not in args and serve_supports("--pool") else ()),
+             *args],
             stdout=subprocess.DEVNULL, stderr=self.log, env=env, cwd=source,
         )
         try:
@@ -886,6 +890,8 @@ class Results:
     cancels: list[float] | None = None
     scale: tuple[float, int, int] | None = None  # daemon: wall, threads, processes
     threaded: tuple[float, int] | None = None  # one thread per job: wall, threads
+    pool: dict[int, float] | None = None  # remote workers -> CPU-bound jobs/s
+    worker_loss: list[float] | None = None  # seconds from kill -9 to worker_lost
 
     def daemon_row(self, prefix: str, in_flight: int) -> Row:
         return next(r for r in self.daemon if r.name.startswith(prefix) and r.in_flight == in_flight)
@@ -934,6 +940,85 @@ def measure_daemon(results: Results, args: argparse.Namespace, daemon_args: Sequ
         if "overload" not in skip:  # last: it leaves a queue behind
             peak = results.daemon_row(EVAL, 64)
             results.overload = measure_overload(endpoint, OVERLOAD_IN_FLIGHT, args.overload_seconds, clients, peak.rate)
+
+
+# --- scale-out: remote workers --------------------------------------------------------
+
+POOL_JOBS = 200
+POOL_SCRIPT = "function main() local s = 0 for i = 1, 2000000 do s = s + i % 7 end return s end"
+"""A CPU-bound job (~40-80 ms of Lua): the pool row measures Lua capacity, not the front."""
+
+
+def _wait_registered(sync: Sync, workers: int) -> None:
+    deadline = time.monotonic() + 60
+    while True:
+        text = sync.ask(t.ReadResource(uri="lua://workers"))["contents"][0]["text"]
+        ready = [w for w in json.loads(text)["workers"] if w.get("state") == "ready"]
+        if len(ready) >= workers:
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"only {len(ready)} of {workers} workers registered")
+        time.sleep(0.02)
+
+
+def _remote_worker(pool: str, name: str, cas: Path) -> subprocess.Popen:
+    return subprocess.Popen([luanette_exe(), "worker", "--connect", pool, "--name", name, "--cas", str(cas)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def worker_loss_seconds(rounds: int = 3) -> list[float]:
+    """Seconds from kill -9 of a remote worker to its running job reading ``failed``
+    (kind ``worker_lost``): the heartbeat failover."""
+    out = []
+    for _ in range(rounds):
+        endpoint, pool = free_endpoint(), f"tcp://127.0.0.1:{free_port()}"
+        with Daemon(endpoint, "--workers", "0", "--pool", pool) as daemon:
+            victim = _remote_worker(pool, "victim", daemon.state / "cas")
+            sync = Sync(endpoint)
+            _wait_registered(sync, 1)
+            digest = sync.ask(t.ScriptStore(content="function main() clock.sleep(60000) end"))["hash"]
+            job = sync.ask(t.JobExecute(script_hash=digest, params=None))["job_id"]
+            while sync.ask(t.JobStatusRequest(job_id=job))["status"] != "running":
+                time.sleep(0.005)
+            started = time.perf_counter()
+            victim.kill()
+            victim.wait()
+            while (status := sync.ask(t.JobStatusRequest(job_id=job)))["status"] == "running":
+                time.sleep(0.005)
+            out.append(time.perf_counter() - started)
+            assert status["error"]["kind"] == "worker_lost", status
+    return sorted(out)
+
+
+def pool_throughput(workers: int) -> float:
+    """Jobs/s of :data:`POOL_JOBS` CPU-bound jobs on a front with no local workers and
+    ``workers`` ``luanette worker`` processes joined over tcp loopback."""
+    endpoint = free_endpoint()
+    pool = f"tcp://127.0.0.1:{free_port()}"
+    with Daemon(endpoint, "--workers", "0", "--pool", pool) as daemon:
+        procs = [_remote_worker(pool, f"bench{i}", daemon.state / "cas") for i in range(workers)]
+        try:
+            sync = Sync(endpoint)
+            _wait_registered(sync, workers)
+            digest = sync.ask(t.ScriptStore(content=POOL_SCRIPT))["hash"]
+            started = time.perf_counter()
+            replies = sync.ask_all([t.JobExecute(script_hash=digest, params=None) for _ in range(POOL_JOBS)])
+            pending = [success(r)["job_id"] for r in replies]
+            while pending:
+                pending = sync.ask(t.JobPoll(job_ids=pending, timeout_ms=30000, mode=t.PollMode.ALL))["pending"]
+            return POOL_JOBS / (time.perf_counter() - started)
+        finally:
+            for proc in procs:
+                proc.terminate()
+            for proc in procs:
+                proc.wait(10)
+
+
+def measure_pool(results: Results) -> None:
+    if not serve_supports("--pool"):
+        return
+    results.pool = {n: in_process(pool_throughput, n) for n in (1, 2)}
+    results.worker_loss = in_process(worker_loss_seconds)
 
 
 def measure_scale(results: Results, daemon_args: Sequence[str]) -> None:
@@ -1019,6 +1104,13 @@ def print_details(results: Results) -> None:
         o = results.overload
         print(f"overload: {o.in_flight} LuaEvals in flight (10x the peak row's 64): {o.rate:,.0f} successful/s, "
               f"p99 of those {o.p99_ms:.1f} ms, {o.busy:,} answered busy, {o.errors:,} other errors")
+    if results.pool:
+        one, two = results.pool[1], results.pool[2]
+        print(f"pool: {POOL_JOBS} CPU-bound jobs on remote workers (luanette worker over tcp loopback, "
+              f"--workers 0): 1 worker {one:,.0f} jobs/s, 2 workers {two:,.0f} jobs/s ({two / one:.2f}x)")
+    if results.worker_loss:
+        print("worker loss: kill -9 of a remote worker -> its job failed worker_lost after "
+              + ", ".join(f"{x:.2f}" for x in results.worker_loss) + " s (3 heartbeats of 1 s)")
     if results.scale and results.threaded:
         wall, threads, procs = results.scale
         print(f"scale: {SCALE_JOBS} jobs, each waiting 1 s on the model simulator: daemon {wall:.2f} s wall, "
@@ -1110,7 +1202,7 @@ def daemon_arguments(args: argparse.Namespace) -> list[str]:
     return extra + list(args.daemon_arg)
 
 
-SECTIONS = ("redis", "jobs", "overload", "scale")
+SECTIONS = ("redis", "jobs", "overload", "scale", "pool")
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -1140,6 +1232,8 @@ def main() -> int:
     measure_daemon(results, args, daemon_args)
     if "scale" not in args.skip:
         measure_scale(results, daemon_args)
+    if "pool" not in args.skip:
+        measure_pool(results)
     report(results, args, daemon_args)
     return 0
 

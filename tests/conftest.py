@@ -147,9 +147,11 @@ class DaemonProcess:
             self.port = free_port()
             self.endpoint = f"tcp://127.0.0.1:{self.port}"
             self.pub = f"tcp://127.0.0.1:{free_port()}"
+            # the pool endpoint too (the default :5571 would be shared by every daemon)
+            pool = () if "--pool" in args else ("--pool", f"tcp://127.0.0.1:{free_port()}")
             self.proc = self._spawn(
                 [str(BIN / "luanette"), "serve", "--bind", self.endpoint, "--pub", self.pub,
-                 "--cas-root", str(self.cas_root), "--state-dir", str(self.state_dir), *args])
+                 "--cas-root", str(self.cas_root), "--state-dir", str(self.state_dir), *pool, *args])
             try:
                 self._wait_listening()
                 return
@@ -239,3 +241,23 @@ async def gclient(garden):
 
     async with GardenClient(GardenSettings(endpoint=garden.endpoint, timeout_s=2.0)) as client:
         yield client
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """One real PostgreSQL server for the session (tests/postgres.py); skips with the
+    reason where no PostgreSQL binaries are installed."""
+    from tests.postgres import SKIP_REASON, PostgresServer, find_bin_dir
+
+    bin_dir = find_bin_dir()
+    if bin_dir is None:
+        pytest.skip(SKIP_REASON)
+    server = PostgresServer(bin_dir, free_port()).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def pg_url(postgres_server) -> str:
+    """The URL of a fresh database on the session's PostgreSQL server."""
+    return postgres_server.create_database()

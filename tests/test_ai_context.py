@@ -90,6 +90,7 @@ async def test_list_resources_names_every_resource_and_template(client):
     uris = {r["uri"]: r for r in listed if "uri" in r}
     templates = {r["uri_template"]: r for r in listed if "uri_template" in r}
     assert {"lua://namespaces", "lua://examples", "lua://jobs", "lua://jobs/stats", "lua://tools"} <= set(uris)
+    assert {"lua://plugins", "lua://workers"} <= set(uris)
     assert set(templates) == {
         "lua://scripts/{hash}", "lua://jobs/{id}", "lua://examples/{name}", "lua://namespaces/{name}"
     }  # fmt: skip
@@ -182,6 +183,33 @@ async def test_script_and_job_resources(client):
     assert (await ok(client, t.ReadResource(uri="luanette://jobs/stats")))["failed"] == stats["failed"]
     tools = json.loads((await read(client, "lua://tools"))[0]["text"])
     assert "read_resource" in {tool["name"] for tool in tools}
+
+
+WORKER_KEYS = {
+    "name", "group", "capabilities", "hostname", "pid", "version", "remote", "state", "runs", "capacity",
+    "rss_bytes", "last_heartbeat_s", "inline_steps",
+}  # fmt: skip
+
+
+async def test_workers_resource_lists_the_pool(client, server):
+    (content,) = await read(client, "lua://workers")
+    assert content["mime_type"] == "application/json"
+    view = json.loads(content["text"])
+    workers, pool = view["workers"], view["pool"]
+    assert workers and 0 <= pool["workers"] <= len(workers)  # the pool counts the ready ones
+    for worker in workers:
+        assert WORKER_KEYS <= set(worker), worker
+        assert worker["state"] in ("starting", "ready", "leaving") and worker["pid"] > 0
+    local = [w for w in workers if not w["remote"]]
+    assert local and {w["group"] for w in local} == {"local"}
+    groups = pool["groups"]
+    assert groups.get("local", {}).get("workers", 0) <= len(local)
+    assert sum(g["busy"] + g["idle"] for g in groups.values()) == pool["workers"]
+    assert pool["waiting"] >= 0
+    assert pool["oldest_waiting_s"] is None or pool["oldest_waiting_s"] >= 0
+    # the resource is the engine's own view, filled in
+    engine_names = {w["name"] for w in server.server.engine.workers()}
+    assert {w["name"] for w in workers} == engine_names
 
 
 async def test_unknown_and_bad_uris(client):

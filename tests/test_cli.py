@@ -376,7 +376,7 @@ def test_json_prints_one_reply_payload_for_every_command(daemon, tmp_path):
         ["ping"], ["tools"], ["eval", "return 1"], ["send", '{"type": "ping"}'], ["script", "search"],
         ["describe", digest], ["run", digest, "--params", '{"n": 1}'], ["job", "poll", job_id, "--all"],
         ["job", "status", job_id], ["job", "list"], ["job", "cancel", job_id], ["session", "list"],
-        ["run", digest, "--wait", "--params", '{"n": 1}'],
+        ["run", digest, "--wait", "--params", '{"n": 1}'], ["workers"],
     ]
     for command in commands:
         r = cli(daemon.endpoint, "--json", *command)
@@ -389,6 +389,59 @@ def test_json_prints_one_reply_payload_for_every_command(daemon, tmp_path):
     waited = json.loads(cli(daemon.endpoint, "--json", "run", digest, "--wait", "--params", '{"n": 1}').stdout)
     status = json.loads(cli(daemon.endpoint, "--json", "job", "status", waited["result"]["job_id"]).stdout)
     assert waited == status and waited["result"]["result"] == "liftoff 1"
+
+
+def test_workers_lists_the_pool_as_a_table_and_as_json(daemon_process):
+    d = daemon_process("--workers", "2")
+    deadline = time.monotonic() + 20
+    while True:  # the workers say hello once they have started
+        view = json.loads(cli(d.endpoint, "--json", "workers").stdout)
+        assert view["type"] == "success", view
+        if [w["state"] for w in view["result"]["workers"]] == ["ready", "ready"] or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    workers, pool = view["result"]["workers"], view["result"]["pool"]
+    assert len(workers) == 2 and {w["group"] for w in workers} == {"local"}
+    assert {w["state"] for w in workers} == {"ready"} and not any(w["remote"] for w in workers)
+    assert pool["workers"] == 2 and pool["groups"]["local"]["workers"] == 2 and pool["waiting"] == 0
+
+    table = cli(d.endpoint, "workers")
+    assert table.returncode == 0, table.stderr
+    header, *rows = table.stdout.splitlines()
+    assert header.split() == ["NAME", "GROUP", "HOST", "STATE", "RUNS", "HEARTBEAT", "CAPABILITIES"]
+    for worker in workers:
+        row = next(line for line in rows if line.startswith(worker["name"] + " "))
+        assert " local " in row and " ready " in row and f"/{worker['capacity']}" in row
+    assert "group local: 2 workers" in table.stdout
+    assert rows[-1] == "0 runs waiting for a worker"
+
+
+def test_workers_table_shows_remote_workers_groups_and_waiting_runs():
+    import argparse
+
+    from luanette.cli.client import render
+
+    view = {
+        "workers": [
+            {"name": "w0", "group": "local", "capabilities": ["*"], "hostname": "front", "pid": 10,
+             "remote": False, "state": "ready", "runs": 1, "capacity": 4, "last_heartbeat_s": 0.25},
+            {"name": "gpu-a", "group": "gpu-host", "capabilities": ["net", "cas.write"], "hostname": "box7",
+             "pid": 77, "remote": True, "state": "leaving", "runs": 0, "capacity": 8},
+        ],
+        "pool": {"workers": 2, "waiting": 3, "oldest_waiting_s": 12.5,
+                 "groups": {"local": {"workers": 1, "busy": 1, "idle": 0, "runs": 1, "capacity": 4},
+                            "gpu-host": {"workers": 1, "busy": 0, "idle": 0, "runs": 0, "capacity": 8}}},
+    }  # fmt: skip
+    text = render(argparse.Namespace(command="workers"), t.Success(result=view))
+    header, first, second, *tail = text.splitlines()
+    assert first.split() == ["w0", "local", "front:10", "ready", "1/4", "0.2", "s", "ago", "*"]
+    assert second.split() == ["gpu-a", "gpu-host", "(remote)", "box7:77", "leaving", "0/8", "-", "net,cas.write"]
+    assert header.index("STATE") == first.index("ready") == second.index("leaving")
+    assert tail == [
+        "group gpu-host: 1 workers, 0 busy, 0 idle, 0/8 runs",
+        "group local: 1 workers, 1 busy, 0 idle, 1/4 runs",
+        "3 runs waiting for a worker (the oldest for 12.5 s)",
+    ]
 
 
 def test_json_failures_are_error_payloads_too(daemon, tmp_path):

@@ -75,6 +75,28 @@ def test_shutdown_extensions_are_absent_unless_set():
     assert msgspec.msgpack.decode(compact) == ["shutdown", "bye"]
 
 
+def test_job_execute_priority_is_an_optional_trailing_element():
+    from hooteproto.types import JobExecute
+
+    plain = JobExecute(script_hash="ab", params=None)
+    # unset, every encoding is the seed's
+    assert msgspec.msgpack.decode(payload_codec.encode(plain, Encoding.COMPACT)) == ["job_execute", "ab", None, None]
+    seed_json = b'{"type":"job_execute","script_hash":"ab","params":null,"tags":null}'
+    assert payload_codec.encode(plain, Encoding.JSON) == seed_json
+    urgent = JobExecute(script_hash="ab", params={}, tags=["t"], priority=7)
+    compact = payload_codec.encode(urgent, Encoding.COMPACT)
+    assert msgspec.msgpack.decode(compact) == ["job_execute", "ab", {}, ["t"], 7]
+    for encoding in ALL:
+        raw = payload_codec.encode(urgent, encoding)
+        back = payload_codec.decode(raw, encoding)
+        assert back == urgent
+        assert payload_codec.encode(back, encoding) == raw
+    # a decoded seed-form request re-encodes byte for byte (also from its compact twin)
+    seed = msgspec.msgpack.encode(["job_execute", "ab", None, None])
+    assert payload_codec.encode(payload_codec.decode(seed), Encoding.COMPACT) == seed
+    assert payload_codec.decode(seed).priority is msgspec.UNSET
+
+
 def test_compact_nested_structs_are_arrays():
     tl = ToolList(tools=[ToolInfo(name="a", description="d", input_schema={"type": "object"})])
     raw = payload_codec.encode(tl, Encoding.COMPACT)

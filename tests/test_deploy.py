@@ -7,6 +7,7 @@ settings file the daemon is given must load, its endpoints naming compose servic
 
 from __future__ import annotations
 
+import re
 import shlex
 import urllib.parse
 from pathlib import Path
@@ -15,6 +16,7 @@ from typing import Any
 import pytest
 import yaml
 
+from luanette import auth, telemetry
 from luanette.cli import client as cli_client
 from luanette.cli import daemon as cli_daemon
 from luanette.settings import load_settings
@@ -64,8 +66,8 @@ def mounts(service: dict[str, Any]) -> dict[str, str]:
 
 def test_the_stack_has_its_services(compose):
     services = compose["services"]
-    assert set(services) == {"keys", "luanette", "models", "garden", "jaeger"}
-    for name in ("keys", "luanette", "models", "garden"):
+    assert set(services) == {"keys", "luanette", "worker", "models", "garden", "jaeger"}
+    for name in ("keys", "luanette", "worker", "models", "garden"):
         assert services[name]["image"] == OUR_IMAGE and services[name]["build"] == "."
     assert set(compose["volumes"]) == {"cas", "state", "keys"}
 
@@ -86,7 +88,7 @@ def test_the_daemon_requires_curve_with_the_keys_the_one_shot_service_makes(comp
 
 
 def test_every_command_parses_with_our_parsers(compose):
-    for name, service in compose["services"].items():
+    for service in compose["services"].values():
         if service.get("image") == OUR_IMAGE:
             parse(service["command"])
     cmd = next(rest for word, rest in dockerfile() if word == "CMD")
@@ -136,6 +138,122 @@ def test_the_settings_file_names_the_compose_services(compose):
     (rule,) = settings.triggers
     assert rule.event_type == "generate_transition"
     assert (ROOT / "deploy" / rule.script_file).resolve() == ROOT / "examples" / "transition.lua"
+
+
+def flag(command: list[str], name: str) -> str | None:
+    """The value of ``name`` on a command line (None when it is not given)."""
+    return command[command.index(name) + 1] if name in command else None
+
+
+def test_the_worker_service_joins_the_fronts_pool_and_scales(compose, tmp_path):
+    services = compose["services"]
+    front, worker = services["luanette"], services["worker"]
+    _, front_args = parse(front["command"])
+    pool = urllib.parse.urlsplit(front_args.pool)
+    assert pool.hostname == "0.0.0.0" and pool.port in published(front)  # workers on other machines too
+    assert cli_daemon.exposure_problem(cli_daemon.config_from(front_args)) is None  # CURVE on the pool too
+
+    _, worker_args = parse(worker["command"])
+    assert worker_args.command == "worker"
+    command = worker["command"]
+    connect = urllib.parse.urlsplit(flag(command, "--connect") or "")
+    assert (connect.scheme, connect.hostname, connect.port) == ("tcp", "luanette", pool.port)
+    # the same CAS (a shared volume) and the same settings file as the front
+    assert mounts(worker)[flag(command, "--cas") or ""] == "cas" == mounts(front)[front_args.cas_root]
+    assert flag(command, "--cas") == front_args.cas_root
+    assert flag(command, "--config") == front_args.config
+    # `--scale worker=N`: nothing a replica would share (a host port, a container or worker name)
+    assert "ports" not in worker and "container_name" not in worker and "--name" not in command
+    assert services["worker"]["depends_on"] == {
+        "keys": {"condition": "service_completed_successfully"},
+        "luanette": {"condition": "service_started"},
+    }
+
+    # the keys: what `keys init` lays out in the keys volume lets this worker into that pool
+    assert "keys:/data/keys:ro" in worker["volumes"]
+    _, keys_args = parse(services["keys"]["command"])
+    auth.init(tmp_path)
+    on_volume = lambda path: tmp_path / Path(path).relative_to(keys_args.directory)  # noqa: E731
+    server = auth.load_server(on_volume(front_args.curve))
+    server_key, public, _ = auth.load_worker(on_volume(flag(command, "--curve")))
+    assert server_key == server.public.decode() and public in server.ring.workers
+    assert public not in server.ring.clients  # a worker key is no client key
+
+
+def k8s() -> dict[str, dict[str, Any]]:
+    """Every object of deploy/k8s/*.yaml, by "Kind/name"."""
+    objects: dict[str, dict[str, Any]] = {}
+    for path in sorted((ROOT / "deploy" / "k8s").glob("*.yaml")):
+        for doc in yaml.safe_load_all(path.read_text()):
+            if doc:
+                key = f"{doc['kind']}/{doc['metadata']['name']}"
+                assert key not in objects, f"{key} twice"
+                objects[key] = doc
+    return objects
+
+
+def container(deployment: dict[str, Any]) -> dict[str, Any]:
+    (only,) = deployment["spec"]["template"]["spec"]["containers"]
+    return only
+
+
+def pod_mounts(deployment: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """mount path -> the pod volume mounted there."""
+    volumes = {v["name"]: v for v in deployment["spec"]["template"]["spec"]["volumes"]}
+    return {m["mountPath"]: volumes[m["name"]] for m in container(deployment)["volumeMounts"]}
+
+
+def test_the_kubernetes_sketch_fits_together(tmp_path):
+    objects = k8s()
+    assert {
+        "PersistentVolumeClaim/luanette-cas", "ConfigMap/luanette-config", "Deployment/luanette",
+        "Service/luanette", "Deployment/luanette-worker", "ScaledObject/luanette-worker",
+    } <= set(objects)  # fmt: skip
+    assert objects["PersistentVolumeClaim/luanette-cas"]["spec"]["accessModes"] == ["ReadWriteMany"]
+
+    front = objects["Deployment/luanette"]
+    assert front["spec"]["replicas"] == 1 and front["spec"]["strategy"]["type"] == "Recreate"
+    _, args = parse(container(front)["command"])
+    assert args.command == "serve" and cli_daemon.exposure_problem(cli_daemon.config_from(args)) is None
+    ports = {urllib.parse.urlsplit(e).port for e in (args.bind, args.pub, args.pool)}
+    assert ports == {5570, 5571, 5572} == {p["containerPort"] for p in container(front)["ports"]}
+    service = objects["Service/luanette"]
+    assert service["spec"]["selector"] == front["spec"]["template"]["metadata"]["labels"]
+    assert {p["port"] for p in service["spec"]["ports"]} == ports
+    front_volumes = pod_mounts(front)
+    assert front_volumes[args.cas_root]["persistentVolumeClaim"]["claimName"] == "luanette-cas"
+    keys = {item["path"] for item in front_volumes[args.curve]["secret"]["items"]}
+    assert auth.SERVER_SECRET in keys and any(k.startswith(f"{auth.WORKERS_DIR}/") for k in keys)
+    assert any(k.startswith((f"{auth.CLIENTS_DIR}/", f"{auth.ADMINS_DIR}/")) for k in keys)
+
+    worker = objects["Deployment/luanette-worker"]
+    command = container(worker)["command"]
+    _, worker_args = parse(command)
+    assert worker_args.command == "worker" and "--name" not in command  # replicas name themselves
+    connect = urllib.parse.urlsplit(worker_args.connect)
+    assert connect.hostname == service["metadata"]["name"] and connect.port == urllib.parse.urlsplit(args.pool).port
+    worker_volumes = pod_mounts(worker)
+    assert worker_volumes[worker_args.cas_root]["persistentVolumeClaim"]["claimName"] == "luanette-cas"
+    worker_keys = {item["path"] for item in worker_volumes[worker_args.curve]["secret"]["items"]}
+    assert worker_keys == {auth.SERVER_KEY, auth.WORKER_SECRET}
+    config = worker_volumes[str(Path(worker_args.config).parent)]["configMap"]["name"]
+    assert config == front_volumes[str(Path(args.config).parent)]["configMap"]["name"] == "luanette-config"
+    settings_file = tmp_path / Path(args.config).name
+    settings_file.write_text(objects["ConfigMap/luanette-config"]["data"][settings_file.name])
+    load_settings(settings_file)
+
+    # the autoscaler scales the workers on the gauges the front exports (OTLP names as
+    # Prometheus spells them), through the collector the front exports to
+    scaler = objects["ScaledObject/luanette-worker"]["spec"]
+    assert scaler["scaleTargetRef"]["name"] == worker["metadata"]["name"]
+    assert 1 <= scaler["minReplicaCount"] < scaler["maxReplicaCount"]
+    queries = " ".join(trigger["metadata"]["query"] for trigger in scaler["triggers"])
+    exported = {name.replace(".", "_") for name in (*telemetry.POOL_GAUGES, *getattr(telemetry, "QUEUE_GAUGES", ()))}
+    named = set(re.findall(r"luanette_[a-z_]+", queries))
+    assert named and named <= exported and "luanette_pool_waiting_runs" in named
+    otlp = urllib.parse.urlsplit(args.otlp_endpoint)
+    collector = objects.get(f"Service/{otlp.hostname}")
+    assert collector is not None and otlp.port in {p["port"] for p in collector["spec"]["ports"]}
 
 
 @pytest.mark.parametrize("doc", ["operations.md", "garden.md"])

@@ -210,6 +210,7 @@ async def exercise_everything(session: ClientSession) -> None:
         listed = {str(r.uri): r for r in (await session.list_resources()).resources}
         templates = {r.uri_template for r in (await session.list_resource_templates()).resource_templates}
     assert {"lua://namespaces", "lua://examples", "lua://jobs", "lua://jobs/stats", "lua://tools"} <= set(listed)
+    assert "lua://workers" in listed
     assert {"lua://scripts/{hash}", "lua://jobs/{id}", "lua://examples/{name}", "lua://namespaces/{name}"} <= templates
     assert listed["lua://examples"].mime_type == "application/json"
     reads = {
@@ -222,6 +223,7 @@ async def exercise_everything(session: ClientSession) -> None:
         f"lua://jobs/{job_id}": "application/json",
         "lua://jobs/stats": "application/json",
         "lua://tools": "application/json",
+        "lua://workers": "application/json",
         "luanette://jobs/stats": "application/json",
     }
     for uri, mime in reads.items():

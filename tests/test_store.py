@@ -56,9 +56,12 @@ RICH = {
 }
 
 
-@pytest.fixture
-def store(tmp_path: Path):
-    with Store.open(tmp_path / "state") as s:
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store(request, tmp_path: Path):
+    """The store on SQLite, and on a fresh PostgreSQL database (skipped where no
+    PostgreSQL is installed: see tests/postgres.py)."""
+    url = request.getfixturevalue("pg_url") if request.param == "postgresql" else None
+    with Store.open(tmp_path / "state", url=url) as s:
         yield s
 
 
@@ -98,7 +101,7 @@ def test_open_creates_state_dir_and_file_in_wal_mode(tmp_path: Path) -> None:
         conn = s._db()
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         assert conn.execute("PRAGMA synchronous").fetchone()[0] == 1  # NORMAL
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 7
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 8
 
 
 def test_closed_store_refuses_calls_and_close_is_idempotent(tmp_path: Path) -> None:

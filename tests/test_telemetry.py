@@ -34,6 +34,7 @@ from luanette.telemetry import (
     Telemetry,
     log_record,
     looks_secret,
+    observe_pool,
     otlp_url,
     param_attributes,
     parent_context,
@@ -474,3 +475,87 @@ def test_only_log_events_carrying_a_trace_become_records():
     assert f"{span_context.trace_id:032x}" == TRACE and f"{span_context.span_id:016x}" == PARENT
     assert record["body"] == "jobs.slow" and record["severity_text"] == "WARNING"
     assert record["attributes"] == {"job_id": "j", "fields.n": 1, "fields.tags": '["a"]'}
+
+
+# --- the worker pool's gauges ---------------------------------------------------------------
+
+
+def gauge_points(reader: InMemoryMetricReader) -> dict[str, list[tuple[dict[str, Any], float]]]:
+    """name -> [(attributes, value)] of the gauges one collection of ``reader`` reads."""
+    points: dict[str, list[tuple[dict[str, Any], float]]] = {}
+    data = reader.get_metrics_data()
+    for rm in data.resource_metrics if data else []:
+        for sm in rm.scope_metrics:
+            for metric in sm.metrics:
+                if metric.name.startswith(("luanette.workers.", "luanette.pool.")):
+                    points[metric.name] = [(dict(p.attributes or {}), p.value) for p in metric.data.data_points]
+    return points
+
+
+def test_pool_gauges_read_the_pool_at_each_collection(traced):
+    stats: dict[str, Any] = {
+        "workers": 5,
+        "groups": {"local": {"workers": 2, "busy": 1, "idle": 1}, "gpu-host": {"workers": 3, "busy": 3, "idle": 0}},
+        "waiting": 4,
+        "oldest_waiting_s": 7.5,
+    }
+    observe_pool(traced.telemetry, lambda: stats)
+    points = gauge_points(traced.metrics)
+    assert sorted(points["luanette.workers.busy"], key=str) == [({"group": "gpu-host"}, 3), ({"group": "local"}, 1)]
+    assert sorted(points["luanette.workers.idle"], key=str) == [({"group": "gpu-host"}, 0), ({"group": "local"}, 1)]
+    assert points["luanette.pool.waiting_runs"] == [({}, 4)]
+    assert points["luanette.pool.oldest_waiting_age"] == [({}, 7.5)]
+
+    stats.update(groups={"local": {"workers": 2, "busy": 0, "idle": 2}}, waiting=0, oldest_waiting_s=None)
+    points = gauge_points(traced.metrics)
+    assert points["luanette.workers.idle"] == [({"group": "local"}, 2)]
+    assert points["luanette.pool.waiting_runs"] == [({}, 0)]
+    assert points["luanette.pool.oldest_waiting_age"] == [({}, 0.0)]  # none waits
+
+
+def test_a_pool_that_cannot_be_read_reports_nothing(traced):
+    def broken() -> dict[str, Any]:
+        raise RuntimeError("engine gone")
+
+    observe_pool(traced.telemetry, broken)
+    points = gauge_points(traced.metrics)  # the collection itself does not fail
+    assert all(not found for found in points.values())
+
+
+def test_a_pool_read_that_meets_a_change_is_tried_again(traced):
+    reads = []
+
+    def changing() -> dict[str, Any]:
+        reads.append(1)
+        if len(reads) % 2:  # every other read meets the event loop changing the pool
+            raise RuntimeError("dictionary changed size during iteration")
+        return {"groups": {"local": {"busy": 2, "idle": 0}}, "waiting": 1, "oldest_waiting_s": 0.5}
+
+    observe_pool(traced.telemetry, changing)
+    points = gauge_points(traced.metrics)
+    assert points["luanette.workers.busy"] == [({"group": "local"}, 2)]
+    assert points["luanette.pool.waiting_runs"] == [({}, 1)]
+
+
+async def test_a_daemons_pool_gauges_count_its_workers(make_server, traced):
+    server = await make_server(telemetry=traced.telemetry, workers=2)
+    async with Client(server.endpoint) as c:
+
+        def ready(points: dict[str, list[tuple[dict[str, Any], float]]]) -> float:
+            return sum(v for key in ("luanette.workers.busy", "luanette.workers.idle") for _, v in points.get(key, []))
+
+        await until(lambda: ready(gauge_points(traced.metrics)) == 2, "both workers ready")
+        points = gauge_points(traced.metrics)
+        busy = dict((a["group"], v) for a, v in points["luanette.workers.busy"])
+        idle = dict((a["group"], v) for a, v in points["luanette.workers.idle"])
+        assert set(busy) == set(idle) == {"local"} and busy["local"] + idle["local"] == 2
+        assert points["luanette.pool.waiting_runs"] == [({}, 0)]
+
+        digest = await store(c, "function main() clock.sleep(1500) return 1 end")
+        job = await run(c, digest)
+
+        def busy_now() -> bool:
+            return any(v >= 1 for _, v in gauge_points(traced.metrics).get("luanette.workers.busy", []))
+
+        await until(busy_now, "a busy worker while the job runs")
+        assert (await wait_done(c, job["job_id"]))["status"] == "complete"

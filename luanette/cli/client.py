@@ -74,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("-f", "--file", type=Path, help="read the Lua code from FILE ('-' for stdin)")
     ev.add_argument("--params", default=None, metavar="JSON", help="params table as JSON")
     sub.add_parser("tools", help="list the requests the daemon serves")
+    sub.add_parser("workers", help="the Lua workers, local and remote, and the runs waiting for one (lua://workers)")
     send = sub.add_parser("send", help="send any payload given as JSON (for debugging)")
     send.add_argument("payload", metavar="JSON", help='e.g. \'{"type": "ping"}\'')
 
@@ -92,6 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
     ru.add_argument("hash")
     ru.add_argument("--params", default=None, metavar="JSON")
     ru.add_argument("--tag", action="append", default=None, help="a job tag (repeatable)")
+    ru.add_argument("--priority", type=int, default=None, metavar="N",
+                    help="queue priority from -10 to 10 (default 0): higher starts first; running jobs "
+                    "are never interrupted")
     ru.add_argument("--wait", action="store_true", help="show progress and print the result when done")
     ru.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                     help="with --wait: print a progress line on stderr at each change (default: a live "
@@ -181,6 +185,8 @@ def build_request(args: argparse.Namespace) -> t.Payload:
         return t.Ping()
     if args.command == "tools":
         return t.ListTools()
+    if args.command == "workers":
+        return t.ReadResource(uri=WORKERS_URI)
     if args.command == "eval":
         params = None if args.params is None else _json_arg(args.params, "--params")
         return t.LuaEval(code=_read_code(args), params=params)
@@ -192,7 +198,8 @@ def build_request(args: argparse.Namespace) -> t.Payload:
         return t.LuaDescribe(script_hash=args.hash)
     if args.command == "run":
         params = None if args.params is None else _json_arg(args.params, "--params")
-        return t.JobExecute(script_hash=args.hash, params=params, tags=args.tag)
+        priority = msgspec.UNSET if args.priority is None else args.priority
+        return t.JobExecute(script_hash=args.hash, params=params, tags=args.tag, priority=priority)
     if args.command == "job":
         match args.action:
             case "status":
@@ -253,6 +260,60 @@ def _value(result: Any) -> str:
     return result if isinstance(result, str) else _dump(result)
 
 
+WORKERS_URI = "lua://workers"
+WORKER_COLUMNS = ("NAME", "GROUP", "HOST", "STATE", "RUNS", "HEARTBEAT", "CAPABILITIES")
+
+
+def workers_view(reply: t.Payload) -> t.Payload:
+    """``workers``: the reply to its ``read_resource`` of ``lua://workers`` turned into
+    a ``success`` whose result is the resource itself, ``{workers, pool}`` (what
+    ``--json`` prints); any other reply as it is."""
+    if not isinstance(reply, t.Success):
+        return reply
+    try:
+        (content,) = reply.result["contents"]
+        return t.Success(result=msgspec.json.decode(content["text"]))
+    except (KeyError, TypeError, ValueError, msgspec.DecodeError) as e:
+        raise CliError(f"unreadable {WORKERS_URI}: {e}", EXIT_ERROR_REPLY) from None
+
+
+def _heartbeat(seconds: Any) -> str:
+    return f"{seconds:.1f} s ago" if isinstance(seconds, int | float) else "-"
+
+
+def render_workers(view: dict[str, Any]) -> str:
+    """The workers as a table (one line a worker), then one line a group and the runs
+    waiting for a worker."""
+    rows = [WORKER_COLUMNS]
+    for w in view.get("workers", []):
+        host = w.get("hostname") or "-"
+        if w.get("pid"):
+            host = f"{host}:{w['pid']}" if host != "-" else f"pid {w['pid']}"
+        rows.append((
+            str(w.get("name", "")),
+            str(w.get("group", "")) + (" (remote)" if w.get("remote") else ""),
+            host,
+            str(w.get("state", "")),
+            f"{w.get('runs', 0)}/{w.get('capacity', 0)}",
+            _heartbeat(w.get("last_heartbeat_s")),
+            ",".join(w.get("capabilities") or []) or "-",
+        ))  # fmt: skip
+    widths = [max(len(row[i]) for row in rows) for i in range(len(WORKER_COLUMNS) - 1)]
+    lines = ["  ".join([*(cell.ljust(width) for cell, width in zip(row, widths, strict=False)), row[-1]]).rstrip()
+             for row in rows]  # fmt: skip
+    pool = view.get("pool") or {}
+    for name, group in sorted((pool.get("groups") or {}).items()):
+        lines.append(
+            f"group {name}: {group.get('workers', 0)} workers, {group.get('busy', 0)} busy, "
+            f"{group.get('idle', 0)} idle, {group.get('runs', 0)}/{group.get('capacity', 0)} runs"
+        )
+    waiting = pool.get("waiting") or 0
+    oldest = pool.get("oldest_waiting_s")
+    since = f" (the oldest for {oldest:.1f} s)" if waiting and isinstance(oldest, int | float) else ""
+    lines.append(f"{waiting} runs waiting for a worker{since}")
+    return "\n".join(lines)
+
+
 def _plugin_line(plugin: dict[str, Any]) -> str:
     if plugin.get("state") == "failed":
         error = plugin.get("error") or {}
@@ -288,6 +349,8 @@ def render(args: argparse.Namespace, reply: t.Payload) -> str:
             return "\n".join(
                 f"{s['session_id']}  {s['operation_count']:>4} ops  {s['job_id'] or '-'}" for s in found
             )
+        case t.Success(result=dict(view)) if command == "workers":
+            return render_workers(view)
         case t.Success(result=list(found)) if command == "plugin" and action == "list":
             return "\n".join(_plugin_line(p) for p in found)
         case t.Success(result={"unloaded": True, "name": name}):
@@ -340,6 +403,7 @@ async def run(args: argparse.Namespace, out: Callable[[str], None]) -> int:
     with ``result``, ``error`` with ``code``/``message``/``details``, or the request's
     own reply such as ``pong``); for ``run --wait`` the reply ``job_status`` gives for
     the finished job (``success``, ``result`` its JobInfo; exit 1 unless it completed);
+    for ``workers`` a ``success`` whose ``result`` is ``lua://workers``' ``{workers, pool}``;
     for a failure of the CLI itself an ``error`` with a ``cli_*`` code (:data:`CLI_CODES`).
     """
     if args.command == "watch":
@@ -353,6 +417,8 @@ async def run(args: argparse.Namespace, out: Callable[[str], None]) -> int:
         reply = await _ask(client, args, request)
         if args.command == "run" and args.wait and isinstance(reply, t.Success):
             reply = await wait_for_job(client, args, reply.result["job_id"])
+    if args.command == "workers":
+        reply = workers_view(reply)
     unfinished = _unfinished_job(args, reply)
     if args.json:
         out(msgspec.json.encode(reply).decode())

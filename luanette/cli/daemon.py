@@ -5,8 +5,6 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
-from collections.abc import Callable
-from typing import Any
 
 import anyio
 import structlog
@@ -14,7 +12,11 @@ import zmq
 
 from luanette import auth, logs
 from luanette.cli import mcp as mcp_cli
-from luanette.config import DEFAULT_BIND, DEFAULT_PUB, Config
+from luanette.cli import worker as worker_cli
+from luanette.cli.argtypes import count, non_negative, positive
+from luanette.config import DEFAULT_BIND, DEFAULT_POOL, DEFAULT_PUB, Config
+from luanette.faults import StorageFault
+from luanette.lease import Lease, LeaseLost, LeaseUnavailable, holder_name
 from luanette.server import Server
 from luanette.settings import Settings, SettingsError, load_settings
 from luanette.telemetry import otlp_url
@@ -33,30 +35,6 @@ def parse_size(text: str) -> int:
         raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 256M or 1G)") from None
 
 
-def positive(kind: type) -> Callable[[str], Any]:
-    def check(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"must be greater than 0: {text!r}")
-        return value
-
-    return check
-
-
-def non_negative(text: str) -> float:
-    """An argparse type: a number of seconds, 0 or more."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more: {text!r}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The ``luanette`` argument parser (tests check docker-compose command lines with it)."""
     parser = argparse.ArgumentParser(prog="luanette", description="Sandboxed Lua job daemon over ZeroMQ.")
@@ -72,8 +50,18 @@ def build_parser() -> argparse.ArgumentParser:
                        f"(default {d.cancel_grace:g})")
     serve.add_argument("--script-memory", type=parse_size, default=d.script_memory, metavar="SIZE",
                        help="memory limit per Lua runtime, e.g. 256M (default 256M)")
-    serve.add_argument("--workers", type=positive(int), default=None, metavar="N",
-                       help="worker processes that run Lua (default: one per core)")
+    serve.add_argument("--workers", type=count, default=None, metavar="N",
+                       help="worker processes that run Lua (default: one per core; 0: remote workers only)")
+    serve.add_argument("--pool", default=DEFAULT_POOL, metavar="ENDPOINT",
+                       help=f"endpoint remote workers join (luanette worker --connect), or 'none' "
+                       f"(default {DEFAULT_POOL}; off loopback only with --curve)")
+    serve.add_argument("--workers-min", type=count, default=None, metavar="N",
+                       help="with --workers-max: scale local worker processes on queue depth")
+    serve.add_argument("--workers-max", type=positive(int), default=None, metavar="N",
+                       help="most local worker processes when scaling (see --workers-min)")
+    serve.add_argument("--no-worker-timeout", type=positive(float), default=d.no_worker_timeout,
+                       metavar="SECONDS", help="how long a job waits for a worker of its group and "
+                       f"capabilities before it fails no_worker (default {d.no_worker_timeout:g})")
     serve.add_argument("--lua-memory-total", type=parse_size, default=None, metavar="SIZE",
                        help="memory all workers' Lua may use together, e.g. 8G; a worker past its "
                        "share is recycled (default: half the RAM)")
@@ -96,6 +84,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="CAS root (default $HOOTENANNY_CAS_PATH, else ~/.hootenanny/cas)")
     serve.add_argument("--state-dir", default=None, metavar="DIR",
                        help="job and script database directory (default: the user state directory)")
+    serve.add_argument("--state", type=state_url, default=None, metavar="URL",
+                       help="keep jobs, the script index and flows in PostgreSQL at URL "
+                       "(postgresql://user@host:port/db) instead of SQLite in --state-dir, which then "
+                       "holds only files; fronts sharing URL take turns: one serves, the others stand "
+                       "by (see docs/operations.md)")
     serve.add_argument("--modules", default=None, metavar="DIR",
                        help="directory of Lua modules for require() (default: none, only stored scripts)")
     serve.add_argument("--plugins", default=None, metavar="DIR",
@@ -137,9 +130,10 @@ def build_parser() -> argparse.ArgumentParser:
     generate = keys.add_parser("generate", help="write a key pair NAME.key and NAME.key_secret into DIR")
     generate.add_argument("directory", metavar="DIR")
     generate.add_argument("--name", default="server", help="file name of the pair (default server)")
-    init = keys.add_parser("init", help="lay out DIR/server, DIR/client and DIR/admin (keeps what exists)")
+    init = keys.add_parser("init", help="lay out DIR/server, DIR/client, DIR/admin and DIR/worker (keeps what exists)")
     init.add_argument("directory", metavar="DIR")
     mcp_cli.add_arguments(sub.add_parser("mcp", help="serve the daemon to MCP clients (stdio, or --http)"))
+    worker_cli.add_arguments(sub.add_parser("worker", help="run Lua for a front on another machine (joins its pool)"))
     return parser
 
 
@@ -148,7 +142,7 @@ def exposure_problem(config: Config) -> str | None:
     without CURVE (unless ``--insecure``); None when it may."""
     if config.curve or config.insecure:
         return None
-    exposed = [e for e in (config.bind, config.pub) if e is not None and not auth.is_local(e)]
+    exposed = [e for e in (config.bind, config.pub, config.pool) if e is not None and not auth.is_local(e)]
     if not exposed:
         return None
     return (
@@ -156,6 +150,16 @@ def exposure_problem(config: Config) -> str | None:
         "reaches it can run code, read every job's results and stop the daemon. Use --curve DIR "
         "(see docs/security.md), bind tcp://127.0.0.1:PORT, or pass --insecure to accept the risk."
     )
+
+
+def state_url(text: str) -> str:
+    """An argparse type: a PostgreSQL URL libpq can parse (nothing is connected to)."""
+    from luanette import postgres  # imported here: psycopg only for a PostgreSQL store
+
+    try:
+        return postgres.check_url(text)
+    except postgres.BadUrl as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def otlp_endpoint(text: str) -> str:
@@ -174,15 +178,82 @@ def config_from(args: argparse.Namespace) -> Config:
     values["job_retention_s"] = args.job_retention_days * 86400
     if values.get("pub", "").lower() == "none":
         values["pub"] = None
+    if (values.get("pool") or "none").lower() == "none":
+        values["pool"] = None
+    low, high = values.get("workers_min"), values.get("workers_max")
+    if (low is None) != (high is None) or (high is not None and low is not None and low >= high):
+        raise SystemExit("luanette: --workers-min and --workers-max go together, and min < max")
     return Config(**values)
 
 
 async def serve(config: Config, settings: Settings) -> None:
-    """Run the server until Shutdown, SIGINT or SIGTERM, then drain and return."""
+    """Run the server until Shutdown, SIGINT or SIGTERM, then drain and return.
+
+    With a PostgreSQL store (``--state``) the lease comes first (luanette.lease): a
+    standby waits here, binding nothing, until the active front is lost; a front that
+    loses its lease stops at once and :class:`~luanette.lease.LeaseLost` is raised."""
+    lease: Lease | None = None
+    if config.state is not None:
+        lease = Lease(config.state, holder_name(config.worker_name))
+        if not await _wait_for(lease):
+            return
+    try:
+        await _serve(config, settings, lease)
+    finally:
+        if lease is not None and lease.held:
+            lease.release()
+
+
+async def _wait_for(lease: Lease) -> bool:
+    """Take the lease, waiting as a standby; False when SIGINT or SIGTERM came first
+    (a standby stops at once: it has nothing to drain)."""
+    stopped = False
+    unreachable: LeaseUnavailable | None = None
+    async with anyio.create_task_group() as tg:
+
+        async def stop_on_signal() -> None:
+            nonlocal stopped
+            with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                async for sig in signals:
+                    structlog.get_logger("luanette.lease").info(
+                        "lease.wait_stopped", signal=signal.Signals(sig).name, state=lease.location
+                    )
+                    stopped = True
+                    tg.cancel_scope.cancel()
+
+        tg.start_soon(stop_on_signal)
+        try:
+            await lease.acquire()
+        except LeaseUnavailable as e:  # raised after the group, not wrapped by it
+            unreachable = e
+        tg.cancel_scope.cancel()
+    if unreachable is not None:
+        raise unreachable
+    if stopped and lease.held:  # the signal and the lease came together: give it back
+        lease.release()
+    return not stopped
+
+
+async def _serve(config: Config, settings: Settings, lease: Lease | None) -> None:
     server = Server(config, settings=settings)
+    server.lost_front = None if lease is None else lease.lost_front
     server.bind()  # outside the task group, so a busy address is a plain ZMQError
     failure: TriggerError | None = None
+    lost: LeaseLost | None = None
     async with anyio.create_task_group() as tg:
+
+        async def watch_lease(lease: Lease) -> None:
+            nonlocal lost
+            try:
+                await lease.watch()
+            except LeaseLost as e:
+                # no drain: a standby may already be failing these jobs as worker_lost
+                lost = e
+                lease.held = False  # nothing to release: the session is gone or unreachable
+                tg.cancel_scope.cancel()
+
+        if lease is not None:
+            tg.start_soon(watch_lease, lease)
 
         async def watch_signals() -> None:
             with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
@@ -198,6 +269,8 @@ async def serve(config: Config, settings: Settings) -> None:
         except TriggerError as e:  # a missing script_file: raised after the group, unwrapped
             failure = e
         tg.cancel_scope.cancel()
+    if lost is not None:
+        raise lost
     if failure is not None:
         raise failure
 
@@ -223,6 +296,8 @@ def main(argv: list[str] | None = None) -> int:
         return generate_keys(args)
     if args.command == "mcp":
         return mcp_cli.run(args)
+    if args.command == "worker":
+        return worker_cli.run(args)
     config = config_from(args)
     problem = exposure_problem(config)
     if problem is not None:
@@ -247,6 +322,15 @@ def main(argv: list[str] | None = None) -> int:
         log.error("server.failed", error=str(e), bind=config.bind)
         return 1
     except TriggerError as e:  # a trigger's script_file is missing or does not compile
+        log.error("server.failed", error=str(e))
+        return 2
+    except LeaseUnavailable as e:  # --state names a database that cannot be reached
+        log.error("server.failed", error=str(e))
+        return 2
+    except LeaseLost as e:
+        log.error("lease.lost", error=str(e), action="stopped serving at once: a standby front may take over")
+        return 3
+    except StorageFault as e:  # the job database cannot be opened
         log.error("server.failed", error=str(e))
         return 2
     return 0

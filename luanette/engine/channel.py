@@ -1,15 +1,25 @@
 """The messages between the front and its worker processes, and their codec.
 
-The front binds a ROUTER (ipc in the state directory locally; tcp works the same for
-a worker on another machine); each worker connects a DEALER whose identity is its
+The front binds a ROUTER: ipc in a private directory for its own worker processes,
+and the pool endpoint (seed 001's ``:5571``, tcp) that remote workers join
+(``luanette worker --connect``); each worker connects a DEALER whose identity is its
 name.  Every message is one frame of MessagePack: a tagged msgspec Struct.
 
 Front -> worker: ``Run`` (start a script), ``Cancel``, ``Answer`` (the result of a
-service call), ``Stop`` (finish what runs, then exit).
-Worker -> front: ``Hello`` (ready; how many runs it takes), ``Done`` (a run ended),
-``Call`` (a service only the front holds: a model backend, the garden), ``Note``
+service call), ``Stop`` (finish what runs, then exit), ``Pulse`` (the front's
+heartbeat), ``Unknown`` (the front does not know the sender: register again),
+``Invalidate`` (scripts stored again or removed: drop their cached chunks).
+Worker -> front: ``Register`` (seed 001's ``Register(WorkerRegistration)`` and what
+the pool needs: how many runs it takes, its group), ``Done`` (a run ended), ``Call``
+(a service only the front holds: a model backend, the garden), ``Note``
 (fire-and-forget: a script's log line, progress, span events), ``Retiring`` (the
 worker grew past its memory share and leaves once its runs are done), ``Beat``.
+
+Credit, not a blind push: a worker says in ``Register`` how many runs it takes at once
+and the front never has more than that outstanding on it; every ``Done`` returns one
+credit.  Both sides beat every second (Paranoid Pirate): a remote worker the front has
+not heard for 3 beats is lost (its runs end ``worker_lost``); a remote worker that has
+not heard its front for 3 beats drops its runs and registers again on a new socket.
 
 Runs are numbered by the front (``run``: unique per front process); a message about a
 run the receiver no longer knows is dropped and counted, never an error.
@@ -57,6 +67,8 @@ class RunInfo(msgspec.Struct, array_like=True, omit_defaults=True):
     # the tool:* events some plugin subscribes to (luanette.plugins): the run's async
     # namespace calls report them; empty (the usual case) costs nothing
     tool_hooks: list[str] = []
+    # the worker group the run must go to (describe().group); None: any that can serve it
+    group: str | None = None
 
 
 class Run(Message, tag="run"):
@@ -90,11 +102,32 @@ class Stop(Message, tag="stop"):
     """Take no more runs, finish the ones running, then exit."""
 
 
-class Hello(Message, tag="hello"):
-    """A worker is ready."""
+class Register(Message, tag="register"):
+    """A worker joins (or joins again): ready for ``capacity`` runs at once."""
 
+    # seed 001's Payload::Register(WorkerRegistration) as hooteproto encodes it (the
+    # wire vectors' compact MessagePack): worker id, type, name, capabilities, host,
+    # version.  Capabilities are seed 003's (``model:*``, ``garden.write``); ``*``:
+    # every one.
+    registration: bytes
     pid: int
-    capacity: int  # runs it takes at once
+    capacity: int  # runs it takes at once: its credit
+    group: str = "local"
+    remote: bool = False
+
+
+class Pulse(Message, tag="pulse"):
+    """The front's heartbeat."""
+
+
+class Unknown(Message, tag="unknown"):
+    """The front does not know the sender (it restarted, or gave the worker up)."""
+
+
+class Invalidate(Message, tag="invalidate"):
+    """Scripts stored again or removed: compiled chunks of these texts' hashes go."""
+
+    hashes: list[str]
 
 
 class Done(Message, tag="done"):
@@ -138,8 +171,8 @@ class Beat(Message, tag="beat"):
     inline_steps: int = 0  # first steps run on the worker's event loop, so far
 
 
-ToWorker = Run | Cancel | Answer | Stop
-ToFront = Hello | Done | Call | Note | Retiring | Beat
+ToWorker = Run | Cancel | Answer | Stop | Pulse | Unknown | Invalidate
+ToFront = Register | Done | Call | Note | Retiring | Beat
 
 encoder = msgspec.msgpack.Encoder()
 to_worker = msgspec.msgpack.Decoder(ToWorker)

@@ -285,8 +285,22 @@ class _ChunkCache:
             if len(self._chunks) > self._size:
                 self._chunks.popitem(last=False)
 
+    def clear(self) -> int:
+        """Forget every compiled chunk; how many there were."""
+        with self._lock:
+            count = len(self._chunks)
+            self._chunks.clear()
+            self._quick.clear()
+            return count
+
 
 _chunks = _ChunkCache(CHUNK_CACHE)
+
+
+def forget_chunks() -> int:
+    """Drop this process's compiled chunks (scripts were stored again or removed: the
+    front's ``Invalidate``); how many were cached."""
+    return _chunks.clear()
 
 
 def release_idle_states() -> None:

@@ -41,8 +41,10 @@ import zmq.asyncio
 from opentelemetry import context as otel_context
 
 from hooteproto import garden as g
+from hooteproto.codec import DecodeError, Encoding, decode_payload
 from hooteproto.depth import check_value
-from hooteproto.types import GenerationChunk
+from hooteproto.types import GenerationChunk, Register
+from luanette import capabilities as caps
 from luanette.backends import Backends
 from luanette.cas import env_read_only_why
 from luanette.engine import channel as ch
@@ -73,6 +75,15 @@ WORKER_WAIT_S: Final = 30.0
 MAX_RESTART_BACKOFF_S: Final = 5.0
 # Seconds a stopping worker may take to finish before it is killed.
 STOP_TIMEOUT_S: Final = 5.0
+# Seconds between heartbeats, both ways; a remote worker silent for LOST_AFTER_BEATS of
+# them is lost (Paranoid Pirate).
+BEAT_S: Final = 1.0
+LOST_AFTER_BEATS: Final = 3
+# Longest a run waits for a worker that can serve it to join (its group, its
+# capabilities) before it fails ``no_worker``.
+NO_WORKER_WAIT_S: Final = 30.0
+# How long a local worker beyond --workers-min may stay idle before it is stopped.
+SCALE_DOWN_IDLE_S: Final = 30.0
 
 
 class EngineConfig(msgspec.Struct, kw_only=True, frozen=True):
@@ -87,6 +98,14 @@ class EngineConfig(msgspec.Struct, kw_only=True, frozen=True):
     cas_root: str | None = None
     settings: Settings = Settings()
     log_json: bool = False
+    # the pool endpoint remote workers join (seed 001's :5571); None: local workers only
+    pool_endpoint: str | None = None
+    no_worker_timeout_s: float = NO_WORKER_WAIT_S
+    # the local supervisor scales its processes between these on queue depth; 0: fixed
+    workers_min: int = 0
+    workers_max: int = 0
+    scale_down_idle_s: float = SCALE_DOWN_IDLE_S
+    beat_s: float = BEAT_S
 
 
 class RunHooks:
@@ -127,15 +146,27 @@ class EngineStats(msgspec.Struct):
     workers_recycled: int = 0  # retired past their memory share
     late_results: int = 0  # answers for runs already given up on
     service_calls: int = 0
+    remote_joined: int = 0  # registrations of remote workers (a rejoin counts again)
+    scaled_up: int = 0  # local workers the supervisor added past --workers-min
+    scaled_down: int = 0  # and stopped again when idle
 
 
 class _Worker:
     """The front's view of one worker process."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, *, remote: bool = False) -> None:
         self.name = name
         self.identity = name.encode()
         self.pid = 0
+        self.remote = remote  # joined over the pool endpoint: known only by its beats
+        self.group = "local"
+        self.capabilities: tuple[caps.Capability, ...] | None = None  # None: every one
+        self.capability_texts: list[str] = ["*"]
+        self.hostname = ""
+        self.version = ""
+        self.worker_id = ""
+        self.idle_since = time.monotonic()
+        self.served = 0  # runs it answered
         self.ready = False
         self.leaving = False  # takes no new runs (quarantined, retiring or stopping)
         self.runs: set[int] = set()
@@ -323,6 +354,11 @@ class Engine:
         self._numbers = itertools.count(1)
         self._names = itertools.count(1)
         self._ready = asyncio.Event()
+        self._waiting: dict[int, float] = {}  # runs waiting for a worker: when they began
+        self._unknown_told: dict[bytes, float] = {}  # senders told to register, and when
+        self._pool_sock_endpoint: str | None = None
+        self.queue_depth: Callable[[], int] | None = None  # jobs queued (set by the server)
+        self.secure_pool: Callable[[zmq.Socket[Any]], None] | None = None  # CURVE for :5571
         self._exits = anyio.Event()  # set when a worker exits
         self._stopping = False
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -345,10 +381,31 @@ class Engine:
         sock.setsockopt(zmq.SNDHWM, 0)
         sock.setsockopt(zmq.RCVHWM, 0)
         sock.setsockopt(zmq.LINGER, 0)
+        # a worker that joins again under its name (a new socket after a partition)
+        # takes its identity over instead of being refused
+        sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
         sock.bind(f"ipc://{self._dir}/pool")
         self._sock = sock
         self.endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        if self.config.pool_endpoint:
+            # Options are taken per endpoint when it is bound: the local workers' ipc
+            # endpoint above stays plain, the pool endpoint gets CURVE when it is on.
+            if self.secure_pool is not None:
+                self.secure_pool(sock)
+            try:
+                sock.bind(self.config.pool_endpoint)
+            except zmq.ZMQError:
+                sock.close(0)
+                self._sock = None
+                shutil.rmtree(self._dir, ignore_errors=True)
+                raise
+            self._pool_sock_endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
         return self.endpoint
+
+    @property
+    def pool_endpoint(self) -> str | None:
+        """The endpoint remote workers join, as bound (a tcp port 0 resolved)."""
+        return self._pool_sock_endpoint
 
     async def serve(self, *, task_status: Any = anyio.TASK_STATUS_IGNORED) -> None:
         """Start the workers and serve them until cancelled; then stop them."""
@@ -361,6 +418,9 @@ class Engine:
                 for _ in range(self.config.workers):  # runs wait for the first to be ready
                     tg.start_soon(self._spawn)
                 tg.start_soon(self._receive_loop)
+                tg.start_soon(self._pulse_loop)
+                if self.config.workers_max > self.config.workers_min:
+                    tg.start_soon(self._autoscale_loop)
                 task_status.started()
         finally:
             with anyio.CancelScope(shield=True):
@@ -371,10 +431,15 @@ class Engine:
         for pending in list(self._pending.values()):
             self._fail(pending, ErrorDetail("cancelled", "the daemon is shutting down"))
         for worker in list(self._workers.values()):
-            if worker.ready:
+            if worker.remote:  # it outlives this front: it registers with the next one
+                self._workers.pop(worker.identity, None)
+            elif worker.ready:
                 self._send(worker, ch.Stop())
             else:  # not connected yet: a Stop would not reach it, and it holds nothing
                 self._kill(worker)
+        for worker in list(self._workers.values()):
+            if worker.outbox:
+                self._flush(worker)
         with anyio.move_on_after(STOP_TIMEOUT_S):
             await self._all_exited()
         for worker in list(self._workers.values()):
@@ -434,9 +499,11 @@ class Engine:
         hooks: RunHooks,
         chunk_name: str,
     ) -> Outcome:
-        worker = self._choose()
+        # describe() gets no capability whatever the script declares: any worker will do
+        needs = info.capabilities if info.kind != "describe" else []
+        worker = self._choose(info.group, needs)
         if worker is None:  # starting up, or every worker is full or being replaced
-            worker = await self._wait_for_worker(time.monotonic() + WORKER_WAIT_S, cancel)
+            worker = await self._wait_for_worker(info.group, needs, cancel)
         # the run's time starts now, as it does in the worker
         deadline = time.monotonic() + limits.timeout_s
         self.stats.runs += 1
@@ -470,7 +537,7 @@ class Engine:
                 self._send(worker, ch.Cancel(run=number, reason="the request was abandoned"))
             self._settle(pending)
 
-    def _choose(self) -> _Worker | None:
+    def _choose(self, group: str | None = None, needs: list[str] | None = None) -> _Worker | None:
         best: _Worker | None = None
         # a worker with runs that has gone quiet is stuck (say, inside one C call on its
         # event loop): send it nothing more until it speaks again
@@ -479,29 +546,83 @@ class Engine:
             if worker.runs and worker.last_heard < quiet:
                 continue
             if worker.ready and not worker.leaving and len(worker.runs) < worker.capacity:
-                if best is None or len(worker.runs) < len(best.runs):
+                if (group is not None or worker.capabilities is not None) and not _serves(worker, group, needs):
+                    continue
+                # fewest runs; on a tie, the one that served least (sequential runs
+                # take turns, so every worker's caches warm up)
+                if best is None or (len(worker.runs), worker.served) < (len(best.runs), best.served):
                     best = worker
         return best
 
-    async def _wait_for_worker(self, deadline: float, cancel: CancelToken) -> _Worker:
-        while True:
-            self._ready.clear()
+    def eligible(self, group: str | None, needs: list[str] | None) -> bool:
+        """Whether some worker now in the pool (busy or not) can serve a run of
+        ``group`` with the capabilities ``needs`` (None: everything its kind offers)."""
+        return any(w.ready and not w.leaving and _serves(w, group, needs) for w in self._workers.values())
+
+    def why_no_worker(self, group: str | None, needs: list[str] | None) -> str:
+        """Why no worker can take such a run, for a job's status and its error."""
+        if not any(w.ready and not w.leaving for w in self._workers.values()):
+            return "no worker process has joined the pool yet"
+        wanted = "every capability" if needs is None else (", ".join(needs) or "no capability")
+        if group is not None:
+            in_group = [w for w in self._workers.values() if w.group == group and w.ready and not w.leaving]
+            if not in_group:
+                return f"no worker of group {group!r} is in the pool"
+            return f"no worker of group {group!r} has the capabilities the script needs ({wanted})"
+        return f"no worker has the capabilities the script needs ({wanted})"
+
+    async def wait_eligible(self, group: str | None, needs: list[str] | None, timeout_s: float,
+                            cancel: CancelToken | None = None) -> bool:
+        """Wait until :meth:`eligible` (True) or ``timeout_s`` has passed (False)."""
+        deadline = time.monotonic() + timeout_s
+        while not self.eligible(group, needs):
             left = deadline - time.monotonic()
-            if left <= 0 or cancel.cancelled or self._stopping:
-                if cancel.cancelled:
-                    raise ScriptError(ErrorDetail("cancelled", "the run was cancelled before a worker took it"))
-                raise ScriptError(
-                    ErrorDetail(
-                        "busy",
-                        f"no worker process could take the script within {WORKER_WAIT_S:g} s",
-                        hints=["the daemon's workers keep failing or are all full; see its log, and try again"],
-                    )
-                )
-            with anyio.move_on_after(min(left, 0.1)):
+            if left <= 0 or self._stopping or (cancel is not None and cancel.cancelled):
+                return False
+            self._ready.clear()
+            with anyio.move_on_after(min(left, 0.25)):
                 await self._ready.wait()
-            worker = self._choose()
-            if worker is not None:
-                return worker
+        return True
+
+    async def _wait_for_worker(self, group: str | None, needs: list[str] | None, cancel: CancelToken) -> _Worker:
+        started = time.monotonic()
+        self._waiting[id(cancel)] = started
+        try:
+            while True:
+                self._ready.clear()
+                now = time.monotonic()
+                # full workers free up within a run; one that can serve it may never come
+                limit = WORKER_WAIT_S if self.eligible(group, needs) else self.config.no_worker_timeout_s
+                left = started + limit - now
+                if left <= 0 or cancel.cancelled or self._stopping:
+                    if cancel.cancelled:
+                        raise ScriptError(ErrorDetail("cancelled", "the run was cancelled before a worker took it"))
+                    if not self.eligible(group, needs):
+                        raise ScriptError(
+                            ErrorDetail(
+                                "no_worker",
+                                f"no worker could take the script within {limit:g} s: "
+                                + self.why_no_worker(group, needs),
+                                hints=[
+                                    "start a worker that can serve it (luanette worker --connect ... "
+                                    "--group NAME --capability CAP), or change the script's group"
+                                ],
+                            )
+                        )
+                    raise ScriptError(
+                        ErrorDetail(
+                            "busy",
+                            f"no worker process could take the script within {limit:g} s",
+                            hints=["the daemon's workers keep failing or are all full; see its log, and try again"],
+                        )
+                    )
+                with anyio.move_on_after(min(left, 0.1)):
+                    await self._ready.wait()
+                worker = self._choose(group, needs)
+                if worker is not None:
+                    return worker
+        finally:
+            self._waiting.pop(id(cancel), None)
 
     def _on_cancel(self, pending: _Pending) -> None:
         if pending.future.done():
@@ -554,6 +675,8 @@ class Engine:
             pending.timer.cancel()
         worker = pending.worker
         worker.runs.discard(pending.number)
+        if not worker.runs:
+            worker.idle_since = time.monotonic()
         if worker.leaving and not worker.runs and not worker.exited:
             self._leave_now(worker)
 
@@ -585,7 +708,7 @@ class Engine:
             log_json=self.config.log_json,
         )
         handle = _Worker(name)
-        self._workers[handle.identity] = handle  # before it starts: its Hello may come first
+        self._workers[handle.identity] = handle  # before it starts: its Register may come first
         try:
             handle.pid = await _launcher().spawn(config, lambda code: self._on_exit(handle, code))
         except BaseException:
@@ -613,6 +736,15 @@ class Engine:
         if worker.leaving:
             return
         worker.leaving = True
+        if worker.remote:
+            if kill_after is not None:
+                # Not ours to kill or replace: it is told to stop (its own supervisor, a
+                # container runtime say, starts it again) and forgotten; its runs end now.
+                self._lose_runs(worker, f"the worker {worker.name} was stopped (a run of it did not come back)")
+                self._leave_now(worker)
+            elif not worker.runs:  # it leaves by itself: once its runs are done
+                self._leave_now(worker)
+            return
         self._replace()
         worker.quarantined = kill_after is not None
         if kill_after is not None and self._loop is not None:
@@ -621,13 +753,19 @@ class Engine:
             self._leave_now(worker)
 
     def _leave_now(self, worker: _Worker) -> None:
+        if worker.remote:
+            self._send(worker, ch.Stop())
+            self._flush(worker)
+            self._workers.pop(worker.identity, None)
+            self._exits.set()
+            return
         if worker.quarantined:
             self._kill(worker)
         else:
             self._send(worker, ch.Stop())
 
     def _kill(self, worker: _Worker) -> None:
-        if not worker.exited and worker.pid:
+        if not worker.exited and worker.pid and not worker.remote:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(worker.pid, signal.SIGKILL)
 
@@ -723,14 +861,18 @@ class Engine:
 
     def _handle_message(self, identity: bytes, frame: bytes) -> None:
         worker = self._workers.get(identity)
-        if worker is None:
-            return
-        worker.last_heard = time.monotonic()
         try:
             message = ch.to_front.decode(frame)
         except (msgspec.DecodeError, RecursionError):  # values are checked at their source: see channel
-            log.warning("engine.bad_message", worker=worker.name, size=len(frame))
+            log.warning("engine.bad_message", worker=worker.name if worker else identity[:64], size=len(frame))
             return
+        if isinstance(message, ch.Register):
+            self._on_register(identity, worker, message)
+            return
+        if worker is None or not worker.ready:
+            self._on_stranger(identity, message)
+            return
+        worker.last_heard = time.monotonic()
         if isinstance(message, ch.Done):
             self._on_done(message)
         elif isinstance(message, ch.Note):
@@ -746,24 +888,142 @@ class Engine:
                 self._tg.start_soon(self._serve_call, worker, message)
             finally:
                 otel_context.detach(token)
-        elif isinstance(message, ch.Hello):
-            worker.ready = True
-            worker.capacity = message.capacity
-            self._restart_backoff = 0.0
-            self._ready.set()
         elif isinstance(message, ch.Beat):
             worker.rss_bytes = message.rss_bytes
             worker.inline_steps = message.inline_steps
         elif isinstance(message, ch.Retiring):
-            self.stats.workers_recycled += 1
-            log.info("engine.worker_recycled", worker=worker.name, rss=message.rss_bytes)
+            if worker.remote:  # stopped by its own operator: it finishes its runs
+                log.info("engine.worker_leaving", worker=worker.name, runs=len(worker.runs))
+            else:
+                self.stats.workers_recycled += 1
+                log.info("engine.worker_recycled", worker=worker.name, rss=message.rss_bytes)
             self._retire(worker, kill_after=None)
+
+    def _on_register(self, identity: bytes, worker: _Worker | None, message: ch.Register) -> None:
+        try:
+            reg = decode_payload(message.registration, Encoding.COMPACT)
+            if not isinstance(reg, Register):
+                raise DecodeError("not a Register payload")
+            needs = None if "*" in reg.capabilities else tuple(caps.parse(c) for c in reg.capabilities)
+        except (DecodeError, caps.CapabilityError) as exc:
+            log.warning("engine.bad_registration", worker=identity[:64], error=str(exc))
+            return
+        if worker is None:
+            if not message.remote:  # a local worker we no longer know (it was given up)
+                return
+            worker = _Worker(identity.decode("utf-8", "replace"), remote=True)
+            self._workers[identity] = worker
+        elif worker.ready:
+            # It registers again on a new socket: it dropped what it ran for us.
+            self._lose_runs(worker, f"the worker {worker.name} restarted its connection to the front")
+        worker.remote = message.remote
+        worker.pid = message.pid
+        worker.capacity = max(1, message.capacity)
+        worker.group = message.group
+        worker.capabilities = needs
+        worker.capability_texts = list(reg.capabilities)
+        worker.hostname = reg.hostname
+        worker.version = reg.version
+        worker.worker_id = str(reg.worker_id)
+        worker.last_heard = worker.idle_since = time.monotonic()
+        worker.ready = True
+        self._unknown_told.pop(identity, None)
+        if worker.remote:
+            self.stats.remote_joined += 1
+            log.info("engine.worker_joined", worker=worker.name, host=worker.hostname, group=worker.group,
+                     capabilities=worker.capability_texts, capacity=worker.capacity)
+        else:
+            self._restart_backoff = 0.0
+        self._ready.set()
+
+    def _on_stranger(self, identity: bytes, message: ch.Message) -> None:
+        # A worker the front does not know (the front restarted, or gave it up after a
+        # partition): what it sends is dropped, and it is told to register again.
+        if isinstance(message, ch.Done):
+            self.stats.late_results += 1
+        now = time.monotonic()
+        if now - self._unknown_told.get(identity, 0.0) < self.config.beat_s:
+            return
+        if len(self._unknown_told) > 1000:
+            self._unknown_told.clear()
+        self._unknown_told[identity] = now
+        assert self._sock is not None
+        sent = cast("asyncio.Future[Any]", self._sock.send_multipart(
+            [identity, ch.encoder.encode(ch.Unknown())], flags=zmq.NOBLOCK))
+        if sent.done():
+            sent.exception()  # (marks it seen) it went away again: nothing to tell
+
+    async def _pulse_loop(self) -> None:
+        # Beats go out once a beat; silence is looked for four times as often, so a
+        # dead remote worker's runs end within 3 beats of its last one (not 4).
+        beat = self.config.beat_s
+        pulse = ch.encoder.encode(ch.Pulse())
+        for tick in itertools.count():
+            await anyio.sleep(beat / 4)
+            lost_before = time.monotonic() - LOST_AFTER_BEATS * beat
+            for worker in list(self._workers.values()):
+                if not worker.ready:
+                    continue
+                if worker.remote and worker.last_heard < lost_before:
+                    self._lose(worker, f"sent no heartbeat for {LOST_AFTER_BEATS * beat:g} s")
+                elif tick % 4 == 0:
+                    self._send_frame(worker, pulse)
+
+    def _lose(self, worker: _Worker, why: str) -> None:
+        """A remote worker is gone (no beats): its runs end ``worker_lost``."""
+        self.stats.workers_lost += 1
+        log.error("engine.worker_lost", worker=worker.name, host=worker.hostname, reason=why, runs=len(worker.runs))
+        self._lose_runs(worker, f"the worker {worker.name} on {worker.hostname or 'its host'} {why}")
+        self._workers.pop(worker.identity, None)
+        self._exits.set()
+
+    def _lose_runs(self, worker: _Worker, how: str) -> None:
+        for number in list(worker.runs):
+            pending = self._pending.get(number)
+            if pending is not None:
+                self._fail(pending, ErrorDetail(
+                    "worker_lost",
+                    f"{how} before the script finished",
+                    hints=["run it again; a script that is safe to repeat can declare retry = \"on_worker_loss\""],
+                ))
+        worker.runs.clear()
+
+    async def _autoscale_loop(self) -> None:
+        # The local supervisor: one more process while work waits and every local
+        # process is busy; one fewer when one has been idle for a while.
+        while True:
+            config = self.config
+            await anyio.sleep(config.beat_s)
+            local = [w for w in self._workers.values() if not w.remote and not w.leaving]
+            waiting = len(self._waiting) + (self.queue_depth() if self.queue_depth is not None else 0)
+            now = time.monotonic()
+            if waiting and len(local) < config.workers_max and all(w.ready and w.runs for w in local):
+                self.stats.scaled_up += 1
+                log.info("engine.scale_up", workers=len(local) + 1, waiting=waiting)
+                assert self._tg is not None
+                self._tg.start_soon(self._spawn)
+                continue
+            if len(local) > config.workers_min and not waiting:
+                idle = [w for w in local if w.ready and not w.runs and now - w.idle_since >= config.scale_down_idle_s]
+                if idle:
+                    self.stats.scaled_down += 1
+                    log.info("engine.scale_down", workers=len(local) - 1)
+                    victim = idle[-1]
+                    victim.leaving = True
+                    self._leave_now(victim)
+
+    def invalidate(self, hashes: list[str]) -> None:
+        """Scripts stored again or removed: every worker drops its cached chunks."""
+        for worker in self._workers.values():
+            if worker.ready:
+                self._send(worker, ch.Invalidate(hashes=hashes))
 
     def _on_done(self, message: ch.Done) -> None:
         pending = self._pending.get(message.run)
         if pending is None:
             self.stats.late_results += 1
             return
+        pending.worker.served += 1
         if not pending.future.done():
             if message.error is not None:
                 pending.future.set_exception(ScriptError(message.error))
@@ -884,19 +1144,63 @@ class Engine:
         )
 
     def workers(self) -> list[Mapping[str, Any]]:
-        """The workers now: name, pid, runs, RSS, state."""
+        """The workers now: name, group, capabilities, host, load, last heartbeat."""
+        now = time.monotonic()
         return [
             {
                 "name": w.name,
+                "group": w.group,
+                "capabilities": list(w.capability_texts),
+                "hostname": w.hostname,
                 "pid": w.pid,
+                "version": w.version,
+                "remote": w.remote,
+                "state": "leaving" if w.leaving else "ready" if w.ready else "starting",
                 "runs": len(w.runs),
+                "capacity": w.capacity,
                 "rss_bytes": w.rss_bytes,
+                "last_heartbeat_s": round(now - w.last_heard, 3),
                 "ready": w.ready,
                 "leaving": w.leaving,
                 "inline_steps": w.inline_steps,
+                "served": w.served,
             }
             for w in self._workers.values()
         ]
+
+    def pool_stats(self) -> dict[str, Any]:
+        """Autoscaling signals: workers busy and idle per group, runs waiting for one."""
+        groups: dict[str, dict[str, int]] = {}
+        for w in self._workers.values():
+            if not w.ready or w.leaving:
+                continue
+            g_ = groups.setdefault(w.group, {"workers": 0, "busy": 0, "idle": 0, "runs": 0, "capacity": 0})
+            g_["workers"] += 1
+            g_["busy" if w.runs else "idle"] += 1
+            g_["runs"] += len(w.runs)
+            g_["capacity"] += w.capacity
+        oldest = min(self._waiting.values(), default=None)
+        return {
+            "workers": sum(g_["workers"] for g_ in groups.values()),
+            "groups": groups,
+            "waiting": len(self._waiting),
+            "oldest_waiting_s": None if oldest is None else round(time.monotonic() - oldest, 3),
+        }
+
+
+def _serves(worker: _Worker, group: str | None, needs: list[str] | None) -> bool:
+    """Whether ``worker`` may run a script of ``group`` that has the capabilities
+    ``needs`` (None: everything its kind offers, which only an all-capable worker has)."""
+    if group is not None and worker.group != group:
+        return False
+    if worker.capabilities is None:
+        return True
+    if needs is None:
+        return False
+    try:
+        return all(caps.permitted(caps.parse(text), worker.capabilities) for text in needs)
+    except caps.CapabilityError:
+        return False
 
 
 def _exists(pid: int) -> bool:

@@ -1,6 +1,6 @@
 """A worker process: runs scripts for the front, many at once, and holds nothing else.
 
-It connects a DEALER to the front's pool socket, says ``Hello``, and serves ``Run``
+It connects a DEALER to the front's pool socket, sends ``Register``, and serves ``Run``
 messages until told to ``Stop`` (or until the front goes away).  Each run gets the
 globals the registry gives its kind; the services only the front holds (model
 backends, the garden) are proxies that send a ``Call`` and wait for its ``Answer``, so
@@ -21,9 +21,11 @@ import contextvars
 import itertools
 import os
 import signal
+import socket
 import sys
 import threading
 import time
+import uuid
 from pathlib import Path
 from typing import Any, cast
 
@@ -35,12 +37,14 @@ import zmq.asyncio
 from opentelemetry import trace
 
 from hooteproto import garden as g
+from hooteproto.codec import Encoding, encode_payload
+from hooteproto.types import Register, WorkerType
 from luanette import logs
 from luanette.backends import UnknownBackend
 from luanette.cas import Cas
 from luanette.engine import channel as ch
 from luanette.engine.api import CancelToken, ErrorDetail, ScriptError
-from luanette.engine.lua import release_idle_states, run_script, stats
+from luanette.engine.lua import forget_chunks, release_idle_states, run_script, stats
 from luanette.engine.services import error_from_wire
 from luanette.settings import BackendSettings, GardenSettings, Settings
 from luanette.stdlib.garden import GardenNamespace
@@ -55,6 +59,7 @@ current_run: contextvars.ContextVar[int] = contextvars.ContextVar("current_run",
 
 # How often an idle worker says it is alive and checks that its front still is.
 BEAT_S = 1.0
+LOST_AFTER_BEATS = 3  # beats a peer may miss before it is taken for dead
 # An idle worker reads its RSS at most this often (a burst's end is caught by the beat).
 MEMORY_CHECK_S = 0.05
 
@@ -72,6 +77,13 @@ class WorkerConfig(msgspec.Struct, kw_only=True, frozen=True):
     cas_read_only: str | None = None
     settings: Settings = Settings()
     log_json: bool = False
+    # a worker that joined over the pool endpoint (luanette worker --connect): it
+    # outlives its front, and registers again with the next one
+    remote: bool = False
+    group: str = "local"
+    capabilities: tuple[str, ...] = ("*",)  # seed 003 capabilities it may run; "*": every one
+    # CURVE for a remote worker: the front's public key, its own public and secret key
+    curve: tuple[str, str, str] | None = None
 
 
 # --------------------------------------------------------------- front services
@@ -300,6 +312,20 @@ class Worker:
         self._sock.setsockopt(zmq.SNDHWM, 0)  # both ends are ours; runs bound the flow
         self._sock.setsockopt(zmq.RCVHWM, 0)
         self._sock.setsockopt(zmq.LINGER, 2000)
+        if config.remote:
+            # ZMTP heartbeats find a dead TCP connection (a partition) and reconnect;
+            # the pool's own beats decide what happens to runs
+            self._sock.setsockopt(zmq.HEARTBEAT_IVL, int(BEAT_S * 1000))
+            self._sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, int(LOST_AFTER_BEATS * BEAT_S * 1000))
+            self._sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
+        if config.curve is not None:
+            server, public, secret = config.curve
+            self._sock.curve_serverkey = server.encode()
+            self._sock.curve_publickey = public.encode()
+            self._sock.curve_secretkey = secret.encode()
+        self._front_heard = time.monotonic()
+        self._front_lost = False
+        self._worker_id = uuid.uuid4()
         self._runs: dict[int, CancelToken] = {}
         self._calls = _Calls(self.send)
         self._retiring = False
@@ -356,9 +382,12 @@ class Worker:
         self._loop_thread = threading.get_ident()
         if self._lifeline is not None:
             self._loop.add_reader(self._lifeline, _front_gone)
+        if self.config.remote:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._loop.add_signal_handler(sig, self._stop_by_signal)
         self._sock.connect(self.config.endpoint)
         self._baseline = rss_bytes()
-        self.send(ch.Hello(pid=os.getpid(), capacity=self.config.capacity))
+        self._register()
         async with anyio.create_task_group() as tg:
             tg.start_soon(self._beat)
             while not (self._stopping or self._retiring):
@@ -386,6 +415,37 @@ class Worker:
         self._sock.close()
         self._ctx.term()
 
+    def _stop_by_signal(self) -> None:
+        # a remote worker asked to stop: no new runs (the front is told), finish these
+        if not self._stopping:
+            log.info("worker.stopping", runs=len(self._runs))
+            self._stopping = True
+            self.send(ch.Retiring(rss_bytes=rss_bytes()))
+            self._flush()
+
+    def _register(self) -> None:
+        config = self.config
+        registration = Register(
+            worker_id=self._worker_id,
+            worker_type=WorkerType.LUANETTE,
+            worker_name=config.name,
+            capabilities=list(config.capabilities),
+            hostname=socket.gethostname(),
+            version=_version(),
+        )
+        self.send(ch.Register(
+            registration=encode_payload(registration, Encoding.COMPACT),
+            pid=os.getpid(),
+            capacity=max(1, config.capacity - len(self._runs)),
+            group=config.group,
+            remote=config.remote,
+        ))
+
+    def _drop_runs(self, reason: str) -> None:
+        # The front gave these runs up (or is gone): stop them; their answers are dropped.
+        for token in list(self._runs.values()):
+            token.cancel(reason)
+
     async def _drain(self, tg: Any) -> None:
         # Runs still going get their answers; service calls still need the socket.
         while self._runs:
@@ -408,6 +468,12 @@ class Worker:
         except (msgspec.DecodeError, RecursionError):  # values are checked at their source: see channel
             log.warning("worker.bad_message", size=len(frame))
             return
+        self._front_heard = time.monotonic()
+        if self._front_lost:
+            self._front_lost = False
+            log.info("worker.front_back")
+        if isinstance(message, ch.Pulse):
+            return
         if isinstance(message, ch.Run):
             token = CancelToken()
             self._runs[message.run] = token
@@ -420,6 +486,13 @@ class Worker:
             self._calls.answer(message)
         elif isinstance(message, ch.Stop):
             self._stopping = True
+        elif isinstance(message, ch.Unknown):
+            # the front restarted, or gave us up: what runs here is nobody's any more
+            log.info("worker.registering_again", runs=len(self._runs))
+            self._drop_runs("the front no longer waits for this run")
+            self._register()
+        elif isinstance(message, ch.Invalidate):
+            log.debug("worker.chunks_forgotten", count=forget_chunks(), scripts=len(message.hashes))
 
     async def _run(self, message: ch.Run, token: CancelToken) -> None:
         number = message.run
@@ -508,9 +581,28 @@ class Worker:
     async def _beat(self) -> None:
         while True:
             await anyio.sleep(BEAT_S)
+            if (
+                self.config.remote
+                and not self._front_lost
+                and time.monotonic() - self._front_heard > LOST_AFTER_BEATS * BEAT_S
+            ):
+                # Paranoid Pirate: the front missed 3 beats.  Its runs are given up on
+                # both sides; beats go on, and the front's Unknown makes us register.
+                self._front_lost = True
+                log.warning("worker.front_lost", runs=len(self._runs))
+                self._drop_runs("the front stopped answering")
             if not self._runs:  # the end of a burst the idle checks skipped
                 self._check_memory()
             self.send(ch.Beat(rss_bytes=rss_bytes(), runs=len(self._runs), inline_steps=stats.inline_steps))
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("luanette")
+    except Exception:  # not installed as a distribution (a source checkout)
+        return "0"
 
 
 def _unsendable(exc: Exception) -> ErrorDetail:
@@ -528,11 +620,13 @@ def _front_gone() -> None:
         os._exit(0)
 
 
-def main(config: WorkerConfig, lifeline: int | None = None) -> None:
-    """Entry point of a worker process (forked by ``luanette.engine.zygote``)."""
-    # the front decides when workers stop (Ctrl-C and SIGTERM reach the process group)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+def main(config: WorkerConfig, lifeline: int | None = None, remote: bool = False) -> None:
+    """Entry point of a worker process (forked by ``luanette.engine.zygote``, or
+    ``luanette worker`` with ``remote``: then SIGTERM and Ctrl-C stop it gracefully)."""
+    if not remote:
+        # the front decides when workers stop (Ctrl-C and SIGTERM reach the process group)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
     logs.configure(json=config.log_json)
     try:
         anyio.run(Worker(config, lifeline).serve)

@@ -13,7 +13,7 @@ URI                              MIME type           content
 ``lua://scripts/{hash}``         text/x-lua + JSON   a stored script's source and its describe()
 ``lua://jobs``                   application/json    recent jobs (JobInfo), newest first
 ``lua://jobs/{id}``              application/json    one job (JobInfo)
-``lua://jobs/stats``             application/json    job counts by state; queue depth, oldest wait
+``lua://jobs/stats``             application/json    job counts by state; queue depth, oldest wait; pool
 ``lua://tools``                  application/json    the requests the daemon serves (list_tools)
 ``lua://plugins``                application/json    the plugins, loaded or failed with their error
 ``lua://workers``                application/json    the Lua workers (local and remote) and the pool's counts
@@ -217,8 +217,13 @@ class Resources:
             jobs = self._jobs.list(None)[:MAX_LISTED_JOBS]
             return [_json(uri, msgspec.to_builtins(jobs))]
         if uri == "lua://jobs/stats":
-            # the store's counts by state, and the queue's signals (Jobs.queue_stats)
-            return [_json(uri, msgspec.to_builtins(self._jobs.stats()) | self._jobs.queue_stats())]
+            # the store's counts by state, the queue's signals (Jobs.queue_stats) and the
+            # pool's (busy and idle workers per group, runs waiting for one): what an
+            # autoscaler reads, in one place
+            stats = msgspec.to_builtins(self._jobs.stats()) | self._jobs.queue_stats()
+            if self.pool is not None:
+                stats["pool"] = self.pool()["pool"]
+            return [_json(uri, stats)]
         if uri == "lua://tools":
             return [_json(uri, msgspec.to_builtins(self._tools()))]
         if uri == "lua://plugins":

@@ -180,6 +180,8 @@ async def test_script_and_job_resources(client):
     assert job["job_id"] in {j["job_id"] for j in listed}
     stats = json.loads((await read(client, "lua://jobs/stats"))[0]["text"])
     assert stats["failed"] >= 1
+    # the autoscaling signals in one place: the queue's and the pool's
+    assert stats["queue_depth"] == 0 and stats["pool"]["groups"]["local"]["workers"] >= 1
     assert (await ok(client, t.ReadResource(uri="luanette://jobs/stats")))["failed"] == stats["failed"]
     tools = json.loads((await read(client, "lua://tools"))[0]["text"])
     assert "read_resource" in {tool["name"] for tool in tools}

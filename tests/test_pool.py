@@ -377,3 +377,17 @@ def test_worker_refuses_a_remote_front_without_curve(tmp_path):
         capture_output=True, text=True, timeout=60,
     )
     assert bad.returncode == 2 and "group" in bad.stderr
+
+
+async def test_an_eval_on_a_lost_worker_gets_an_error_reply(front, workers):
+    running, endpoint, cas = front
+    engine = running.server.engine
+    victim = workers(endpoint, cas, "victim")
+    await until(lambda: ready(engine, "victim"), "registered")
+    async with Client(running.endpoint) as c:
+        pending = asyncio.ensure_future(c.request(t.LuaEval(code="clock.sleep(60000) return 1"), timeout=60))
+        await until(lambda: worker(engine, "victim")["runs"] == 1, "the eval runs on the victim")
+        victim.kill()
+        reply = await pending
+    assert isinstance(reply, t.Error) and reply.code == "lua_error", reply
+    assert reply.details["kind"] == "worker_lost" and "heartbeat" in reply.message

@@ -961,9 +961,12 @@ def _wait_registered(sync: Sync, workers: int) -> None:
         time.sleep(0.02)
 
 
-def _remote_worker(pool: str, name: str, cas: Path) -> subprocess.Popen:
+def _remote_worker(pool: str, name: str, cas: Path, core: int | None = None) -> subprocess.Popen:
+    # ``core``: pinned to that one CPU, as if it were a one-core machine of its own (a
+    # worker runs Lua in several threads at once and would take every core here)
+    pin = None if core is None else (lambda: os.sched_setaffinity(0, {core % (os.cpu_count() or 1)}))
     return subprocess.Popen([luanette_exe(), "worker", "--connect", pool, "--name", name, "--cas", str(cas)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=pin)
 
 
 def worker_loss_seconds(rounds: int = 3) -> list[float]:
@@ -992,11 +995,12 @@ def worker_loss_seconds(rounds: int = 3) -> list[float]:
 
 def pool_throughput(workers: int) -> float:
     """Jobs/s of :data:`POOL_JOBS` CPU-bound jobs on a front with no local workers and
-    ``workers`` ``luanette worker`` processes joined over tcp loopback."""
+    ``workers`` ``luanette worker`` processes joined over tcp loopback, each pinned to
+    one core (standing in for one machine each)."""
     endpoint = free_endpoint()
     pool = f"tcp://127.0.0.1:{free_port()}"
     with Daemon(endpoint, "--workers", "0", "--pool", pool) as daemon:
-        procs = [_remote_worker(pool, f"bench{i}", daemon.state / "cas") for i in range(workers)]
+        procs = [_remote_worker(pool, f"bench{i}", daemon.state / "cas", core=i) for i in range(workers)]
         try:
             sync = Sync(endpoint)
             _wait_registered(sync, workers)
@@ -1106,8 +1110,8 @@ def print_details(results: Results) -> None:
               f"p99 of those {o.p99_ms:.1f} ms, {o.busy:,} answered busy, {o.errors:,} other errors")
     if results.pool:
         one, two = results.pool[1], results.pool[2]
-        print(f"pool: {POOL_JOBS} CPU-bound jobs on remote workers (luanette worker over tcp loopback, "
-              f"--workers 0): 1 worker {one:,.0f} jobs/s, 2 workers {two:,.0f} jobs/s ({two / one:.2f}x)")
+        print(f"pool: {POOL_JOBS} CPU-bound jobs on remote workers (luanette worker over tcp loopback, one core "
+              f"each, --workers 0): 1 worker {one:,.0f} jobs/s, 2 workers {two:,.0f} jobs/s ({two / one:.2f}x)")
     if results.worker_loss:
         print("worker loss: kill -9 of a remote worker -> its job failed worker_lost after "
               + ", ".join(f"{x:.2f}" for x in results.worker_loss) + " s (3 heartbeats of 1 s)")

@@ -561,34 +561,37 @@ class Daemon:
         shutil.rmtree(self.state, ignore_errors=True)
 
 
-SPIN = "local stop = os.clock() + params.s local n = 0 while os.clock() < stop do n = n + 1 end return n"
+SPIN_JOB = "local n = 0 while true do n = n + 1 end"
 
 
-def load_scripts(endpoint: str, seconds: float, count: int, started: Any) -> None:
-    """Keep ``count`` CPU-bound scripts running for about ``seconds``."""
-    sock = zmq.Context().socket(zmq.DEALER)
-    sock.connect(endpoint)
-    for _ in range(count):
-        sock.send_multipart(request_frames(t.LuaEval(code=SPIN, params={"s": seconds})))
-    started.set()
-    for _ in range(count):
-        sock.recv_multipart()
+def start_spinners(endpoint: str, count: int) -> list[str]:
+    """Start ``count`` CPU-bound jobs and return their ids once all are running."""
+    sync = Sync(endpoint)
+    digest = sync.ask(t.ScriptStore(content=SPIN_JOB))["hash"]
+    jobs = [sync.ask(t.JobExecute(script_hash=digest, params=None))["job_id"] for _ in range(count)]
+    while any(sync.ask(t.JobStatusRequest(job_id=j))["status"] != "running" for j in jobs):
+        time.sleep(0.01)
+    return jobs
+
+
+def stop_spinners(endpoint: str, jobs: list[str]) -> None:
+    """Cancel the jobs and wait until they have ended."""
+    sync = Sync(endpoint)
+    for job in jobs:
+        sync.ask(t.JobCancel(job_id=job))
+    sync.ask(t.JobPoll(job_ids=jobs, timeout_ms=30000, mode=t.PollMode.ALL))
 
 
 def measure_under_scripts(endpoint: str, requests: int) -> Row:
-    """Ping at 1 in flight while another client keeps two CPU-bound scripts running."""
-    started = mp.Event()
-    loader = mp.Process(target=load_scripts, args=(endpoint, 30.0, 2, started))
-    loader.start()
+    """Ping at 1 in flight while two CPU-bound scripts run.  They are jobs, cancelled
+    (and waited for) after the row: until 2026-11-30 they were evals that went on
+    burning both cores for up to 30 s, under the jobs row that follows."""
+    jobs = in_process(start_spinners, endpoint, 2)
     try:
-        if not started.wait(30):
-            raise RuntimeError("the CPU-bound scripts were not sent")
         time.sleep(0.3)  # let them reach the Lua engine
         return measure("Ping, 2 CPU-bound scripts running", endpoint, t.Ping(), requests, 1, 1)
     finally:
-        loader.terminate()
-        loader.join()
-        time.sleep(0.5)
+        in_process(stop_spinners, endpoint, jobs)
 
 
 def measure_overload(endpoint: str, in_flight: int, seconds: float, clients: int, peak: float) -> Row:

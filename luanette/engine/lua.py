@@ -209,12 +209,13 @@ class _State:
     """A Lua state with the privileged chunk loaded: ``run`` starts one run, ``compile``
     turns script text into bytecode (with debug information, for the chunk cache)."""
 
-    __slots__ = ("compile", "lua", "run", "runs")
+    __slots__ = ("compile", "known", "lua", "run", "runs")
 
     def __init__(self) -> None:
         self.lua = _new_lua(0)
         self.run, self.compile = self.lua.execute(_STATE_INIT, _bytecode(_PRIVILEGED), _PRIVILEGED_CHUNK.encode())
         self.runs = 0
+        self.known: set[int] = set()  # layouts whose spec and preludes the state keeps
         _count(states_created=1)
 
 
@@ -494,6 +495,7 @@ class _Bridge:
         self.qualnames = layout.qualnames
         self.spec = layout.spec
         self.preludes = layout.preludes
+        self.layout_key = layout.key
 
     def _function(self, index: int) -> Callable[..., Any]:
         function = self._calls[index]
@@ -643,6 +645,7 @@ class _Layout(msgspec.Struct, frozen=True):
     the same order and of the same kind (sync or async), on every run.
     """
 
+    key: int  # unique per layout in this process: what a state caches it under
     qualnames: list[str]  # by bridge index; 0 is print
     spec: bytes  # "ns.fn ns.other *ns.waits ..." ("*" = async), bridge indexes 1, 2, ...
     preludes: bytes | None  # MessagePack [name, bytecode, name, bytecode, ...] or None
@@ -673,10 +676,14 @@ class _Layout(msgspec.Struct, frozen=True):
                 qualnames.append(qualname)
                 owners.append(position)
                 spec.append("*" + qualname if is_async else qualname)
-        return cls(qualnames, " ".join(spec).encode(), to_lua(preludes) if preludes else None, owners, firsts)
+        return cls(
+            next(_layout_keys), qualnames, " ".join(spec).encode(), to_lua(preludes) if preludes else None, owners,
+            firsts,
+        )
 
 
 _layouts: dict[tuple[Any, ...], _Layout] = {}
+_layout_keys = itertools.count(1)
 
 
 def _check_namespace_name(name: str, taken: set[str], core_extension: bool = False) -> None:
@@ -732,18 +739,23 @@ class _Session:
             self._state = state = _states.take()
             state.lua.set_max_memory(self._run.limits.memory_bytes)
             code, mode = self._chunk(state)
+            bridge = self._bridge
+            known = bridge.layout_key in state.known  # (else the state is sent them, once)
             began = time.perf_counter()
             reply = state.run(
                 self._killer.check,
-                self._bridge.call_sync,
-                self._bridge.spec,
-                self._bridge.preludes,
+                bridge.call_sync,
+                bridge.layout_key,
+                None if known else bridge.spec,
+                None if known else bridge.preludes,
                 self._run.limits.hook_interval,
                 self._chunk_name.encode(),
                 code,
                 mode,
                 self._params,
             )
+            if not known:
+                state.known.add(bridge.layout_key)
             self.lua_seconds = time.perf_counter() - began
             if reply[0] == b"io":
                 self._step, self._where, self._release, self._begin_shutdown = reply[1:5]

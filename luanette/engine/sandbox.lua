@@ -10,7 +10,11 @@
 -- coroutines created here (each with the count hook) and can reach none of these
 -- locals.  Privileged code never calls a string method with `:` syntax: the string
 -- metatable points at the script's (mutable) copy of `string`.
-local check, call_sync, spec, preludes_packed, hook_interval, chunk_name, code, code_mode, params_packed = ...
+-- layout: the engine's number for the shape of the run's namespaces (luanette.engine.lua
+-- _Layout); spec and preludes_packed come only the first time a state sees a layout
+-- (they are kilobytes: copying them into Lua every run cost as much as the rest of
+-- binding the namespaces), else nil.
+local check, call_sync, layout, spec, preludes_packed, hook_interval, chunk_name, code, code_mode, params_packed = ...
 
 local type, next, select, error, tostring = type, next, select, error, tostring
 local rawget, rawequal, setmetatable, pcall, xpcall, load = rawget, rawequal, setmetatable, pcall, xpcall, load
@@ -248,67 +252,132 @@ if not parsed_specs then
   parsed_specs = {}
   _G.__luanette_specs = parsed_specs
 end
-local parsed = parsed_specs[spec]
+local parsed = parsed_specs[layout]
 if not parsed then
-  parsed = {}
+  if not spec then error("internal: the layout's spec was not sent", 0) end
+  -- parsed[index] = {async, namespace, name, "ns.name"}; parsed.order: the namespaces
+  -- in order; parsed.names[namespace] = {name = index}; parsed.qualnames[index] =
+  -- "ns.name".  Read-only once made: every run of the shape shares them.
+  parsed = {order = {}, names = {}, qualnames = {}}
   for star, namespace, name in gmatch(spec, "(%*?)([^ .]+)%.([^ ]+)") do
-    parsed[#parsed + 1] = {star == "*", namespace, name, namespace .. "." .. name}
+    local index = #parsed + 1
+    parsed[index] = {star == "*", namespace, name, namespace .. "." .. name}
+    parsed.qualnames[index] = parsed[index][4]
+    local names = parsed.names[namespace]
+    if not names then
+      names = {}
+      parsed.names[namespace] = names
+      parsed.order[#parsed.order + 1] = namespace
+    end
+    names[name] = index
   end
-  parsed_specs[spec] = parsed
+  parsed_specs[layout] = parsed
 end
+setmetatable(qualnames, {__index = parsed.qualnames})
 -- A namespace function's wrapper is made when the script first reads its name: binding
 -- all of a job's ~170 functions cost more than the rest of a run's setup, and a run
 -- calls a few.  The namespace tables behave as if filled (pairs through __pairs, an
 -- assignment replaces the function for good); only next/rawget of a name not read yet
--- see nothing.  The metatable is protected.
-local unbound = {}  -- namespace table -> {name = bridge index} of the names not bound yet
+-- see nothing.  The metatable is protected.  Which names a table has is the shape's
+-- shared (read-only) list; what this run has bound or assigned is noted per table, on
+-- first use, so a run's setup touches no per-function entry.
+local names_of = {}  -- namespace table -> parsed.names[its namespace], until bind_all
+local gone = {}      -- namespace table -> {name = true} of the names bound or assigned
 local function bind_index(index)
   local entry = parsed[index]
   return (entry[1] and bind_async or bind_sync)(index, entry[4])
 end
+local function gone_of(t)
+  local g = gone[t]
+  if not g then
+    g = {}
+    gone[t] = g
+  end
+  return g
+end
 local function bind_all(t)
-  local names = unbound[t]
+  local names = names_of[t]
   if names then
-    unbound[t] = nil
-    for name, index in next, names do rawset(t, name, bind_index(index)) end
+    names_of[t] = nil
+    local g = gone[t]
+    for name, index in next, names do
+      if not (g and g[name]) then rawset(t, name, bind_index(index)) end
+    end
   end
   return t
 end
 local NAMESPACE_META = {
   __index = function(t, k)
-    local names = unbound[t]
+    local names = names_of[t]
     local index = names and names[k]
     if index == nil then return nil end
-    names[k] = nil
+    local g = gone_of(t)
+    if g[k] then return nil end
+    g[k] = true
     local f = bind_index(index)
     rawset(t, k, f)
     return f
   end,
   __newindex = function(t, k, v)
-    local names = unbound[t]
-    if names then names[k] = nil end
+    local names = names_of[t]
+    if names and names[k] ~= nil then gone_of(t)[k] = true end
     rawset(t, k, v)
   end,
   __pairs = function(t) return next, bind_all(t), nil end,
   __metatable = "namespace",
 }
-for index = 1, #parsed do
-  local entry = parsed[index]
-  local namespace, name = entry[2], entry[3]
-  qualnames[index] = entry[4]
-  local functions = env[namespace]
-  if not functions then
-    functions = setmetatable({}, NAMESPACE_META)
+for i = 1, #parsed.order do
+  local namespace = parsed.order[i]
+  if not env[namespace] then
+    local functions = setmetatable({}, NAMESPACE_META)
     env[namespace] = functions
-    unbound[functions] = {}
+    names_of[functions] = parsed.names[namespace]
   end
-  unbound[functions][name] = index
 end
 
 -- Lua halves of namespaces (see Namespace.lua_prelude): bytecode we compiled, run as
 -- sandbox code on the script's environment before the script.
-if preludes_packed then
-  local marks = {NULL = NULL, callable = function(t, fn)
+-- Loaded once per state and layout (undumping the bytecode cost more than the rest of a
+-- run's setup); each run joins a loaded chunk's _ENV to an upvalue of its own, so the
+-- closures one run's prelude made keep that run's environment.
+local loaded_preludes = rawget(_G, "__luanette_preludes")
+if not loaded_preludes then
+  loaded_preludes = {}
+  _G.__luanette_preludes = loaded_preludes
+end
+local loaded = loaded_preludes[layout]
+if not loaded and preludes_packed then
+  loaded = {}
+  local preludes = decode(preludes_packed)
+  for i = 1, #preludes, 2 do
+    loaded[i], loaded[i + 1] = preludes[i], lib.load(preludes[i + 1], preludes[i], "b", {})
+  end
+  loaded_preludes[layout] = loaded
+end
+if loaded then
+  local marks = {NULL = NULL, hidden = function(t, name)
+    -- A namespace function only its prelude may call (say pipeline._check): taken out
+    -- of the table before the script runs, bound on its first call (binding it at
+    -- setup cost every run, called or not).
+    if getmetatable(t) ~= NAMESPACE_META or type(name) ~= "string" then
+      error("marks.hidden: a namespace table and a name expected", 2)
+    end
+    local names = names_of[t]
+    local index = names and names[name]
+    local g = gone_of(t)
+    if index == nil or g[name] then
+      local f = rawget(t, name)
+      rawset(t, name, nil)
+      g[name] = true
+      return f
+    end
+    g[name] = true
+    local f
+    return function(...)
+      if not f then f = bind_index(index) end
+      return f(...)
+    end
+  end, callable = function(t, fn)
     -- a namespace table that is also a function (context{...}); only ours, only once
     if getmetatable(t) ~= NAMESPACE_META or type(fn) ~= "function" then
       error("marks.callable: a namespace table and a function expected", 2)
@@ -324,23 +393,6 @@ if preludes_packed then
     end
     return lib.setmetatable(t, codec.ARRAY)
   end}
-  -- Loaded once per state and set of preludes (undumping the bytecode cost more than the
-  -- rest of a run's setup); each run joins a loaded chunk's _ENV to an upvalue of its
-  -- own, so the closures one run's prelude made keep that run's environment.
-  local loaded_preludes = rawget(_G, "__luanette_preludes")
-  if not loaded_preludes then
-    loaded_preludes = {}
-    _G.__luanette_preludes = loaded_preludes
-  end
-  local loaded = loaded_preludes[preludes_packed]
-  if not loaded then
-    loaded = {}
-    local preludes = decode(preludes_packed)
-    for i = 1, #preludes, 2 do
-      loaded[i], loaded[i + 1] = preludes[i], lib.load(preludes[i + 1], preludes[i], "b", {})
-    end
-    loaded_preludes[preludes_packed] = loaded
-  end
   local prelude_env = env
   local function env_cell() return prelude_env end
   for i = 1, #loaded, 2 do

@@ -73,11 +73,12 @@ local function private(fn)
     error(a, 0)
   end
 end
-local check, expand, expand_value = private(P._check), private(P._expand), private(P._expand_value)
-local lookup, assemble, tokens = private(P._lookup), private(P._assemble), P._tokens
-local now_ms, stream, source = P._now_ms, private(P._stream), private(P._source)
-for _, k in ipairs({"_check", "_expand", "_expand_value", "_lookup", "_assemble", "_tokens", "_now_ms",
-                    "_stream", "_source"}) do P[k] = nil end
+-- taken out of the table the script sees; each is bound on its first call
+local hidden = marks.hidden
+local check, expand, expand_value = private(hidden(P, "_check")), private(hidden(P, "_expand")),
+  private(hidden(P, "_expand_value"))
+local lookup, assemble, tokens = private(hidden(P, "_lookup")), private(hidden(P, "_assemble")), hidden(P, "_tokens")
+local now_ms, stream, source = hidden(P, "_now_ms"), private(hidden(P, "_stream")), private(hidden(P, "_source"))
 
 -- Everything below is built on the run's first pipeline call: most runs make none, and
 -- building it every run cost more than the rest of a trivial run's setup.

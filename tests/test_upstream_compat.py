@@ -247,3 +247,25 @@ async def test_upstream_orpheus_job_flow_and_upload(make_server):
             assert got["completed"] == ["local-1"] and got["status"] == "complete"
             assert len(got["hashes"]) == 2 and got["artifacts"] == got["hashes"]
             assert got["uploaded"]["mime_type"] == "audio/midi" and got["total"] == 1
+
+
+async def test_private_python_halves_stay_hidden_and_the_wrapped_ones_work(client):
+    # The preludes take their namespaces' private halves out of the tables (bound only on
+    # their first call): a script sees neither them nor them in pairs().
+    hidden = await evaluate(client, """
+        local seen = {}
+        for _, ns in ipairs({pipeline, hootenanny, midi}) do
+          for k in pairs(ns) do if type(k) == "string" and k:sub(1, 1) == "_" then seen[#seen + 1] = k end end
+        end
+        return {seen = #seen, check = pipeline._check == nil, tokens = pipeline._tokens == nil,
+                filter = type(midi.filter), transpose = type(midi.transpose)}
+    """)
+    assert hidden == {"seen": 0, "check": True, "tokens": True, "filter": "function", "transpose": "function"}
+    # the wrapped halves still answer (bound on this first call): a transposed note
+    moved = await evaluate(client, """
+        local events = {{type = "note_on", note = 60, velocity = 90, channel = 0, time = 0}}
+        return midi.transpose(events, 2)[1].note
+    """)
+    assert moved == 62
+    counted = await evaluate(client, "return pipeline.count_tokens('one two three')")
+    assert isinstance(counted, int) and counted > 0

@@ -794,7 +794,9 @@ def _upstream_tracks(value: Any) -> bool:
 # first, and a note_on with velocity 0 is a note_off.
 _LUA_PRELUDE: Final = b"""
 local midi, marks = ...
-local by_criteria = midi.filter
+-- the Python halves this wraps, bound on their first call (marks.hidden), not at every
+-- run's setup
+local by_criteria = marks.hidden(midi, "filter")
 local type, ipairs, pcall, error, next, rawget = type, ipairs, pcall, error, next, rawget
 
 local function rethrow(err)
@@ -858,7 +860,7 @@ end
 -- A bare list is edited in place (as upstream did) and returned: the Python half works
 -- on a copy, whose events then replace the list's.
 local function in_place(name)
-  local python = midi[name]
+  local python = marks.hidden(midi, name)
   midi[name] = function(tbl, ...)
     if not is_events(tbl) then return python(tbl, ...) end
     local ok, events = pcall(python, tbl, ...)
@@ -872,7 +874,7 @@ end
 in_place("quantize")
 
 -- transpose edits the list's own event tables, so a script holding one sees it change
-local transpose = midi.transpose
+local transpose = marks.hidden(midi, "transpose")
 local NOTE_TYPES = {note_on = true, note_off = true, polytouch = true, aftertouch = true}
 midi.transpose = function(tbl, semitones, ...)
   if not is_events(tbl) then return transpose(tbl, semitones, ...) end

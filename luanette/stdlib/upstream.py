@@ -42,8 +42,7 @@ from luanette.stdlib.paths import lua_type
 
 _PRELUDE: Final = rb"""
 local functions, marks = ...
-local decode_base64 = functions._decode_base64
-functions._decode_base64 = nil
+local decode_base64 = marks.hidden(functions, "_decode_base64")  -- bound on its first call
 local type, pairs, ipairs, next, error, tostring, pcall, setmetatable, select =
   type, pairs, ipairs, next, error, tostring, pcall, setmetatable, select
 local char, concat, unpack = string.char, table.concat, table.unpack

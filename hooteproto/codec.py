@@ -92,12 +92,19 @@ def compact_twin(cls: type[msgspec.Struct]) -> type[msgspec.Struct]:
     ]
     if only is None:
         twin = msgspec.defstruct(cls.__name__, fields, bases=(cls,), module=cls.__module__, array_like=not as_map)
-    else:
-        config = cls.__struct_config__
-        twin = msgspec.defstruct(
-            cls.__name__, fields, bases=cls.__bases__, module=cls.__module__, array_like=True,
-            tag=config.tag, tag_field=config.tag_field,
-        )  # fmt: skip
+        _CANONICAL[twin] = cls
+        return twin
+    return _sibling_twin(cls, fields)
+
+
+def _sibling_twin(cls: type[msgspec.Struct], fields: list[tuple]) -> type[msgspec.Struct]:
+    """A compact twin of ``cls`` with only ``fields``: a sibling class (same bases and
+    tag), since a subclass would inherit the fields left out."""
+    config = cls.__struct_config__
+    twin = msgspec.defstruct(
+        cls.__name__, fields, bases=cls.__bases__, module=cls.__module__, array_like=True,
+        tag=config.tag, tag_field=config.tag_field,
+    )  # fmt: skip
     _CANONICAL[twin] = cls
     return twin
 
@@ -112,14 +119,7 @@ def _trailing(cls: type) -> tuple[str, ...]:
 def _short_twin(cls: type[msgspec.Struct], n: int) -> type[msgspec.Struct]:
     """The compact twin of ``cls`` without its last ``n`` ``__compact_trailing__``
     fields: what encoding writes when they are unset (decoding never makes one)."""
-    config = cls.__struct_config__
-    fields = [_twin_field(f, keep_default=False) for f in msgspec.structs.fields(cls)[:-n]]
-    twin = msgspec.defstruct(
-        cls.__name__, fields, bases=cls.__bases__, module=cls.__module__, array_like=True,
-        tag=config.tag, tag_field=config.tag_field,
-    )  # fmt: skip
-    _CANONICAL[twin] = cls
-    return twin
+    return _sibling_twin(cls, [_twin_field(f, keep_default=False) for f in msgspec.structs.fields(cls)[:-n]])
 
 
 def _twin_field(f: msgspec.structs.FieldInfo, *, keep_default: bool) -> tuple:

@@ -189,10 +189,9 @@ def migrate(conn: Connection, migrations: Sequence[Sequence[str]]) -> int:
                 conn.raw.execute("INSERT INTO luanette_schema (version) VALUES (0)")
             version = 0 if row is None else int(row[0])
             if version > latest:
-                raise RuntimeError(
-                    f"the state database has schema version {version}, newer than this "
-                    f"luanette understands ({latest}); upgrade luanette"
-                )
+                from luanette.store import newer_schema  # (the store imports this module lazily)
+
+                raise newer_schema(version, latest)
             if version == latest:
                 conn.execute("COMMIT")
                 return version

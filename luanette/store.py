@@ -313,6 +313,14 @@ edit: a file written by an older build replays only the steps it has not seen.""
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
+def newer_schema(version: int, known: int) -> RuntimeError:
+    """The error of a database written by a newer build, which this one would misread."""
+    return RuntimeError(
+        f"the state database has schema version {version}, newer than this luanette understands ({known}); "
+        "upgrade luanette"
+    )
+
+
 def migrate(conn: sqlite3.Connection) -> int:
     """Bring the schema of ``conn`` (autocommit mode) up to :data:`SCHEMA_VERSION`.
 
@@ -328,10 +336,7 @@ def migrate(conn: sqlite3.Connection) -> int:
             # read inside the write lock: another process may have migrated meanwhile
             version = conn.execute("PRAGMA user_version").fetchone()[0]
             if version > SCHEMA_VERSION:
-                raise RuntimeError(
-                    f"the state database has schema version {version}, newer than this "
-                    f"luanette understands ({SCHEMA_VERSION}); upgrade luanette"
-                )
+                raise newer_schema(version, SCHEMA_VERSION)
             if version == SCHEMA_VERSION:
                 conn.execute("COMMIT")
                 return version

@@ -57,6 +57,7 @@ import structlog
 from opentelemetry import trace
 
 from hooteproto import types as t
+from hooteproto.types import PRIORITY_MAX, PRIORITY_MIN
 from luanette import params as params_mod
 from luanette.capabilities import GROUP_PATTERN, manifest_list
 from luanette.cas import InvalidHash, parse_hash
@@ -104,6 +105,8 @@ class TriggerRule(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fiel
     group: str | None = None
     """The worker group the rule's jobs run on (say ``gpu-host``), in place of the
     script's own ``describe().group``; None: the script's."""
+    priority: int | None = None
+    """The queue priority of the rule's jobs (-10..10, as ``job_execute``'s); None: 0."""
 
     def __post_init__(self) -> None:
         if self.event_type != "*" and self.event_type not in EVENT_TYPES:
@@ -111,6 +114,12 @@ class TriggerRule(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fiel
         if (self.script is None) == (self.script_file is None):
             raise ValueError("script: give exactly one of script (a stored name or hash) and script_file")
         _check_template(self.params, "params")
+        if self.priority is not None and (
+            isinstance(self.priority, bool) or not PRIORITY_MIN <= self.priority <= PRIORITY_MAX
+        ):
+            raise ValueError(
+                f"priority: must be an integer from {PRIORITY_MIN} to {PRIORITY_MAX}, got {self.priority!r}"
+            )
         if self.group is not None and not GROUP_PATTERN.match(self.group):
             raise ValueError(f"group: must name a worker group (letters, digits, '_', '.', '-'), got {self.group!r}")
         if self.concurrency not in CONCURRENCY:
@@ -482,7 +491,7 @@ class Triggers:
     async def _start(
         self, rule: TriggerRule, event: t.TimelineEvent, script_hash: str, params: Any, user: str | None, trace_id: int
     ) -> dict[str, Any]:
-        about: dict[str, Any] = {"group": rule.group} if rule.group is not None else {}
+        about: dict[str, Any] = {k: v for k, v in (("group", rule.group), ("priority", rule.priority)) if v is not None}
         info = await self._submit(script_hash, params, user=user, trigger=trigger_info(event, rule.name), **about)
         self._started[info.job_id] = (rule.name, trace_id)
         log.info("trigger.fired", rule=rule.name, job_id=info.job_id, script_hash=script_hash,

@@ -14,6 +14,7 @@ from hooteproto.client import Client
 from luanette.settings import SettingsError, parse_settings
 from luanette.triggers import TriggerError, TriggerRule, expand, matches
 from tests.test_jobs import store, wait_done
+from tests.waiting import until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -79,6 +80,8 @@ def test_rules_match_type_and_metadata_fields():
         ([{"event_type": "cue_point", "script": "x", "mode": "session"}], "unknown key"),
         ([{"event_type": "cue_point", "script": "x", "concurrency": "parallel"}], "must be one of queue, single"),
         ([{"name": "a", "event_type": "cue_point", "script": "x"}] * 2, "two rules are named 'a'"),
+        ([{"event_type": "cue_point", "script": "x", "priority": 11}], "priority: must be an integer from -10"),
+        ([{"event_type": "cue_point", "script": "x", "group": "no spaces"}], "group: must name a worker group"),
     ],
 )
 def test_bad_rules_are_refused_with_the_key(rules, fragment):
@@ -177,3 +180,33 @@ def test_the_daemon_refuses_to_start_with_a_missing_script_file(tmp_path):
     )  # fmt: skip
     assert proc.returncode == 2
     assert "gone.lua" in proc.stdout + proc.stderr
+
+
+async def test_a_rules_group_and_priority_reach_its_jobs(make_server):
+    rules = [
+        {"name": "gpu", "event_type": "cue_point", "script": "echo_params", "group": "nope"},
+        {"name": "urgent", "event_type": "beat_marker", "script": "echo_params", "priority": 5},
+    ]
+    running, client = await daemon_with(make_server, rules, max_jobs=1, no_worker_timeout=60.0)
+    jobs = running.server.jobs
+    async with client as c:
+        await store(c, ECHO)
+        parked = (await c.request(event("cue_point"))).result["job_id"]
+
+        async def waits_for_its_group():
+            info = (await c.request(t.JobStatusRequest(job_id=parked))).result
+            return info["status"] == "pending" and "group 'nope'" in ((info.get("progress") or {}).get("message") or "")
+
+        await until(waits_for_its_group, "the group rule's job waits for a worker of its group", step=0.02)
+        blocker = (await c.request(t.JobExecute(script_hash=await store(c, "while true do end"), params=None)))
+        blocker_id = blocker.result["job_id"]
+        await until(lambda: jobs.queue_stats()["queue_depth"] == 0 and jobs.is_live(blocker_id), "the blocker runs")
+
+        async def running_blocker():
+            return (await c.request(t.JobStatusRequest(job_id=blocker_id))).result["status"] == "running"
+
+        await until(running_blocker, "the blocker runs", step=0.02)
+        urgent = (await c.request(event("beat_marker"))).result["job_id"]
+        assert jobs.queue_stats()["by_priority"] == {"5": 1}
+        for job_id in (urgent, blocker_id, parked):
+            await c.request(t.JobCancel(job_id=job_id))

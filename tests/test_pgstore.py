@@ -26,6 +26,7 @@ from luanette.store import DatabaseUnavailable, ScriptRecord, Store
 from tests import test_flows
 from tests.conftest import BIN, DaemonProcess, free_port
 from tests.postgres import SKIP_REASON, PostgresServer, find_bin_dir
+from tests.waiting import until, until_sync
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -164,15 +165,13 @@ class Front(DaemonProcess):
         if not self.waiting:
             self.wait_listening()
 
-    def wait_listening(self, timeout: float = 60) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+    def wait_listening(self) -> None:
+        def up() -> bool:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"front exited {self.proc.returncode}: {self.log()}")
-            if self.listening():
-                return
-            time.sleep(0.02)
-        raise RuntimeError(f"front did not start listening: {self.log()}")
+            return self.listening()
+
+        until_sync(up, "the front listening", step=0.02)
 
     def listening(self) -> bool:
         with socket.socket() as s:
@@ -181,12 +180,12 @@ class Front(DaemonProcess):
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
-    def wait_for_log(self, text: str, timeout: float = 60) -> None:
-        deadline = time.monotonic() + timeout
-        while text not in self.log():
-            assert time.monotonic() < deadline, f"{text!r} never logged: {self.log()}"
+    def wait_for_log(self, text: str) -> None:
+        def logged() -> bool:
             assert self.proc.poll() is None, f"front exited {self.proc.returncode}: {self.log()}"
-            time.sleep(0.05)
+            return text in self.log()
+
+        until_sync(logged, f"{text!r} logged", step=0.05)
 
     def stop(self) -> None:
         super().stop()
@@ -215,14 +214,12 @@ async def job_status(endpoint: str, job_id: str) -> dict:
     return reply.result
 
 
-async def wait_status(endpoint: str, job_id: str, wanted: set[str], timeout: float = 60) -> dict:
-    deadline = time.monotonic() + timeout
-    while True:
-        status = await job_status(endpoint, job_id)
-        if status["status"] in wanted:
-            return status
-        assert time.monotonic() < deadline, status
-        await asyncio.sleep(0.05)
+async def wait_status(endpoint: str, job_id: str, wanted: set[str]) -> dict:
+    async def reached() -> bool:
+        return (await job_status(endpoint, job_id))["status"] in wanted
+
+    await until(reached, f"job {job_id} reaches {sorted(wanted)}", step=0.05)
+    return await job_status(endpoint, job_id)
 
 
 async def submit(endpoint: str, code: str, params=None) -> str:

@@ -25,6 +25,7 @@ import msgspec
 from hooteproto import types as t
 from hooteproto.results import CompletionResult
 from luanette.apiref import Reference
+from luanette.errors import RequestError
 from luanette.jobs import Jobs
 from luanette.prompts import OPERATIONS, PROMPTS, STYLES
 from luanette.resources import STATIC, TEMPLATES, example_names
@@ -64,13 +65,8 @@ _TEMPLATE_KINDS: Final = {
 }
 
 
-class CompletionError(Exception):
-    """A completion that cannot be answered; ``code`` is a stable error code."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
+class CompletionError(RequestError):
+    """A completion that cannot be answered."""
 
 
 class Completions:

@@ -22,24 +22,25 @@ from luanette import params as params_mod
 from luanette.auth import ANYONE, Caller
 from luanette.broadcast import Publisher
 from luanette.capabilities import CapabilityError, Policy
-from luanette.completions import CompletionError, Completions
+from luanette.completions import Completions
 from luanette.config import Config
 from luanette.engine.api import CancelToken, ErrorDetail, Limits, ScriptError
 from luanette.engine.channel import RunInfo
 from luanette.engine.pool import Engine, RunHooks
+from luanette.errors import RequestError
 from luanette.faults import StorageFault
 from luanette.flows import FlowError, FlowManager
-from luanette.jobs import JobError, Jobs
+from luanette.jobs import Jobs
 from luanette.plugins import Plugin, PluginError, Plugins, is_hash
-from luanette.prompts import PromptError, Prompts
-from luanette.resources import ResourceError, Resources
+from luanette.prompts import Prompts
+from luanette.resources import Resources
 from luanette.scripts import ManifestError, ScriptProblem, Scripts
 from luanette.sessions import SessionError, Sessions
 from luanette.settings import Settings
 from luanette.store import ScriptRecord
 from luanette.telemetry import Span, Telemetry, script_attributes, span_ids, traceparent_of
 from luanette.tooldocs import describe_schema
-from luanette.triggers import TriggerError, Triggers
+from luanette.triggers import Triggers
 
 log = structlog.get_logger("luanette.dispatch")
 
@@ -237,15 +238,7 @@ class Dispatcher:
             return error("unsupported", f"luanette does not serve '{tag}' requests", {"type": tag})
         try:
             return await handler(payload, ctx)
-        except JobError as e:
-            return error(e.code, str(e), e.details)
-        except TriggerError as e:
-            return error(e.code, str(e))
-        except SessionError as e:
-            return error(e.code, e.message)
-        except PluginError as e:
-            return error(e.code, e.message, e.details)
-        except FlowError as e:
+        except RequestError as e:  # jobs, triggers, sessions, plugins, flows, resources, prompts
             return error(e.code, e.message, e.details)
         except cas.InvalidHash as e:
             return error("invalid_params", f"not a script hash: {e}")
@@ -619,10 +612,7 @@ class Dispatcher:
     async def read_resource(self, p: t.ReadResource, ctx: RequestContext) -> t.Payload:
         if p.uri == STATS_URI:  # the older name, in its older shape: the bare counts
             return t.Success(result=msgspec.to_builtins(self.jobs.stats()))
-        try:
-            return t.Success(result=await self.resources.read(p.uri))
-        except ResourceError as e:
-            return error(e.code, e.message, e.details)
+        return t.Success(result=await self.resources.read(p.uri))
 
     async def list_resources(self, p: t.ListResources, ctx: RequestContext) -> t.Payload:
         return t.Success(result=self.resources.list())
@@ -631,16 +621,10 @@ class Dispatcher:
         return t.Success(result=self.prompts.list())
 
     async def get_prompt(self, p: t.GetPrompt, ctx: RequestContext) -> t.Payload:
-        try:
-            return t.Success(result=await self.prompts.get(p.name, p.arguments))
-        except PromptError as e:
-            return error(e.code, e.message, e.details)
+        return t.Success(result=await self.prompts.get(p.name, p.arguments))
 
     async def complete(self, p: t.Complete, ctx: RequestContext) -> t.Payload:
-        try:
-            return t.Success(result=self.completions.complete(p.context, p.partial))
-        except CompletionError as e:
-            return error(e.code, e.message)
+        return t.Success(result=self.completions.complete(p.context, p.partial))
 
 
 STATS_URI = "luanette://jobs/stats"

@@ -33,6 +33,7 @@ from luanette.capabilities import CapabilityError, Policy, declared_capabilities
 from luanette.engine.api import CancelToken, Limits, ScriptError
 from luanette.engine.channel import RunInfo
 from luanette.engine.pool import Engine, RunHooks
+from luanette.errors import RequestError
 from luanette.lua import module_driver
 from luanette.stdlib.hooks import bounded, custom_name
 from luanette.store import Store
@@ -60,14 +61,8 @@ _ID = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 DRIVER: Final = module_driver("flow_driver.lua")
 
 
-class FlowError(Exception):
-    """A flow request that cannot be honoured; ``code`` is the protocol error code."""
-
-    def __init__(self, code: str, message: str, details: Any = None) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-        self.details = details
+class FlowError(RequestError):
+    """A flow request that cannot be honoured."""
 
 
 class StateDefinition(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):

@@ -44,6 +44,7 @@ from luanette.cas import CasError, NotFound
 from luanette.engine.api import CancelToken, Limits, Outcome, ScriptError
 from luanette.engine.channel import RunInfo
 from luanette.engine.pool import Engine, RunHooks
+from luanette.errors import RequestError
 from luanette.faults import STORAGE_FULL, StorageFault
 from luanette.groupcommit import GroupCommit
 from luanette.jobqueue import JobQueue, QueueFull
@@ -78,14 +79,8 @@ MAX_WARNED_PARAMS = 20
 """Undeclared param names listed in a job's warning."""
 
 
-class JobError(Exception):
-    """A job request that cannot be honoured; ``code`` is the protocol error code and
-    ``details`` the reply's structured details (None: none)."""
-
-    def __init__(self, code: str, message: str, details: Any = None) -> None:
-        super().__init__(message)
-        self.code = code
-        self.details = details
+class JobError(RequestError):
+    """A job request that cannot be honoured."""
 
 
 def check_priority(priority: Any) -> int:

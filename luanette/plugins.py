@@ -43,6 +43,7 @@ from luanette.capabilities import CapabilityError, Policy, declared_capabilities
 from luanette.engine.api import CancelToken, Limits, ScriptError
 from luanette.engine.channel import RunInfo
 from luanette.engine.pool import Engine, RunHooks
+from luanette.errors import RequestError
 from luanette.lua import module_driver
 from luanette.stdlib.hooks import bounded, custom_name
 
@@ -89,14 +90,8 @@ _HASH = re.compile(r"[0-9a-f]{32}")
 DRIVER: Final = module_driver("plugin_driver.lua")
 
 
-class PluginError(Exception):
-    """A plugin request that cannot be honoured; ``code`` is the protocol error code."""
-
-    def __init__(self, code: str, message: str, details: Any = None) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-        self.details = details
+class PluginError(RequestError):
+    """A plugin request that cannot be honoured."""
 
 
 class Subscription(msgspec.Struct, kw_only=True):

@@ -19,6 +19,7 @@ from hooteproto.results import PromptInfo as Prompt
 from hooteproto.results import PromptList, PromptMessage, PromptResult, TextContent
 from luanette import cas
 from luanette.apiref import Reference
+from luanette.errors import RequestError
 from luanette.jobs import JobError, Jobs
 from luanette.resources import example_source
 from luanette.scripts import Scripts
@@ -51,14 +52,8 @@ OPERATIONS: Final = {
 }
 
 
-class PromptError(Exception):
-    """A prompt that cannot be given; ``code`` is a stable error code."""
-
-    def __init__(self, code: str, message: str, details: Any = None) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-        self.details = details
+class PromptError(RequestError):
+    """A prompt that cannot be given."""
 
 
 PROMPTS: Final = (

@@ -44,6 +44,7 @@ from hooteproto import types as t
 from hooteproto.results import ResourceContent, ResourceInfo, ResourceRead
 from luanette import cas, poolview
 from luanette.apiref import Reference
+from luanette.errors import RequestError
 from luanette.jobs import JobError, Jobs
 from luanette.scripts import Scripts
 
@@ -60,14 +61,8 @@ _EXAMPLE_NAME: Final = re.compile(r"(?:modules/)?[A-Za-z0-9_][A-Za-z0-9_-]*")
 _encoder = msgspec.json.Encoder()
 
 
-class ResourceError(Exception):
-    """A read that cannot be answered; ``code`` is a stable error code (docs/protocol.md)."""
-
-    def __init__(self, code: str, message: str, details: Any = None) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-        self.details = details
+class ResourceError(RequestError):
+    """A read that cannot be answered."""
 
 
 def _resource(name: str, description: str, mime_type: str, **where: str) -> ResourceInfo:

@@ -32,6 +32,7 @@ import structlog
 
 from hooteproto import garden as g
 from hooteproto import types as t
+from luanette.errors import RequestError
 from luanette.garden import GardenClient, GardenError, GardenUnavailable
 
 log = structlog.get_logger("luanette.sessions")
@@ -43,13 +44,8 @@ MAX_PENDING: Final = 256
 OPS: Final = ("create", "delete", "move")
 
 
-class SessionError(Exception):
-    """A session request that failed; ``code`` is a stable protocol/Lua error code."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
+class SessionError(RequestError):
+    """A session request that failed; ``code`` is also the Lua error's prefix."""
 
     def __str__(self) -> str:
         return f"{self.code}: {self.message}"

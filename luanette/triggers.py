@@ -61,6 +61,7 @@ from hooteproto.types import PRIORITY_MAX, PRIORITY_MIN
 from luanette import params as params_mod
 from luanette.capabilities import GROUP_PATTERN, manifest_list
 from luanette.cas import InvalidHash, parse_hash
+from luanette.errors import RequestError
 from luanette.when import Condition, WhenError
 from luanette.when import parse as parse_condition
 
@@ -73,12 +74,8 @@ JOB_ID_KEY: Final = "luanette_job_id"
 CONCURRENCY: Final = ("queue", "single", "replace")
 
 
-class TriggerError(Exception):
-    """An event a rule matched cannot start its job; ``code`` is the reply's error code."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
+class TriggerError(RequestError):
+    """An event a rule matched cannot start its job."""
 
 
 class TriggerRule(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):

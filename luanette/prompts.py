@@ -17,7 +17,6 @@ import msgspec
 from hooteproto.results import PromptArgument as Argument
 from hooteproto.results import PromptInfo as Prompt
 from hooteproto.results import PromptList, PromptMessage, PromptResult, TextContent
-from luanette import cas
 from luanette.apiref import Reference
 from luanette.errors import RequestError
 from luanette.jobs import JobError, Jobs
@@ -223,14 +222,9 @@ class Prompts:
 
     async def _script(self, text: str) -> tuple[str, str, str]:
         try:
-            script_hash = cas.parse_hash(text)
-            source = await self._scripts.source(script_hash)
-        except cas.InvalidHash as e:
-            raise PromptError("invalid_params", f"hash: not a script hash: {e}") from None
-        except cas.NotFound:
-            raise PromptError("not_found", f"no script {text} is stored") from None
-        except cas.CasError:
-            raise PromptError("not_found", f"{text} is stored but is not a Lua script") from None
+            script_hash, source = await self._scripts.source_of(text)
+        except RequestError as e:
+            raise PromptError(e.code, f"hash: {e.message}") from None
         record = self._scripts.record(script_hash)
         about = ""
         if record is not None and (record.name or record.description or record.params_schema):

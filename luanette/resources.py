@@ -42,7 +42,7 @@ import msgspec
 
 from hooteproto import types as t
 from hooteproto.results import ResourceContent, ResourceInfo, ResourceRead
-from luanette import cas, poolview
+from luanette import poolview
 from luanette.apiref import Reference
 from luanette.errors import RequestError
 from luanette.jobs import JobError, Jobs
@@ -254,17 +254,7 @@ class Resources:
             raise ResourceError(e.code, str(e)) from None
 
     async def _script(self, uri: str, text: str) -> builtins.list[ResourceContent]:
-        try:
-            script_hash = cas.parse_hash(text)
-            source = await self._scripts.source(script_hash)
-        except cas.InvalidHash as e:
-            raise ResourceError("invalid_params", f"not a script hash: {e}") from None
-        except cas.NotFound:
-            raise ResourceError("not_found", f"no script {text} is stored") from None
-        except cas.TooLarge:
-            raise ResourceError("too_large", f"{text} is larger than a script may be") from None
-        except cas.CasError:  # stored, but not text: not a script (reworded: no path)
-            raise ResourceError("not_found", f"{text} is stored but is not a Lua script") from None
+        script_hash, source = await self._scripts.source_of(text)  # (its errors name no path)
         described = await self._scripts.describe(script_hash)
         about: dict[str, Any] = {"hash": script_hash, "described": described.found}
         if described.found:

@@ -21,6 +21,7 @@ import anyio
 import msgspec
 import structlog
 
+from luanette import cas
 from luanette import params as params_mod
 from luanette.capabilities import GROUP_PATTERN, declared_capabilities
 from luanette.cas import Cas, CasError
@@ -28,6 +29,7 @@ from luanette.engine.api import MAX_SHUTDOWN_TIMEOUT_S, CancelToken, ErrorDetail
 from luanette.engine.channel import RunInfo
 from luanette.engine.errors import syntax_detail
 from luanette.engine.pool import Engine, RunHooks
+from luanette.errors import RequestError
 from luanette.faults import StorageFault
 from luanette.store import ScriptRecord, Store
 from luanette.triggers import declared_emits
@@ -309,6 +311,22 @@ class Scripts:
         self._records.pop(record.hash, None)
         _log.info("script.indexed_from_cas", hash=record.hash, name=record.name)
         return self.store.index_script(record)
+
+    async def source_of(self, text: str) -> tuple[str, str]:
+        """The hash and source of the stored script ``text`` names, or a RequestError a
+        reader can answer with (``invalid_params``, ``not_found``, ``too_large``), worded
+        without the CAS's paths."""
+        try:
+            script_hash = cas.parse_hash(text)
+            return script_hash, await self.source(script_hash)
+        except cas.InvalidHash as e:
+            raise RequestError("invalid_params", f"not a script hash: {e}") from None
+        except cas.NotFound:
+            raise RequestError("not_found", f"no script {text} is stored") from None
+        except cas.TooLarge:
+            raise RequestError("too_large", f"{text} is larger than a script may be") from None
+        except CasError:  # stored, but not text: not a script
+            raise RequestError("not_found", f"{text} is stored but is not a Lua script") from None
 
     async def source(self, script_hash: str) -> str:
         """The Lua source of a stored script. Raises ``cas.NotFound``/``InvalidHash``.

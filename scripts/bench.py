@@ -799,10 +799,11 @@ def process_tree(root: int) -> list[int]:
     return tree
 
 
-def scale_daemon(sim_url: str, daemon_args: Sequence[str]) -> tuple[float, int, int]:
+def scale_daemon(sim_url: str, daemon_args: Sequence[str]) -> tuple[float, int, int, float]:
     """SCALE_JOBS jobs through a real daemon (max_jobs and backend concurrency raised):
     submit them all, poll until all finish; (wall seconds, peak threads, processes) of
-    the daemon with its child processes."""
+    the daemon with its child processes, and the wall seconds of a second burst right
+    after (a daemon that has been running meets it with the Lua states the first left)."""
     raise_fd_limit(8192)
     config = Path(tempfile.mkdtemp(prefix="luanette-bench-scale-"))
     settings = config / "luanette.toml"
@@ -824,19 +825,24 @@ def scale_daemon(sim_url: str, daemon_args: Sequence[str]) -> tuple[float, int, 
                     if sampling.wait(0.01):
                         return
 
+            def burst() -> float:
+                started = time.perf_counter()
+                submitted = sync.ask_all([t.JobExecute(script_hash=digest, params=None) for _ in range(SCALE_JOBS)])
+                ids = [success(reply)["job_id"] for reply in submitted]
+                polled = sync.ask(t.JobPoll(job_ids=ids, timeout_ms=30000, mode=t.PollMode.ALL))
+                wall = time.perf_counter() - started
+                assert not polled["timed_out"]
+                statuses = {job["status"] for job in polled["completed"]}
+                assert statuses == {"complete"}, statuses
+                return wall
+
             sampler = threading.Thread(target=sample)
             sampler.start()
-            started = time.perf_counter()
-            submitted = sync.ask_all([t.JobExecute(script_hash=digest, params=None) for _ in range(SCALE_JOBS)])
-            ids = [success(reply)["job_id"] for reply in submitted]
-            polled = sync.ask(t.JobPoll(job_ids=ids, timeout_ms=30000, mode=t.PollMode.ALL))
-            wall = time.perf_counter() - started
+            wall = burst()
             sampling.set()
             sampler.join()
-        assert not polled["timed_out"]
-        statuses = {job["status"] for job in polled["completed"]}
-        assert statuses == {"complete"}, statuses
-        return wall, peak[0], peak[1]
+            again = burst()
+        return wall, peak[0], peak[1], again
     finally:
         shutil.rmtree(config, ignore_errors=True)
 
@@ -891,7 +897,7 @@ class Results:
     overload: Row | None = None
     jobs: tuple[int, float] | None = None  # (jobs, seconds)
     cancels: list[float] | None = None
-    scale: tuple[float, int, int] | None = None  # daemon: wall, threads, processes
+    scale: tuple[float, int, int, float] | None = None  # daemon: wall, threads, processes, second burst's wall
     threaded: tuple[float, int] | None = None  # one thread per job: wall, threads
     pool: dict[int, float] | None = None  # remote workers -> CPU-bound jobs/s
     worker_loss: list[float] | None = None  # seconds from kill -9 to worker_lost
@@ -1119,8 +1125,9 @@ def print_details(results: Results) -> None:
         print("worker loss: kill -9 of a remote worker -> its job failed worker_lost after "
               + ", ".join(f"{x:.2f}" for x in results.worker_loss) + " s (3 heartbeats of 1 s)")
     if results.scale and results.threaded:
-        wall, threads, procs = results.scale
-        print(f"scale: {SCALE_JOBS} jobs, each waiting 1 s on the model simulator: daemon {wall:.2f} s wall, "
+        wall, threads, procs, again = results.scale
+        print(f"scale: {SCALE_JOBS} jobs, each waiting 1 s on the model simulator: daemon {wall:.2f} s wall "
+              f"(a second burst right after: {again:.2f} s), "
               f"peak {threads} threads in {procs} process{'es' if procs > 1 else ''}; one thread per job "
               f"(Lua + blocking HTTP) {results.threaded[0]:.2f} s wall, peak {results.threaded[1]} threads")
 
@@ -1151,7 +1158,8 @@ def targets(results: Results) -> list[tuple[str, bool | None, str]]:
                 f"{share:.0%} ({eval64.rate:,.0f} vs {ping64.rate:,.0f} req/s)"))
     out.append(("LuaEval p50 at 1 in flight <= 0.5 ms", eval1.p50_ms <= 0.5, f"{eval1.p50_ms:.3f} ms"))
     if results.scale:
-        out.append((f"{SCALE_JOBS:,} x 1 s jobs < 2 s wall", results.scale[0] < 2.0, f"{results.scale[0]:.2f} s"))
+        out.append((f"{SCALE_JOBS:,} x 1 s jobs < 2 s wall", results.scale[0] < 2.0,
+                    f"{results.scale[0]:.2f} s (second burst {results.scale[3]:.2f} s)"))
     else:
         out.append((f"{SCALE_JOBS:,} x 1 s jobs < 2 s wall", None, "skipped"))
     if results.jobs:

@@ -212,6 +212,24 @@ def test_namespace_names_are_checked() -> None:
         anyio.run(lambda: run_script("return 1", namespaces=[Bad()]))
 
 
+async def test_namespace_names_reach_lua_unchanged_through_the_compiled_layout() -> None:
+    # The sandbox learns a layout from a chunk the engine compiles (a table constructor):
+    # names Python calls identifiers may be non-ASCII, and sync and async keep their kind.
+    class Odd:
+        name = "caf\u00e9"
+
+        def functions(self, run: RunContext) -> Mapping[str, Callable[..., Any]]:
+            async def wait(x: int) -> int:
+                await anyio.sleep(0)
+                return x + 1
+
+            return {"\u00fcber": lambda x: x * 2, "wait": wait}
+
+    code = 'local ns = _ENV["caf\u00e9"] local names = {} for k in pairs(ns) do names[#names + 1] = k end ' \
+        'table.sort(names) return {ns["\u00fcber"](21), ns.wait(1), names}'
+    assert (await run_script(code, namespaces=[Odd()])).result == [42, 2, ["wait", "\u00fcber"]]
+
+
 # ---------------------------------------------------------------------- async I/O
 
 

@@ -10,7 +10,7 @@ import anyio
 import structlog
 import zmq
 
-from luanette import auth, logs
+from luanette import auth, gcpolicy, logs
 from luanette.cli import mcp as mcp_cli
 from luanette.cli import worker as worker_cli
 from luanette.cli.argtypes import count, non_negative, positive
@@ -238,6 +238,7 @@ async def _serve(config: Config, settings: Settings, lease: Lease | None) -> Non
     server = Server(config, settings=settings)
     server.lost_front = None if lease is None else lease.lost_front
     server.bind()  # outside the task group, so a busy address is a plain ZMQError
+    gcpolicy.settle()  # what the server holds lives as long as the process
     failure: TriggerError | None = None
     lost: LeaseLost | None = None
     async with anyio.create_task_group() as tg:

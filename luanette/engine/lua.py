@@ -45,6 +45,7 @@ import functools
 import importlib.resources
 import inspect
 import itertools
+import math
 import os
 import queue
 import threading
@@ -100,8 +101,12 @@ MAX_RUNS_PER_STATE: Final = 5_000
 INLINE_BUDGET_S: Final = 0.002
 # Killer.reason of a speculative inline step that had to give the loop back.
 PREEMPTED: Final = "preempted"
-# Idle states kept per process.
+# Idle states kept per process at all times; after a burst of more concurrent runs, up
+# to the burst's size (set_idle_states) for IDLE_BURST_KEEP_S, then trimmed back.
 MAX_IDLE_STATES: Final = 32
+IDLE_BURST_KEEP_S: Final = 30.0
+# States trim_idle_states frees per call (each lua_close holds the GIL: a few at a time).
+TRIM_BATCH: Final = 16
 # Compiled chunks kept per process (by text), and the largest text cached.
 CHUNK_CACHE: Final = 256
 MAX_CACHED_CHUNK: Final = 256 * 2**10
@@ -220,16 +225,33 @@ class _State:
 
 
 class _StatePool:
-    """Idle states of this process, the most recently used first (its memory is warm)."""
+    """Idle states of this process, the most recently used first (its memory is warm).
 
-    def __init__(self, max_idle: int) -> None:
+    A run holds its state while it waits for I/O, so a burst of concurrent runs (a
+    thousand jobs each waiting on a model) needs a state each, and a new state with its
+    first layout costs ~0.5 ms of CPU, twice a trivial run.  The pool keeps ``base``
+    idle states always and, for ``keep_s`` after more than ``base`` were in use at
+    once, as many as were (up to ``burst``): the next burst finds them warm.  Then
+    :meth:`trim` frees the extra ones a few at a time.
+    """
+
+    def __init__(self, base: int, burst: int | None = None, keep_s: float = IDLE_BURST_KEEP_S) -> None:
         self._idle: list[_State] = []
         self._lock = threading.Lock()
-        self._max_idle = max_idle
+        self._base = base
+        self._burst = base if burst is None else max(base, burst)
+        self._keep_s = keep_s
+        self._in_use = 0
+        self._peak = 0  # most states in use at once in the current burst
+        self._needed_at = -math.inf  # (monotonic) the last take beyond base
 
     def take(self) -> _State:
         """An idle state, or a new one."""
         with self._lock:
+            self._in_use += 1
+            if self._in_use > self._base:
+                self._needed_at = time.monotonic()
+                self._peak = max(self._peak, self._in_use)
             if self._idle:
                 return self._idle.pop()
         return _State()
@@ -238,8 +260,41 @@ class _StatePool:
         """Return a state whose run ended normally; it serves the next run."""
         state.runs += 1
         with self._lock:
-            if state.runs < MAX_RUNS_PER_STATE and len(self._idle) < self._max_idle:
+            self._in_use -= 1
+            if state.runs < MAX_RUNS_PER_STATE and len(self._idle) < self._keep():
                 self._idle.append(state)
+
+    def drop(self) -> None:
+        """A state taken is not coming back (its run ended abnormally)."""
+        with self._lock:
+            self._in_use -= 1
+
+    def _keep(self) -> int:
+        if time.monotonic() - self._needed_at < self._keep_s:
+            return min(self._burst, max(self._base, self._peak))
+        return self._base
+
+    def set_burst(self, burst: int) -> None:
+        """Keep up to ``burst`` idle states after a burst (never fewer than base)."""
+        self._burst = max(self._base, burst)
+
+    def trim(self) -> int:
+        """Free up to TRIM_BATCH idle states beyond what :meth:`_keep` allows now (the
+        least recently used); how many."""
+        with self._lock:
+            keep = self._keep()
+            if keep == self._base:
+                self._peak = 0
+            extra = min(TRIM_BATCH, len(self._idle) - keep)
+            if extra <= 0:
+                return 0
+            dropped = self._idle[:extra]
+            del self._idle[:extra]
+        del dropped  # (lua_close, outside the lock)
+        return extra
+
+    def __len__(self) -> int:
+        return len(self._idle)
 
     def clear(self) -> None:
         """Drop every idle state (their memory goes back with them)."""
@@ -308,6 +363,18 @@ def release_idle_states() -> None:
     """Drop the idle Lua states of this process (a worker does it before it measures
     whether it has grown past its memory share)."""
     _states.clear()
+
+
+def set_idle_states(burst: int) -> None:
+    """Keep up to ``burst`` idle Lua states for a while after a burst of concurrent
+    runs (a worker sizes it from its memory share)."""
+    _states.set_burst(burst)
+
+
+def trim_idle_states() -> int:
+    """Free some of the idle states a burst left once it is long over (call it now and
+    then); how many were freed."""
+    return _states.trim()
 
 
 # ------------------------------------------------------------------ run machinery
@@ -647,7 +714,7 @@ class _Layout(msgspec.Struct, frozen=True):
 
     key: int  # unique per layout in this process: what a state caches it under
     qualnames: list[str]  # by bridge index; 0 is print
-    spec: bytes  # "ns.fn ns.other *ns.waits ..." ("*" = async), bridge indexes 1, 2, ...
+    spec: bytes  # bytecode of a chunk that returns the sandbox's table of them (_spec_chunk)
     preludes: bytes | None  # MessagePack [name, bytecode, name, bytecode, ...] or None
     owners: list[int]  # by bridge index: position of its namespace (-1 for print)
     firsts: list[int]  # by namespace position: bridge index of its first function
@@ -658,7 +725,7 @@ class _Layout(msgspec.Struct, frozen=True):
     ) -> _Layout:
         """The layout of ``namespaces``, whose functions are ``names`` (one tuple per
         namespace) and ``calls`` (all of them in order, after print)."""
-        qualnames, spec = ["print"], []
+        qualnames, is_async_by_index = ["print"], [False]
         owners, firsts = [-1], []
         preludes: list[bytes | str] = []
         taken: set[str] = set()
@@ -672,14 +739,50 @@ class _Layout(msgspec.Struct, frozen=True):
                 if not name.isidentifier():
                     raise ValueError(f"{namespace.name}: {name!r} is not a Lua identifier")
                 qualname = f"{namespace.name}.{name}"
-                is_async = inspect.iscoroutinefunction(calls[len(qualnames)])
+                is_async_by_index.append(inspect.iscoroutinefunction(calls[len(qualnames)]))
                 qualnames.append(qualname)
                 owners.append(position)
-                spec.append("*" + qualname if is_async else qualname)
         return cls(
-            next(_layout_keys), qualnames, " ".join(spec).encode(), to_lua(preludes) if preludes else None, owners,
-            firsts,
+            next(_layout_keys), qualnames, _spec_chunk(qualnames, is_async_by_index),
+            to_lua(preludes) if preludes else None, owners, firsts,
         )
+
+
+def _lua_string(text: str) -> str:
+    """A Lua string literal of ``text``: every byte but ASCII letters, digits, ``_`` and
+    ``.`` written as a decimal escape (names are identifiers, but Python's may be
+    non-ASCII)."""
+    plain = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.")
+    return '"' + "".join(chr(b) if b in plain else f"\\{b:03d}" for b in text.encode()) + '"'
+
+
+def _spec_chunk(qualnames: Sequence[str], is_async: Sequence[bool]) -> bytes:
+    """Bytecode of a chunk that returns the layout as the sandbox keeps it (see
+    sandbox.lua): ``[index] = {async, namespace, name, "ns.name"}``, ``order`` (the
+    namespaces in order), ``names[namespace] = {name = index}``, ``qualnames[index]``.
+    A new state loads it once per layout: parsing the same from text in Lua took ~3x as
+    long (~110 us for a job's 117 functions), and a burst of concurrent runs makes a
+    state for each."""
+    entries: list[str] = []
+    names: dict[str, list[str]] = {}  # namespace -> its "[name] = index" items, in order
+    for index in range(1, len(qualnames)):
+        namespace, _, name = qualnames[index].partition(".")
+        flag = "true" if is_async[index] else "false"
+        quoted = ", ".join(_lua_string(part) for part in (namespace, name, qualnames[index]))
+        entries.append(f"{{{flag}, {quoted}}}")
+        names.setdefault(namespace, []).append(f"[{_lua_string(name)}] = {index}")
+    order = ", ".join(_lua_string(namespace) for namespace in names)
+    by_namespace = ",\n".join(f"[{_lua_string(ns)}] = {{{', '.join(items)}}}" for ns, items in names.items())
+    source = (
+        "local parsed = {" + ",\n".join(entries) + "}\n"
+        f"parsed.order = {{{order}}}\n"
+        f"parsed.names = {{{by_namespace}}}\n"
+        "local qualnames = {}\n"
+        "for i = 1, #parsed do qualnames[i] = parsed[i][4] end\n"
+        "parsed.qualnames = qualnames\n"
+        "return parsed\n"
+    )
+    return _compile(source.encode(), b"=layout")
 
 
 _layouts: dict[tuple[Any, ...], _Layout] = {}
@@ -840,6 +943,7 @@ class _Session:
         if self._reusable:
             _states.give(state)
         else:
+            _states.drop()
             _count(states_discarded=1)
 
     def interrupted(self, reason: str, waiting_for: str | None) -> _Final:

@@ -22,7 +22,7 @@ local collectgarbage = collectgarbage
 local co_create, co_resume, co_yield = coroutine.create, coroutine.resume, coroutine.yield
 local co_status, co_running, co_isyieldable = coroutine.status, coroutine.running, coroutine.isyieldable
 local sethook, getinfo, getmetatable = debug.sethook, debug.getinfo, debug.getmetatable
-local format, sub, rep, gmatch = string.format, string.sub, string.rep, string.gmatch
+local format, sub, rep = string.format, string.sub, string.rep
 local concat, sort, pack, unpack = table.concat, table.sort, table.pack, table.unpack
 local math_type, getlocal, getupvalue, rawlen = math.type, debug.getlocal, debug.getupvalue, rawlen
 local upvaluejoin, debug_setmetatable = debug.upvaluejoin, debug.setmetatable
@@ -244,9 +244,12 @@ env.print = function(...)
   return print_line(concat(parts, "\t", 1, n))
 end
 
--- spec: "ns.fn ns.other *ns.waits ...", bridge indexes 1, 2, 3, ...; "*" marks async.
--- Parsed once per state and spec (a handful of shapes), kept in the state's real
--- globals, which no script reaches.
+-- spec: bytecode the engine compiled (luanette.engine.lua _spec_chunk) that returns
+-- parsed[index] = {async, namespace, name, "ns.name"} for bridge indexes 1, 2, ...;
+-- parsed.order: the namespaces in order; parsed.names[namespace] = {name = index};
+-- parsed.qualnames[index] = "ns.name".  Loaded once per state and layout (a handful of
+-- shapes), kept in the state's real globals, which no script reaches; read-only once
+-- made: every run of the shape shares them.
 local parsed_specs = rawget(_G, "__luanette_specs")
 if not parsed_specs then
   parsed_specs = {}
@@ -255,22 +258,7 @@ end
 local parsed = parsed_specs[layout]
 if not parsed then
   if not spec then error("internal: the layout's spec was not sent", 0) end
-  -- parsed[index] = {async, namespace, name, "ns.name"}; parsed.order: the namespaces
-  -- in order; parsed.names[namespace] = {name = index}; parsed.qualnames[index] =
-  -- "ns.name".  Read-only once made: every run of the shape shares them.
-  parsed = {order = {}, names = {}, qualnames = {}}
-  for star, namespace, name in gmatch(spec, "(%*?)([^ .]+)%.([^ ]+)") do
-    local index = #parsed + 1
-    parsed[index] = {star == "*", namespace, name, namespace .. "." .. name}
-    parsed.qualnames[index] = parsed[index][4]
-    local names = parsed.names[namespace]
-    if not names then
-      names = {}
-      parsed.names[namespace] = names
-      parsed.order[#parsed.order + 1] = namespace
-    end
-    names[name] = index
-  end
+  parsed = lib.load(spec, "=layout", "b", {})()
   parsed_specs[layout] = parsed
 end
 setmetatable(qualnames, {__index = parsed.qualnames})

@@ -39,12 +39,19 @@ from opentelemetry import trace
 from hooteproto import garden as g
 from hooteproto.codec import Encoding, encode_payload
 from hooteproto.types import Register, WorkerType
-from luanette import logs
+from luanette import gcpolicy, logs
 from luanette.backends import UnknownBackend
 from luanette.cas import Cas
 from luanette.engine import channel as ch
 from luanette.engine.api import CancelToken, ErrorDetail, ScriptError
-from luanette.engine.lua import forget_chunks, release_idle_states, run_script, stats
+from luanette.engine.lua import (
+    forget_chunks,
+    release_idle_states,
+    run_script,
+    set_idle_states,
+    stats,
+    trim_idle_states,
+)
 from luanette.engine.services import error_from_wire
 from luanette.settings import BackendSettings, GardenSettings, Settings
 from luanette.stdlib.garden import GardenNamespace
@@ -62,6 +69,17 @@ BEAT_S = 1.0
 LOST_AFTER_BEATS = 3  # beats a peer may miss before it is taken for dead
 # An idle worker reads its RSS at most this often (a burst's end is caught by the beat).
 MEMORY_CHECK_S = 0.05
+# Idle Lua states kept after a burst (see luanette.engine.lua._StatePool): one holds
+# ~350 KiB with a job's layout; together they may take a sixteenth of the memory share.
+IDLE_STATE_BYTES = 512 * 2**10
+MAX_BURST_STATES = 1024
+
+
+def burst_states(memory_share: int) -> int:
+    """How many idle Lua states a worker with this share keeps after a burst."""
+    if not memory_share:
+        return MAX_BURST_STATES
+    return min(MAX_BURST_STATES, memory_share // 16 // IDLE_STATE_BYTES)
 
 
 class WorkerConfig(msgspec.Struct, kw_only=True, frozen=True):
@@ -387,6 +405,7 @@ class Worker:
                 self._loop.add_signal_handler(sig, self._stop_by_signal)
         self._sock.connect(self.config.endpoint)
         self._baseline = rss_bytes()
+        set_idle_states(burst_states(self.config.memory_share))
         self._register()
         async with anyio.create_task_group() as tg:
             tg.start_soon(self._beat)
@@ -593,6 +612,7 @@ class Worker:
                 self._drop_runs("the front stopped answering")
             if not self._runs:  # the end of a burst the idle checks skipped
                 self._check_memory()
+            trim_idle_states()  # (a few a beat, long after a burst: freeing holds the GIL)
             self.send(ch.Beat(rss_bytes=rss_bytes(), runs=len(self._runs), inline_steps=stats.inline_steps))
 
 
@@ -628,8 +648,10 @@ def main(config: WorkerConfig, lifeline: int | None = None, remote: bool = False
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
     logs.configure(json=config.log_json)
+    worker = Worker(config, lifeline)
+    gcpolicy.settle()
     try:
-        anyio.run(Worker(config, lifeline).serve)
+        anyio.run(worker.serve)
     except KeyboardInterrupt:
         pass
     sys.stderr.flush()

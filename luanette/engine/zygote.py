@@ -66,7 +66,10 @@ def _exit_code(status: int) -> int:
 
 def main(lifeline: int) -> None:
     """Serve launch requests until stdin closes."""
+    from luanette import gcpolicy
     from luanette.engine import worker  # the preload: every child starts with it imported
+
+    gcpolicy.settle()  # before the forks: the children's collections leave these pages shared
 
     decoder = msgspec.msgpack.Decoder(worker.WorkerConfig)
     requests, replies = sys.stdin.fileno(), sys.stdout.fileno()

@@ -689,6 +689,25 @@ WRITERS: dict[str, str] = {
         try(function() rawset(json.null, "x", 1) end)
         try(function() setmetatable(json.null, {}) end)
     """,
+    # the sandbox's functions are made once per Lua state and shared by its runs: every
+    # table they hand a script must still be the run's own
+    "sandbox_machinery": """
+        try(function() require.pwned = true end)
+        try(function() rawset(require, "try", function() return "pwned" end) end)
+        try(function() coroutine.pwned = true end)
+        try(function() coroutine.create = function() return "pwned" end end)
+        try(function() core.pwned = true end)
+        try(function() core.spawn = function() return "pwned" end end)
+        try(function() os.pwned = true end)
+        try(function() rawset(print, "x", 1) end)
+        try(function() local mt = getmetatable(require) mt.pwned = true end)
+        local tasks = {}
+        try(function()
+          local h = core.spawn(function() return 1 end)
+          rawset(h, "pwned", true)
+          tasks[1] = h
+        end)
+    """,
     "absent_libraries_defined": """
         package = {loaded = {}, loadlib = print, path = "./?.lua"}
         require = function(name) return package.loaded[name] end

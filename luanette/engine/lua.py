@@ -147,7 +147,7 @@ def _lua_source(name: str) -> bytes:
 
 
 # The codec first, in a function of its own, so its locals are not the sandbox's.
-_PRIVILEGED: Final = b"local codec = (function()\n" + LUA_CODEC + b"end)()\n" + _lua_source("sandbox.lua")
+_PRIVILEGED: Final = b"local new_codec = function()\n" + LUA_CODEC + b"end\n" + _lua_source("sandbox.lua")
 
 # Run once per state: take string.dump and lupa's helper table away from the real
 # globals (no bytecode for anyone but the engine), load the privileged chunk, and hand
@@ -158,7 +158,7 @@ local privileged, chunk_name = ...
 local dump, load = string.dump, load
 string.dump = nil
 python = nil
-local run = load(privileged, chunk_name, "b")
+local run = load(privileged, chunk_name, "b")()  -- the machinery, once; run: once per run
 local function compile(code, name)
   local chunk, err = load(code, name, "t")
   if not chunk then return nil, err end

@@ -1,20 +1,23 @@
--- The sandbox of one run.  The engine loads this chunk (after codec.lua, without debug
--- information) once per Lua state and calls it once per run: every local below is
--- made anew for each run, so nothing a run reaches survives it.  It runs on the main
--- Lua thread with the real standard library, captures what it needs as locals, builds
--- the script environment from an empty table and runs the script up to its end or its
--- first I/O request.  It returns that first reply (see `finish`), or "syntax" and the
--- message; after an "io" reply come the driver's entry points: `step` (resume the
--- script), `where` (the script's frames while it waits) and `release` (free the
--- script's memory before the state is reused or dropped).  Script code runs only in
--- coroutines created here (each with the count hook) and can reach none of these
--- locals.  Privileged code never calls a string method with `:` syntax: the string
--- metatable points at the script's (mutable) copy of `string`.
--- layout: the engine's number for the shape of the run's namespaces (luanette.engine.lua
--- _Layout); spec and preludes_packed come only the first time a state sees a layout
--- (they are kilobytes: copying them into Lua every run cost as much as the rest of
--- binding the namespaces), else nil.
-local check, call_sync, layout, spec, preludes_packed, hook_interval, chunk_name, code, code_mode, params_packed = ...
+-- The sandbox.  The engine loads this chunk (after codec.lua, without debug
+-- information) once per Lua state: it defines the privileged machinery (the scheduler,
+-- the wrappers of the library, error description, core.*, require) once, and returns
+-- `run`, which the engine calls once per run.  `run` makes every table a run can reach
+-- or that records what it did anew (the environment, the copies of the libraries, the
+-- namespace tables, the task and module tables, the codec and its null, the error
+-- sentinels) and resets every per-run variable below, so nothing a run reaches survives
+-- it; the functions are the state's (a script cannot read or change a function).  Making
+-- the ~100 closures per run cost a third of a trivial run: each closure creation walks
+-- Lua's list of open upvalues, which holds most of the ~190 locals of this chunk.  A
+-- state serves one run at a time.
+-- `run` runs on the main Lua thread with the real standard library, builds the script
+-- environment from an empty table and runs the script up to its end or its first I/O
+-- request.  It returns that first reply (see `finish`), or "syntax" and the message;
+-- after an "io" reply come the driver's entry points: `step` (resume the script),
+-- `where` (the script's frames while it waits) and `release` (free the script's memory
+-- before the state is reused or dropped).  Script code runs only in coroutines created
+-- here (each with the count hook) and can reach none of these locals.  Privileged code
+-- never calls a string method with `:` syntax: the string metatable points at the
+-- script's (mutable) copy of `string`.
 
 local type, next, select, error, tostring = type, next, select, error, tostring
 local rawget, rawequal, setmetatable, pcall, xpcall, load = rawget, rawequal, setmetatable, pcall, xpcall, load
@@ -26,12 +29,9 @@ local format, sub, rep = string.format, string.sub, string.rep
 local concat, sort, pack, unpack = table.concat, table.sort, table.pack, table.unpack
 local math_type, getlocal, getupvalue, rawlen = math.type, debug.getlocal, debug.getupvalue, rawlen
 local upvaluejoin, debug_setmetatable = debug.upvaluejoin, debug.setmetatable
-local encode, encode_args, decode, failure = codec.encode, codec.encode_args, codec.decode, codec.failure
-local NULL = codec.NULL
-
--- The state's random generator is shared by its runs: a fresh seed, so one run's
--- math.randomseed(42) does not decide the next run's numbers.
-math.randomseed()
+-- The run's codec (new_codec, before this chunk): its null is a table a script could
+-- rawset into, so each run has its own.
+local codec, encode, encode_args, decode, failure, NULL
 
 -- Functions the sandbox's wrappers call with a script's arguments, called as fields so
 -- that an argument error names them ("bad argument #1 to 'setmetatable'"): privileged
@@ -39,28 +39,47 @@ math.randomseed()
 local lib = {pcall = pcall, load = load, setmetatable = setmetatable, create = co_create,
   resume = co_resume, close = coroutine.close}
 
-local KILL = {}    -- error value of a stopped run
 local MEMORY_ERROR = "not enough memory"
-local IO = {}      -- first value yielded to the driver: an I/O request
-local WAIT = {}    -- first value a task yields to the scheduler: it waits for other tasks
 local SLEEP = -1   -- bridge index of core.sleep's request (the driver itself sleeps)
-local EMPTY = {n = 0}
+local MODULE = -2  -- bridge index of a module request (require)
+
+-- Per-run variables: every one is set anew by `run` (see reset_run).
+local check, call_sync, hook_interval  -- the driver's: stop?, sync calls, hook count
+local KILL         -- error value of a stopped run
+local IO           -- first value yielded to the driver: an I/O request
+local WAIT         -- first value a task yields to the scheduler: it waits for other tasks
+local EMPTY        -- {n = 0}: no arguments
 -- Tasks (core.*): the script's main function is the first; see "The scheduler" below.
-local task_of = setmetatable({}, {__mode = "k"})  -- a task's coroutine -> the task
-local queue, qhead, qtail = {}, 1, 0  -- tasks to resume, in order
-local pending = {}  -- request number -> the task waiting for its answer
-local out = {}      -- for the next "io" reply: number, index, args (a negative number: cancel it)
+local task_of      -- a task's coroutine -> the task (weak keys)
+local queue, qhead, qtail  -- tasks to resume, in order
+local pending      -- request number -> the task waiting for its answer
+local out          -- for the next "io" reply: number, index, args (a negative number: cancel it)
 local main_task, current, raised
-local next_number = 0  -- of the last request
-local killed = false
+local next_number  -- of the last request
+local killed
 -- "main" while the script runs; "shutdown" while its on_shutdown(reason) runs (see
 -- begin_shutdown); an out-of-memory end runs no on_shutdown
-local phase = "main"
-local out_of_memory = false
-local env = {}
+local phase
+local out_of_memory
+local env
 local script_co
 local main_function  -- the script's main, named in stacks (its caller has no debug information)
-local qualnames = {[SLEEP] = "core.sleep"}  -- "ns.fn" by bridge index
+local qualnames    -- "ns.fn" by bridge index
+local parsed       -- the layout's functions (see run)
+local names_of     -- namespace table -> parsed.names[its namespace], until bind_all
+local gone         -- namespace table -> {name = true} of the names bound or assigned
+local task_names   -- a spawned function -> its local name, or true (weak keys)
+local contexts     -- frames list -> context_of its error (weak keys)
+local chunk, params  -- the script's main chunk and its params
+local task_of_handle  -- a task's handle -> the task (weak keys)
+local tasks_started   -- tasks this run started
+-- require's, for this run only: no module value or cache outlives it
+local modules         -- key -> the module's value
+local resolved        -- dir .. "\0" .. name -> key of a loaded module (asked again: no request)
+local failed          -- dir .. "\0" .. name -> why it could not be found
+local loading         -- stack of {key, name, dir} of the modules whose chunks run now
+local dir_of_chunk    -- a module's source ("=a/b.lua") -> its directory
+local modules_loaded, resolves
 
 -- Count hook: ask Python whether the run must stop; once it must, keep raising.
 local function hook()
@@ -216,52 +235,28 @@ local function copy(lib)
   return t
 end
 
-for _, name in next, {"assert", "error", "ipairs", "next", "pairs", "rawequal", "rawget",
-    "rawlen", "rawset", "select", "getmetatable", "tonumber", "tostring", "type", "_VERSION"} do
-  env[name] = _G[name]
+
+local BASE_GLOBALS = {"assert", "error", "ipairs", "next", "pairs", "rawequal", "rawget",
+    "rawlen", "rawset", "select", "getmetatable", "tonumber", "tostring", "type", "_VERSION"}
+
+local function sb_pcall(...) return unless_killed(lib.pcall(...)) end
+
+local function sb_close(co)
+  not_a_task(co, "close")
+  return unless_killed(lib.close(co))
 end
-env.pcall = function(...) return unless_killed(lib.pcall(...)) end
-env.xpcall, env.load, env.setmetatable, env.collectgarbage =
-  sb_xpcall, sb_load, sb_setmetatable, sb_collectgarbage
-env.string, env.table, env.math, env.utf8 = copy(string), copy(table), copy(math), copy(utf8)
-env.os = {clock = os.clock, time = os.time, date = os.date}
-env.coroutine = {
-  create = sb_create, resume = sb_resume, wrap = sb_wrap, yield = sb_yield,
-  close = function(co) not_a_task(co, "close") return unless_killed(lib.close(co)) end,
-  status = co_status, running = co_running, isyieldable = co_isyieldable,
-}
-env._G = env
 
 local string_meta = getmetatable("")
-string_meta.__index = env.string
 string_meta.__metatable = false
 
 local print_line = bind_sync(0, "print")
-env.print = function(...)
+local function sb_print(...)
   local n = select("#", ...)
   local parts = {...}
   for i = 1, n do parts[i] = tostring(parts[i]) end
   return print_line(concat(parts, "\t", 1, n))
 end
 
--- spec: bytecode the engine compiled (luanette.engine.lua _spec_chunk) that returns
--- parsed[index] = {async, namespace, name, "ns.name"} for bridge indexes 1, 2, ...;
--- parsed.order: the namespaces in order; parsed.names[namespace] = {name = index};
--- parsed.qualnames[index] = "ns.name".  Loaded once per state and layout (a handful of
--- shapes), kept in the state's real globals, which no script reaches; read-only once
--- made: every run of the shape shares them.
-local parsed_specs = rawget(_G, "__luanette_specs")
-if not parsed_specs then
-  parsed_specs = {}
-  _G.__luanette_specs = parsed_specs
-end
-local parsed = parsed_specs[layout]
-if not parsed then
-  if not spec then error("internal: the layout's spec was not sent", 0) end
-  parsed = lib.load(spec, "=layout", "b", {})()
-  parsed_specs[layout] = parsed
-end
-setmetatable(qualnames, {__index = parsed.qualnames})
 -- A namespace function's wrapper is made when the script first reads its name: binding
 -- all of a job's ~170 functions cost more than the rest of a run's setup, and a run
 -- calls a few.  The namespace tables behave as if filled (pairs through __pairs, an
@@ -269,8 +264,6 @@ setmetatable(qualnames, {__index = parsed.qualnames})
 -- see nothing.  The metatable is protected.  Which names a table has is the shape's
 -- shared (read-only) list; what this run has bound or assigned is noted per table, on
 -- first use, so a run's setup touches no per-function entry.
-local names_of = {}  -- namespace table -> parsed.names[its namespace], until bind_all
-local gone = {}      -- namespace table -> {name = true} of the names bound or assigned
 local function bind_index(index)
   local entry = parsed[index]
   return (entry[1] and bind_async or bind_sync)(index, entry[4])
@@ -314,81 +307,56 @@ local NAMESPACE_META = {
   __pairs = function(t) return next, bind_all(t), nil end,
   __metatable = "namespace",
 }
-for i = 1, #parsed.order do
-  local namespace = parsed.order[i]
-  if not env[namespace] then
-    local functions = setmetatable({}, NAMESPACE_META)
-    env[namespace] = functions
-    names_of[functions] = parsed.names[namespace]
+
+-- What a prelude is given beside its namespace table (marks): see run.
+local function mark_hidden(t, name)
+  -- A namespace function only its prelude may call (say pipeline._check): taken out
+  -- of the table before the script runs, bound on its first call (binding it at
+  -- setup cost every run, called or not).
+  if getmetatable(t) ~= NAMESPACE_META or type(name) ~= "string" then
+    error("marks.hidden: a namespace table and a name expected", 2)
+  end
+  local names = names_of[t]
+  local index = names and names[name]
+  local g = gone_of(t)
+  if index == nil or g[name] then
+    local f = rawget(t, name)
+    rawset(t, name, nil)
+    g[name] = true
+    return f
+  end
+  g[name] = true
+  local f
+  return function(...)
+    if not f then f = bind_index(index) end
+    return f(...)
   end
 end
 
--- Lua halves of namespaces (see Namespace.lua_prelude): bytecode we compiled, run as
--- sandbox code on the script's environment before the script.
--- Loaded once per state and layout (undumping the bytecode cost more than the rest of a
--- run's setup); each run joins a loaded chunk's _ENV to an upvalue of its own, so the
--- closures one run's prelude made keep that run's environment.
-local loaded_preludes = rawget(_G, "__luanette_preludes")
-if not loaded_preludes then
-  loaded_preludes = {}
-  _G.__luanette_preludes = loaded_preludes
-end
-local loaded = loaded_preludes[layout]
-if not loaded and preludes_packed then
-  loaded = {}
-  local preludes = decode(preludes_packed)
-  for i = 1, #preludes, 2 do
-    loaded[i], loaded[i + 1] = preludes[i], lib.load(preludes[i + 1], preludes[i], "b", {})
+local function mark_callable(t, fn)
+  -- a namespace table that is also a function (context{...}); only ours, only once
+  if getmetatable(t) ~= NAMESPACE_META or type(fn) ~= "function" then
+    error("marks.callable: a namespace table and a function expected", 2)
   end
-  loaded_preludes[layout] = loaded
+  local meta = {}
+  for k, v in next, NAMESPACE_META do meta[k] = v end
+  meta.__call = fn
+  debug_setmetatable(t, meta)
 end
-if loaded then
-  local marks = {NULL = NULL, hidden = function(t, name)
-    -- A namespace function only its prelude may call (say pipeline._check): taken out
-    -- of the table before the script runs, bound on its first call (binding it at
-    -- setup cost every run, called or not).
-    if getmetatable(t) ~= NAMESPACE_META or type(name) ~= "string" then
-      error("marks.hidden: a namespace table and a name expected", 2)
-    end
-    local names = names_of[t]
-    local index = names and names[name]
-    local g = gone_of(t)
-    if index == nil or g[name] then
-      local f = rawget(t, name)
-      rawset(t, name, nil)
-      g[name] = true
-      return f
-    end
-    g[name] = true
-    local f
-    return function(...)
-      if not f then f = bind_index(index) end
-      return f(...)
-    end
-  end, callable = function(t, fn)
-    -- a namespace table that is also a function (context{...}); only ours, only once
-    if getmetatable(t) ~= NAMESPACE_META or type(fn) ~= "function" then
-      error("marks.callable: a namespace table and a function expected", 2)
-    end
-    local meta = {}
-    for k, v in next, NAMESPACE_META do meta[k] = v end
-    meta.__call = fn
-    debug_setmetatable(t, meta)
-  end, array = function(t)
-    if t == nil then t = {} end
-    if type(t) ~= "table" or rawequal(t, NULL) then
-      error("bad argument #1 to 'array' (table expected, got " .. type(t) .. ")", 2)
-    end
-    return lib.setmetatable(t, codec.ARRAY)
-  end}
-  local prelude_env = env
-  local function env_cell() return prelude_env end
-  for i = 1, #loaded, 2 do
-    local prelude = loaded[i + 1]
-    upvaluejoin(prelude, 1, env_cell, 1)
-    prelude(env[loaded[i]], marks)
+
+local function mark_array(t)
+  if t == nil then t = {} end
+  if type(t) ~= "table" or rawequal(t, NULL) then
+    error("bad argument #1 to 'array' (table expected, got " .. type(t) .. ")", 2)
   end
+  return lib.setmetatable(t, codec.ARRAY)
 end
+
+-- The preludes' _ENV: each run joins every loaded prelude's to this cell, which holds
+-- the current run's environment (a state serves one run at a time), so the closures a
+-- run's prelude made see that run's environment.
+local prelude_env
+local function env_cell() return prelude_env end
 
 -- Error description (main thread, after the script coroutine died) -------------------
 
@@ -416,7 +384,6 @@ local function render(err)
   return "{" .. concat(parts, ", ") .. "}"
 end
 
-local task_names = setmetatable({}, {__mode = "k"})  -- a spawned function -> its local name, or true
 
 local function global_name(f)
   for k, v in next, env do
@@ -550,7 +517,6 @@ local function context_of(co)
   return {raiser = raiser, scope = scope}
 end
 
-local contexts = setmetatable({}, {__mode = "k"})  -- frames list -> context_of its error
 
 -- The frames of a coroutine that failed with err; when err came from core.await of a
 -- failed task, that task's frames come first (innermost first).  The error's context
@@ -588,12 +554,6 @@ end
 
 -- The script coroutine ------------------------------------------------------------
 
--- code is text, or bytecode the engine compiled from the same text (its chunk cache)
-local chunk, syntax_error = load(code, "=" .. chunk_name, code_mode, env)
-if not chunk then return "syntax", syntax_error end
-local params = decode(params_packed)
-env.params = params
-env.args = params  -- seed 003's name for the same table
 
 -- Script convention: the chunk's first return value is the result; when it returns
 -- nothing (nil) and defined a global function main, main(params) gives the result (a
@@ -616,7 +576,6 @@ local function runner()
   if not problem then error(packed, 0) end  -- out of memory
   return nil, problem
 end
-script_co = hooked(co_create(runner))
 
 local function where()
   return encode({frames = frames_of(script_co)}, "error", "described", true)
@@ -632,7 +591,7 @@ local function blank_64k() return rep(rep(" ", 256), 256) end  -- (rep of 1 byte
 -- released, so the heap does not stall the event loop.  A small heap is left to
 -- lua_close, which frees it faster than a full collection would.
 local function release()
-  script_co, env, chunk, params = nil, nil, nil, nil
+  script_co, env, chunk, params, prelude_env = nil, nil, nil, nil, nil
   queue, pending, out, main_task, current, raised = {}, {}, {}, nil, nil, nil
   if collectgarbage("count") > RELEASE_ABOVE_KB then
     collectgarbage()
@@ -830,7 +789,6 @@ end
 -- core.* ---------------------------------------------------------------------------
 
 local HANDLE_META = {__name = "core.task", __metatable = "core.task"}
-local task_of_handle = setmetatable({}, {__mode = "k"})  -- a handle -> its task
 local MAX_SLEEP_MS = 24 * 3600 * 1000
 
 -- The name of fn among the locals and upvalues of the innermost script frame (the one
@@ -859,7 +817,6 @@ end
 -- Tasks one run may start (each is a coroutine with its own stack): past it, core.spawn
 -- and core.all/race raise "core.spawn: too_many_tasks: ..." (catchable).
 local MAX_TASKS = 10000
-local tasks_started = 0
 
 local function new_task(fn, args)
   if tasks_started >= MAX_TASKS then
@@ -1017,36 +974,17 @@ local function timeout(ms)
   end, EMPTY).handle
 end
 
--- A namespace may add to `core` (core.commit, core.discard, core.overlay: the run's
--- session, luanette/stdlib/session.py): its functions are bound before this point.
-local core = rawget(env, "core") or {}
-if core.overlay_operations then  -- (a flat name on the bridge; a prelude would cost every run)
-  core.overlay = {operations = core.overlay_operations}
-  core.overlay_operations = nil
-end
-core.spawn, core.await, core.all, core.all_settled = spawn, await, all, all_settled
-core.race, core.sleep, core.timeout = race, sleep, timeout
-env.core = core
-
 -- require --------------------------------------------------------------------------
 -- The front resolves every name (luanette/modules.py): require asks through the driver
 -- (an I/O request, like core.sleep's) and gets key, name, chunk, dir, code, mode.  The
 -- module runs in the script's own environment, in the requiring task.  Every table
--- here is a local of this run: no module value or cache outlives it, and the next run
--- on this state loads its modules anew.
+-- here is made anew for each run (reset_run): no module value or cache outlives it, and
+-- the next run on this state loads its modules anew.
 
-local MODULE = -2  -- bridge index of a module request
-qualnames[MODULE] = "require"
 local MAX_MODULES = 256           -- modules one run may load
 local MAX_RESOLVES = 4 * MAX_MODULES  -- names one run may ask the front about
 local MAX_REQUIRE_DEPTH = 64      -- modules loading at once (a requiring b requiring c ...)
 local MAX_MODULE_NAME = 256       -- bytes; longer names are refused before asking
-local loaded = {}        -- key -> the module's value
-local resolved = {}      -- dir .. "\0" .. name -> key of a loaded module (asked again: no request)
-local failed = {}        -- dir .. "\0" .. name -> why it could not be found
-local loading = {}       -- stack of {key, name, dir} of the modules whose chunks run now
-local dir_of_chunk = {}  -- a module's source ("=a/b.lua") -> its directory
-local modules_loaded, resolves = 0, 0
 
 -- A to-be-closed guard pops the loading stack however the chunk ends, without a pcall
 -- that would unwind the module's frames before an uncaught error is described.
@@ -1105,7 +1043,7 @@ local function require_module(name)
   end
   local asked = dir .. "\0" .. name
   local key = resolved[asked]
-  if key ~= nil then return loaded[key] end
+  if key ~= nil then return modules[key] end
   if failed[asked] then require_error(failed[asked]) end
   if resolves >= MAX_RESOLVES then
     require_error("require: too_many_modules: a run may look up at most " .. MAX_RESOLVES .. " module names")
@@ -1122,9 +1060,9 @@ local function require_module(name)
   local module = decode(reply)
   local module_name, chunk_name, module_dir, code, mode = module[2], module[3], module[4], module[5], module[6]
   key = module[1]
-  if loaded[key] ~= nil then  -- the same module by another name
+  if modules[key] ~= nil then  -- the same module by another name
     resolved[asked] = key
-    return loaded[key]
+    return modules[key]
   end
   for i = 1, #loading do
     if loading[i][1] == key then require_error(cycle(key, module_name)) end
@@ -1146,7 +1084,7 @@ local function require_module(name)
     value = chunk(name, chunk_name)
   end
   if value == nil then value = true end  -- as Lua's require: loaded, nothing returned
-  loaded[key] = value
+  modules[key] = value
   resolved[asked] = key
   return value
 end
@@ -1159,21 +1097,156 @@ local function try_require(name)
   return nil, value
 end
 
-env.require = setmetatable({try = try_require}, {
+
+local REQUIRE_META = {
   -- (not a tail call: caller_dir tells a script's `return require(...)` by it)
   __call = function(_, name)
     local value = require_module(name)
     return value
   end,
   __metatable = "require",
-})
-
-main_task = {co = script_co, waiters = {}, children = {}}
-task_of[script_co] = main_task
-ready(main_task, EMPTY)
+}
 
 local function first_reply(tag, ...)
   if tag == "io" then return tag, step, where, release, begin_shutdown, ... end
   return tag, ...
 end
-return first_reply(schedule())
+
+-- One run ---------------------------------------------------------------------------
+
+-- spec: bytecode the engine compiled (luanette.engine.lua _spec_chunk) that returns
+-- parsed[index] = {async, namespace, name, "ns.name"} for bridge indexes 1, 2, ...;
+-- parsed.order: the namespaces in order; parsed.names[namespace] = {name = index};
+-- parsed.qualnames[index] = "ns.name".  Kept, like the loaded preludes, in the state's
+-- real globals, which no script reaches; read-only once made: every run of the shape
+-- shares them.
+local parsed_specs = rawget(_G, "__luanette_specs")
+if not parsed_specs then
+  parsed_specs = {}
+  _G.__luanette_specs = parsed_specs
+end
+local loaded_preludes = rawget(_G, "__luanette_preludes")
+if not loaded_preludes then
+  loaded_preludes = {}
+  _G.__luanette_preludes = loaded_preludes
+end
+
+-- Every per-run variable anew: nothing the last run made is reachable from here on.
+local function reset_run(run_check, run_call_sync, run_hook_interval)
+  check, call_sync, hook_interval = run_check, run_call_sync, run_hook_interval
+  codec = new_codec()
+  encode, encode_args, decode, failure, NULL = codec.encode, codec.encode_args, codec.decode, codec.failure,
+    codec.NULL
+  KILL, IO, WAIT, EMPTY = {}, {}, {}, {n = 0}
+  task_of = setmetatable({}, {__mode = "k"})
+  queue, qhead, qtail = {}, 1, 0
+  pending, out = {}, {}
+  main_task, current, raised = nil, nil, nil
+  next_number = 0
+  killed, phase, out_of_memory = false, "main", false
+  env, script_co, main_function, chunk, params, prelude_env = {}, nil, nil, nil, nil, nil
+  qualnames = {[SLEEP] = "core.sleep", [MODULE] = "require"}
+  parsed = nil
+  names_of, gone = {}, {}
+  task_names = setmetatable({}, {__mode = "k"})
+  contexts = setmetatable({}, {__mode = "k"})
+  task_of_handle = setmetatable({}, {__mode = "k"})
+  tasks_started = 0
+  modules, resolved, failed, loading, dir_of_chunk = {}, {}, {}, {}, {}
+  modules_loaded, resolves = 0, 0
+  -- The state's random generator is shared by its runs: a fresh seed, so one run's
+  -- math.randomseed(42) does not decide the next run's numbers.
+  math.randomseed()
+end
+
+local function base_environment()
+  for i = 1, #BASE_GLOBALS do
+    local name = BASE_GLOBALS[i]
+    env[name] = _G[name]
+  end
+  env.pcall, env.xpcall, env.load, env.setmetatable, env.collectgarbage =
+    sb_pcall, sb_xpcall, sb_load, sb_setmetatable, sb_collectgarbage
+  env.string, env.table, env.math, env.utf8 = copy(string), copy(table), copy(math), copy(utf8)
+  env.os = {clock = os.clock, time = os.time, date = os.date}
+  env.coroutine = {
+    create = sb_create, resume = sb_resume, wrap = sb_wrap, yield = sb_yield, close = sb_close,
+    status = co_status, running = co_running, isyieldable = co_isyieldable,
+  }
+  env._G = env
+  env.print = sb_print
+  string_meta.__index = env.string
+end
+
+-- The run's namespace tables and the Lua halves of namespaces (see
+-- Namespace.lua_prelude): bytecode we compiled, run as sandbox code on the script's
+-- environment before the script.  The layout and the preludes are loaded once per
+-- state and layout (undumping the bytecode cost more than the rest of a run's setup).
+local function namespaces(layout, spec, preludes_packed)
+  parsed = parsed_specs[layout]
+  if not parsed then
+    if not spec then error("internal: the layout's spec was not sent", 0) end
+    parsed = lib.load(spec, "=layout", "b", {})()
+    parsed_specs[layout] = parsed
+  end
+  setmetatable(qualnames, {__index = parsed.qualnames})
+  for i = 1, #parsed.order do
+    local namespace = parsed.order[i]
+    if not env[namespace] then
+      local functions = setmetatable({}, NAMESPACE_META)
+      env[namespace] = functions
+      names_of[functions] = parsed.names[namespace]
+    end
+  end
+  local preludes = loaded_preludes[layout]
+  if not preludes and preludes_packed then
+    preludes = {}
+    local packed = decode(preludes_packed)
+    for i = 1, #packed, 2 do
+      preludes[i], preludes[i + 1] = packed[i], lib.load(packed[i + 1], packed[i], "b", {})
+    end
+    loaded_preludes[layout] = preludes
+  end
+  if preludes then
+    local marks = {NULL = NULL, hidden = mark_hidden, callable = mark_callable, array = mark_array}
+    prelude_env = env
+    for i = 1, #preludes, 2 do
+      local prelude = preludes[i + 1]
+      upvaluejoin(prelude, 1, env_cell, 1)
+      prelude(env[preludes[i]], marks)
+    end
+  end
+end
+
+-- layout: the engine's number for the shape of the run's namespaces (luanette.engine.lua
+-- _Layout); spec and preludes_packed come only the first time a state sees a layout
+-- (they are kilobytes: copying them into Lua every run cost as much as the rest of
+-- binding the namespaces), else nil.
+return function(run_check, run_call_sync, layout, spec, preludes_packed, run_hook_interval, chunk_name, code,
+    code_mode, params_packed)
+  reset_run(run_check, run_call_sync, run_hook_interval)
+  base_environment()
+  namespaces(layout, spec, preludes_packed)
+  -- code is text, or bytecode the engine compiled from the same text (its chunk cache)
+  local syntax_error
+  chunk, syntax_error = load(code, "=" .. chunk_name, code_mode, env)
+  if not chunk then return "syntax", syntax_error end
+  params = decode(params_packed)
+  env.params = params
+  env.args = params  -- seed 003's name for the same table
+  script_co = hooked(co_create(runner))
+  -- A namespace may add to `core` (core.commit, core.discard, core.overlay: the run's
+  -- session, luanette/stdlib/session.py): its functions are bound before this point.
+  local core = rawget(env, "core") or {}
+  if core.overlay_operations then  -- (a flat name on the bridge; a prelude would cost every run)
+    core.overlay = {operations = core.overlay_operations}
+    core.overlay_operations = nil
+  end
+  core.spawn, core.await, core.all, core.all_settled = spawn, await, all, all_settled
+  core.race, core.sleep, core.timeout = race, sleep, timeout
+  env.core = core
+  env.require = setmetatable({try = try_require}, REQUIRE_META)
+  main_task = {co = script_co, waiters = {}, children = {}}
+  task_of[script_co] = main_task
+  ready(main_task, EMPTY)
+  return first_reply(schedule())
+end

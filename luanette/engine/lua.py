@@ -146,7 +146,8 @@ def _lua_source(name: str) -> bytes:
     return (importlib.resources.files("luanette.engine") / name).read_bytes()
 
 
-# The codec first, in a function of its own, so its locals are not the sandbox's.
+# The codec as a function of its own (its locals are not the sandbox's), which the
+# sandbox calls for each run: a run's null is a table no other run sees.
 _PRIVILEGED: Final = b"local new_codec = function()\n" + LUA_CODEC + b"end\n" + _lua_source("sandbox.lua")
 
 # Run once per state: take string.dump and lupa's helper table away from the real

@@ -749,12 +749,14 @@ class _Layout(msgspec.Struct, frozen=True):
         )
 
 
+_PLAIN_BYTES: Final = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.")
+
+
 def _lua_string(text: str) -> str:
     """A Lua string literal of ``text``: every byte but ASCII letters, digits, ``_`` and
     ``.`` written as a decimal escape (names are identifiers, but Python's may be
     non-ASCII)."""
-    plain = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.")
-    return '"' + "".join(chr(b) if b in plain else f"\\{b:03d}" for b in text.encode()) + '"'
+    return '"' + "".join(chr(b) if b in _PLAIN_BYTES else f"\\{b:03d}" for b in text.encode()) + '"'
 
 
 def _spec_chunk(qualnames: Sequence[str], is_async: Sequence[bool]) -> bytes:

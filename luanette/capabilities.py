@@ -246,6 +246,7 @@ class Gated:
         prelude = getattr(inner, "lua_prelude", None)
         if prelude is not None:
             self.lua_prelude = prelude
+            self.lua_prelude_lazy = getattr(inner, "lua_prelude_lazy", False)
 
     def functions(self, run: RunContext) -> Mapping[str, Callable[..., Any]]:
         return _GatedFunctions(self._inner.functions(run), self._grants, self.name)

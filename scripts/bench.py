@@ -1,11 +1,15 @@
 """Benchmark Luanette beside baselines measured in the same run.
 
-Load generator: every ZeroMQ row is driven by the same code, ``--clients`` processes
-(default 4) that each keep their share of the in-flight requests outstanding as
-pipelined HOOT01 requests on one DEALER socket, time each reply by its request id and
-decode it (Success, Error "busy", other Error). Their latencies are merged for p50/p99
-and the rate is counted from the common start to the last reply. A row with 1 in flight
-uses one process.
+Load generator: every ZeroMQ row is driven by the same client, which keeps the in-flight
+requests outstanding as pipelined HOOT01 requests on one DEALER socket, times each reply
+by its request id and decodes it (Success, Error "busy", other Error); the rate is
+counted from the common start to the last reply. By default that client is ``zload``
+(scripts/zload.c), one process, compiled at the start of the run against the libzmq
+pyzmq loads (cached in the temp directory): it costs ~15 us of CPU per request where a
+Python client process costs 60-100 us, CPU the daemon's own processes need on a small
+machine; it records the replies' bodies and this script decodes them after the row.
+Without a C compiler, or with ``--python-client``, ``--clients`` Python processes
+(default 4) share the in-flight requests instead, their latencies merged.
 
 Baselines:
 
@@ -29,7 +33,7 @@ an overloaded server sees its callers) for ``--overload-seconds``, reporting suc
 evals/s against the peak row, the p99 of the successful ones and the busy count. Then the scale row: 1,000
 jobs each waiting 1 s on the model simulator, beside one OS thread per job.
 
-    python scripts/bench.py [--requests N] [--clients K] [--workers N]
+    python scripts/bench.py [--requests N] [--clients K] [--python-client] [--workers N]
                             [--daemon-arg ARG ...] [--skip SECTION ...] [--markdown]
 """
 
@@ -39,6 +43,7 @@ import argparse
 import contextlib
 import csv
 import functools
+import hashlib
 import io
 import itertools
 import json
@@ -48,6 +53,7 @@ import os
 import platform
 import shutil
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -231,6 +237,7 @@ class Load(msgspec.Struct):
     busy: int
     errors: int
     error_sample: str | None
+    client: str = "python"  # what drove it: "python" processes or "zload"
 
     @property
     def rate(self) -> float:
@@ -279,17 +286,151 @@ class ZmqTransport:
         reply = self.sock.recv_multipart()
         latency = time.perf_counter() - self.sent_at.pop(reply[3])
         # Every reply is decoded, the echo's too, so each row pays the same client cost.
-        payload = payload_codec.decode(reply[6])
-        if not isinstance(payload, t.Error):
-            return [(latency, OK)]
-        if payload.code == "busy":
-            return [(latency, BUSY)]
-        self.error_sample = f"{payload.code}: {payload.message}"
-        return [(latency, ERROR)]
+        kind, sample = classify(reply[6])
+        self.error_sample = sample or self.error_sample
+        return [(latency, kind)]
 
     def close(self) -> None:
         self.sock.close(linger=0)
         self.context.term()
+
+
+def classify(body: bytes) -> tuple[str, str | None]:
+    """How a HOOT01 reply body counts (OK | BUSY | ERROR), and an error's text."""
+    payload = payload_codec.decode(body)
+    if not isinstance(payload, t.Error):
+        return OK, None
+    if payload.code == "busy":
+        return BUSY, None
+    return ERROR, f"{payload.code}: {payload.message}"
+
+
+# --- the compiled client (scripts/zload.c) -------------------------------------------
+# Each Python client process costs the machine ~60-100 us of CPU per request, a large
+# share of what a LuaEval costs the daemon on two cores.  zload moves the same HOOT01
+# frames in C; bench.py decodes and counts the replies it recorded, after the row.
+
+ZLOAD_SOURCE = Path(__file__).with_name("zload.c")
+
+
+def libzmq_path() -> Path | None:
+    """The libzmq shared library pyzmq has loaded into this process (Linux), or None."""
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        return None
+    for line in maps.splitlines():
+        path = line.split(maxsplit=5)[5:]
+        if path and Path(path[0]).name.startswith("libzmq") and ".so" in path[0]:
+            return Path(path[0])
+    return None
+
+
+def build_zload() -> Path | None:
+    """zload compiled against pyzmq's libzmq (cached in the temp directory by source and
+    library); None, with the reason on stderr, when it cannot be built."""
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    library = libzmq_path()
+    if compiler is None or library is None:
+        why = "no C compiler on PATH" if compiler is None else "libzmq not found in this process"
+        print(f"note: {why}; the Python clients drive the rows", file=sys.stderr)
+        return None
+    key = hashlib.sha256(ZLOAD_SOURCE.read_bytes() + str(library).encode()).hexdigest()[:16]
+    exe = Path(tempfile.gettempdir()) / f"luanette-zload-{key}"
+    if exe.exists():
+        return exe
+    partial = exe.with_name(f"{exe.name}.{os.getpid()}")
+    built = subprocess.run(
+        [compiler, "-O2", "-o", str(partial), str(ZLOAD_SOURCE), str(library), f"-Wl,-rpath,{library.parent}"],
+        capture_output=True, text=True, check=False,
+    )
+    if built.returncode != 0:
+        print(f"note: zload did not build; the Python clients drive the rows:\n{built.stderr}", file=sys.stderr)
+        return None
+    partial.replace(exe)
+    return exe
+
+
+def run_zload(exe: Path, endpoint: str, payload: t.Payload, plan: Plan, clients: int) -> Load:
+    """Run ``plan`` over ``clients`` zload processes started together; merge what they saw."""
+    clients = max(1, min(clients, plan.in_flight))
+    frames = request_frames(payload)
+    with tempfile.TemporaryDirectory(prefix="zload-") as tmp:
+        template = Path(tmp, "template")
+        template.write_bytes(struct.pack("<I", len(frames))
+                             + b"".join(struct.pack("<I", len(f)) + f for f in frames))
+        outputs = [Path(tmp, f"out{i}") for i in range(clients)]
+        procs = [
+            subprocess.Popen(
+                [str(exe), endpoint, str(template), str(out), str(part.in_flight), str(part.requests or 0),
+                 repr(part.seconds or 0.0), repr(part.offered_rate or 0.0), str(part.warmup)],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            )
+            for part, out in zip(plan.split(clients), outputs, strict=True)
+        ]
+        try:
+            for proc in procs:
+                _expect(proc, "ready")
+            for proc in procs:  # (started together, as run_clients does)
+                assert proc.stdin is not None
+                proc.stdin.write("go\n")
+                proc.stdin.flush()
+            spans = [_expect(proc, "done") for proc in procs]
+            for proc in procs:
+                if proc.wait(CHILD_DEADLINE_S) != 0:
+                    raise RuntimeError(f"zload failed: {proc.stderr.read() if proc.stderr else ''}")
+        finally:
+            for proc in procs:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+        ok = array("d")
+        busy = errors = 0
+        sample: str | None = None
+        kinds: dict[bytes, tuple[str, str | None]] = {}  # most replies are alike
+        for out in outputs:
+            data, at = out.read_bytes(), 0
+            while at < len(data):
+                latency, size = struct.unpack_from("<dI", data, at)
+                body = data[at + 12: at + 12 + size]
+                at += 12 + size
+                kind, text = kinds.get(body) or kinds.setdefault(body, classify(body))
+                if kind == OK:
+                    ok.append(latency)
+                elif kind == BUSY:
+                    busy += 1
+                else:
+                    errors, sample = errors + 1, text
+    return Load(
+        clients=clients,
+        seconds=max(end for _, end in spans) - min(start for start, _ in spans),
+        latencies=sorted(ok),
+        busy=busy,
+        errors=errors,
+        error_sample=sample,
+        client="zload",
+    )
+
+
+def _expect(proc: subprocess.Popen, word: str) -> tuple[float, float]:
+    """Read zload's next line, which must start with ``word``; its two numbers, if any."""
+    assert proc.stdout is not None
+    line = proc.stdout.readline().split()
+    if line[:1] != [word]:
+        proc.kill()
+        raise RuntimeError(f"zload said {line!r}, not {word!r}: {proc.stderr.read() if proc.stderr else ''}")
+    return (float(line[1]), float(line[2])) if len(line) == 3 else (0.0, 0.0)
+
+
+# Set by main: the compiled client, unless it could not be built or --python-client.
+ZLOAD: Path | None = None
+
+
+def drive(endpoint: str, payload: t.Payload, plan: Plan, clients: int) -> Load:
+    """A HOOT01 load: by zload when it was built, else by Python client processes."""
+    if ZLOAD is not None:  # one process: more cost the machine more than they add
+        return run_zload(ZLOAD, endpoint, payload, plan, 1)
+    return run_clients(functools.partial(ZmqTransport, endpoint, payload), plan, clients)
 
 
 def resp_command(*args: str) -> bytes:
@@ -462,7 +603,8 @@ def row_from(name: str, in_flight: int, load: Load, note: str = "") -> Row:
         notes.append(f"{load.busy:,} busy")
     if load.errors:
         notes.append(f"{load.errors:,} errors ({load.error_sample})")
-    return Row(name, in_flight, f"{load.clients} proc{'s' if load.clients > 1 else ''}", load.rate,
+    kind = "zload" if load.client == "zload" else "proc"
+    return Row(name, in_flight, f"{load.clients} {kind}{'s' if load.clients > 1 else ''}", load.rate,
                percentile(load.latencies, 0.5) * 1000, percentile(load.latencies, 0.99) * 1000,
                "; ".join(notes), load.busy, load.errors)
 
@@ -470,8 +612,7 @@ def row_from(name: str, in_flight: int, load: Load, note: str = "") -> Row:
 def measure(name: str, endpoint: str, payload: t.Payload, requests: int, in_flight: int,
             clients: int) -> Row:
     """A HOOT01 row: ``requests`` replies with ``in_flight`` outstanding."""
-    make = functools.partial(ZmqTransport, endpoint, payload)
-    return row_from(name, in_flight, run_clients(make, Plan(in_flight, requests=requests), clients))
+    return row_from(name, in_flight, drive(endpoint, payload, Plan(in_flight, requests=requests), clients))
 
 
 # --- echo baseline -------------------------------------------------------------------
@@ -598,9 +739,9 @@ def measure_overload(endpoint: str, in_flight: int, seconds: float, clients: int
     """Offer 10x the peak rate of LuaEvals for ``seconds``, open loop (sent on a clock
     whatever the answers, at most ``in_flight`` outstanding); the row's rate and latencies
     are those of the successful replies, the note compares with ``peak``."""
-    make = functools.partial(ZmqTransport, endpoint, t.LuaEval(code=EVAL_CODE))
     offered = 10 * peak
-    load = run_clients(make, Plan(in_flight, seconds=seconds, warmup=5, offered_rate=offered), clients)
+    load = drive(endpoint, t.LuaEval(code=EVAL_CODE), Plan(in_flight, seconds=seconds, warmup=5, offered_rate=offered),
+                 clients)
     note = f"{load.rate / peak:.0%} of peak; offered {offered:,.0f}/s"
     return row_from(f"LuaEval overload (10x), {seconds:g} s", in_flight, load, note)
 
@@ -1192,7 +1333,8 @@ def print_targets(results: Results, markdown: bool) -> None:
 def report(results: Results, args: argparse.Namespace, daemon_args: Sequence[str]) -> None:
     print(f"machine: {machine()}")
     print(f"date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; requests per row: {args.requests:,} "
-          f"(LuaEval {args.requests // 5:,}); client processes: {args.clients}; "
+          f"(LuaEval {args.requests // 5:,}); client: "
+          f"{'zload (1 process)' if ZLOAD is not None else f'{args.clients} Python processes'}; "
           f"daemon args: {' '.join(daemon_args) or '(defaults)'}")
     print()
     print_table(results, args.markdown)
@@ -1228,6 +1370,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--daemon-arg", action="append", default=[], metavar="ARG",
                         help="an extra 'luanette serve' argument (repeat it; --daemon-arg=--max-evals=4)")
     parser.add_argument("--overload-seconds", type=float, default=5.0, help="how long the overload row runs")
+    parser.add_argument("--python-client", action="store_true",
+                        help="drive the ZeroMQ rows with Python client processes even when zload builds")
     parser.add_argument("--redis-python-client", action="store_true",
                         help="drive Redis with this script's generator even when redis-benchmark is installed")
     parser.add_argument("--skip", action="append", default=[], choices=SECTIONS, help="leave a section out")
@@ -1236,7 +1380,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def main() -> int:
+    global ZLOAD
     args = parse_args()
+    ZLOAD = None if args.python_client else build_zload()
     daemon_args = daemon_arguments(args)
     results = Results()
     measure_echo(results, args.requests, args.clients)

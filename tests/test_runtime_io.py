@@ -230,6 +230,51 @@ async def test_namespace_names_reach_lua_unchanged_through_the_compiled_layout()
     assert (await run_script(code, namespaces=[Odd()])).result == [42, 2, ["wait", "\u00fcber"]]
 
 
+class LazyHalf:
+    """Lua global `lazy`: a Lua half that runs on the table's first use.  (It sets the
+    global `woke` only to show when it ran: a real lazy prelude changes nothing but its
+    own table.)"""
+
+    name = "lazy"
+    lua_prelude_lazy = True
+    lua_prelude = b"local t = ...\nwoke = (woke or 0) + 1\nt.answer = 42\nt.double = function(x) return 2 * t.twice(x) end\n"
+
+    def functions(self, run: RunContext) -> Mapping[str, Callable[..., Any]]:
+        return {"twice": lambda x: x}
+
+
+class EagerHalf(LazyHalf):
+    name = "eager"
+    lua_prelude_lazy = False
+
+
+@pytest.mark.parametrize(
+    ("code", "expected"),
+    [
+        ("return rawget(_G, 'woke')", None),  # never used: never run
+        ("return {lazy.answer, woke}", [42, 1]),  # a read of a field the prelude sets
+        ("return {lazy.twice(3), woke, lazy.answer, woke}", [3, 1, 42, 1]),  # a Python function first; once only
+        ("lazy.answer = 7 return {lazy.answer, woke}", [7, 1]),  # a write runs it first, then wins
+        ("local n = 0 for _ in pairs(lazy) do n = n + 1 end return {n, woke}", [3, 1]),  # pairs
+        ("return {lazy.double(4), woke}", [8, 1]),
+        ("return {rawget(_G, 'woke'), eager.answer, woke}", [1, 42, 1]),  # an eager one ran before the script
+    ],
+)
+async def test_a_lazy_lua_half_runs_on_first_use_of_its_table_only(code: str, expected: Any) -> None:
+    namespaces = [LazyHalf()] if "eager" not in code else [EagerHalf()]
+    for _ in range(2):  # and again on a warm state: each run's table waits anew
+        assert (await run_script(code, namespaces=namespaces)).result == expected
+
+
+async def test_a_lazy_lua_half_keeps_its_laziness_behind_a_capability_gate() -> None:
+    from luanette.capabilities import Gated, Grants
+
+    gated = Gated(LazyHalf(), Grants.of([]))  # type: ignore[arg-type]
+    assert gated.lua_prelude_lazy is True
+    code = "return {rawget(_G, 'woke') == nil, lazy.answer, woke}"
+    assert (await run_script(code, namespaces=[gated])).result == [True, 42, 1]
+
+
 # ---------------------------------------------------------------------- async I/O
 
 

@@ -288,6 +288,11 @@ class Namespace(Protocol):
     so its frames stay out of the script's stack traces and ``error(msg, 2)`` inside it
     points at the script's line.  Values (``json.null``) and functions that call back
     into Lua (``midi.filter(tbl, pred)``) live there.
+
+    With ``lua_prelude_lazy = True`` the prelude runs instead when the script first uses
+    the namespace's table (reads or sets a field, or iterates it), and only then: for a
+    prelude that changes nothing but its own table.  It then sees the script's globals
+    as they are at that moment.
     """
 
     name: str

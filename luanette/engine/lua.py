@@ -716,7 +716,7 @@ class _Layout(msgspec.Struct, frozen=True):
     key: int  # unique per layout in this process: what a state caches it under
     qualnames: list[str]  # by bridge index; 0 is print
     spec: bytes  # bytecode of a chunk that returns the sandbox's table of them (_spec_chunk)
-    preludes: bytes | None  # MessagePack [name, bytecode, name, bytecode, ...] or None
+    preludes: bytes | None  # MessagePack [name, bytecode, lazy, name, bytecode, lazy, ...] or None
     owners: list[int]  # by bridge index: position of its namespace (-1 for print)
     firsts: list[int]  # by namespace position: bridge index of its first function
 
@@ -728,14 +728,15 @@ class _Layout(msgspec.Struct, frozen=True):
         namespace) and ``calls`` (all of them in order, after print)."""
         qualnames, is_async_by_index = ["print"], [False]
         owners, firsts = [-1], []
-        preludes: list[bytes | str] = []
+        preludes: list[bytes | str | bool] = []
         taken: set[str] = set()
         for position, (namespace, function_names) in enumerate(zip(namespaces, names, strict=True)):
             _check_namespace_name(namespace.name, taken, getattr(namespace, "core_extension", False))
             firsts.append(len(qualnames))
             prelude = getattr(namespace, "lua_prelude", None)
             if prelude:
-                preludes += [namespace.name, _prelude_bytecode(namespace.name, prelude)]
+                lazy = bool(getattr(namespace, "lua_prelude_lazy", False))
+                preludes += [namespace.name, _prelude_bytecode(namespace.name, prelude), lazy]
             for name in function_names:
                 if not name.isidentifier():
                     raise ValueError(f"{namespace.name}: {name!r} is not a Lua identifier")

@@ -68,6 +68,8 @@ local qualnames    -- "ns.fn" by bridge index
 local parsed       -- the layout's functions (see run)
 local names_of     -- namespace table -> parsed.names[its namespace], until bind_all
 local gone         -- namespace table -> {name = true} of the names bound or assigned
+local waiting      -- namespace table -> its lazy Lua half, not run yet (see namespaces)
+local marks        -- what a prelude is given beside its namespace table
 local task_names   -- a spawned function -> its local name, or true (weak keys)
 local contexts     -- frames list -> context_of its error (weak keys)
 local chunk, params  -- the script's main chunk and its params
@@ -287,8 +289,22 @@ local function bind_all(t)
   end
   return t
 end
+-- A lazy prelude runs on the first use of its table (see namespaces): read, write,
+-- pairs.  Once it has run, the table's own fields are what the prelude put there.
+local function wake(t)
+  local prelude = waiting[t]
+  if prelude then
+    waiting[t] = nil
+    prelude(t, marks)
+    return true
+  end
+end
 local NAMESPACE_META = {
   __index = function(t, k)
+    if wake(t) then
+      local v = rawget(t, k)
+      if v ~= nil then return v end
+    end
     local names = names_of[t]
     local index = names and names[k]
     if index == nil then return nil end
@@ -300,11 +316,15 @@ local NAMESPACE_META = {
     return f
   end,
   __newindex = function(t, k, v)
+    wake(t)
     local names = names_of[t]
     if names and names[k] ~= nil then gone_of(t)[k] = true end
     rawset(t, k, v)
   end,
-  __pairs = function(t) return next, bind_all(t), nil end,
+  __pairs = function(t)
+    wake(t)
+    return next, bind_all(t), nil
+  end,
   __metatable = "namespace",
 }
 
@@ -1147,7 +1167,7 @@ local function reset_run(run_check, run_call_sync, run_hook_interval)
   env, script_co, main_function, chunk, params, prelude_env = {}, nil, nil, nil, nil, nil
   qualnames = {[SLEEP] = "core.sleep", [MODULE] = "require"}
   parsed = nil
-  names_of, gone = {}, {}
+  names_of, gone, waiting, marks = {}, {}, {}, nil
   task_names = setmetatable({}, {__mode = "k"})
   contexts = setmetatable({}, {__mode = "k"})
   task_of_handle = setmetatable({}, {__mode = "k"})
@@ -1179,8 +1199,10 @@ end
 
 -- The run's namespace tables and the Lua halves of namespaces (see
 -- Namespace.lua_prelude): bytecode we compiled, run as sandbox code on the script's
--- environment before the script.  The layout and the preludes are loaded once per
--- state and layout (undumping the bytecode cost more than the rest of a run's setup).
+-- environment, before the script or, for a lazy one, when the script first uses its
+-- table (running them all cost half of a trivial run's Lua, and most scripts use few
+-- namespaces).  The layout and the preludes are loaded once per state and layout
+-- (undumping the bytecode cost more than the rest of a run's setup).
 local function namespaces(layout, spec, preludes_packed)
   parsed = parsed_specs[layout]
   if not parsed then
@@ -1201,18 +1223,23 @@ local function namespaces(layout, spec, preludes_packed)
   if not preludes and preludes_packed then
     preludes = {}
     local packed = decode(preludes_packed)
-    for i = 1, #packed, 2 do
-      preludes[i], preludes[i + 1] = packed[i], lib.load(packed[i + 1], packed[i], "b", {})
+    for i = 1, #packed, 3 do  -- name, bytecode, lazy
+      local prelude = lib.load(packed[i + 1], packed[i], "b", {})
+      upvaluejoin(prelude, 1, env_cell, 1)  -- (its _ENV: the running run's environment)
+      preludes[i], preludes[i + 1], preludes[i + 2] = packed[i], prelude, packed[i + 2]
     end
     loaded_preludes[layout] = preludes
   end
   if preludes then
-    local marks = {NULL = NULL, hidden = mark_hidden, callable = mark_callable, array = mark_array}
+    marks = {NULL = NULL, hidden = mark_hidden, callable = mark_callable, array = mark_array}
     prelude_env = env
-    for i = 1, #preludes, 2 do
-      local prelude = preludes[i + 1]
-      upvaluejoin(prelude, 1, env_cell, 1)
-      prelude(env[preludes[i]], marks)
+    for i = 1, #preludes, 3 do
+      local t = env[preludes[i]]
+      if preludes[i + 2] and getmetatable(t) == NAMESPACE_META then
+        waiting[t] = preludes[i + 1]
+      else
+        preludes[i + 1](t, marks)
+      end
     end
   end
 end

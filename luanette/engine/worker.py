@@ -258,10 +258,19 @@ class _RemoteSpan(trace.NonRecordingSpan):
     """The run's span in the front, as ``otel.*`` sees it: its ids here, its events and
     attributes sent to the front (only when the front records the span)."""
 
-    def __init__(self, context: trace.SpanContext, note: Any, sampled: bool) -> None:
-        super().__init__(context)
+    def __init__(self, traceparent: str | None, note: Any, sampled: bool) -> None:
+        super().__init__(trace.INVALID_SPAN_CONTEXT)
+        self._traceparent = traceparent
+        self._parsed = False
         self._note = note
         self._sampled = sampled
+
+    def get_span_context(self) -> trace.SpanContext:
+        # parsed when asked for (a namespace function that calls out): most runs never do
+        if not self._parsed:
+            self._context = span_context_of(self._traceparent)
+            self._parsed = True
+        return self._context
 
     def add_event(self, name: str, attributes: Any = None, timestamp: int | None = None) -> None:
         if self._sampled:
@@ -352,6 +361,10 @@ class Worker:
         self._memory_checked = 0.0  # (monotonic) reading /proc costs as much as a small run
         self._outbox: list[bytes] = []  # frames to send at the end of this loop turn
         self._idle = anyio.Event()
+        # The runs' tasks: plain asyncio tasks, kept here (the loop holds tasks weakly).
+        # An anyio task group's start_soon cost a tenth of a small run.
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._log = log.bind()  # resolved once (logs.configure has run): bound per run
         # the front's environment decides, not the launcher's (started once per process)
         cas = Cas.from_config(
             config.cas_root, read_only=config.cas_read_only is not None, read_only_why=config.cas_read_only
@@ -415,7 +428,7 @@ class Worker:
                         frames = await self._sock.recv_multipart()
                 except TimeoutError:
                     continue
-                self._receive(tg, frames)
+                self._receive(frames)
                 # drain what is queued without a future per message
                 for _ in range(256):
                     try:
@@ -424,10 +437,12 @@ class Worker:
                         ).result()
                     except zmq.Again:
                         break
-                    self._receive(tg, frames)
+                    self._receive(frames)
                 # let the runs just received start (a ready receive does not yield)
                 await asyncio.sleep(0)
-            await self._drain(tg)
+            await self._drain()
+            for task in self._tasks:  # (none, unless a run outlived its answer)
+                task.cancel()
             tg.cancel_scope.cancel()
         if self._outbox:  # the last answers
             self._flush()
@@ -465,7 +480,7 @@ class Worker:
         for token in list(self._runs.values()):
             token.cancel(reason)
 
-    async def _drain(self, tg: Any) -> None:
+    async def _drain(self) -> None:
         # Runs still going get their answers; service calls still need the socket.
         while self._runs:
             self._idle = anyio.Event()
@@ -475,13 +490,13 @@ class Worker:
                         frames = await self._sock.recv_multipart()
                     except zmq.ZMQError:
                         return
-                    self._receive(tg, frames)
+                    self._receive(frames)
 
-    def _receive(self, tg: Any, frames: list[bytes]) -> None:
+    def _receive(self, frames: list[bytes]) -> None:
         for frame in frames:
-            self._receive_one(tg, frame)
+            self._receive_one(frame)
 
-    def _receive_one(self, tg: Any, frame: bytes) -> None:
+    def _receive_one(self, frame: bytes) -> None:
         try:
             message = ch.to_worker.decode(frame)
         except (msgspec.DecodeError, RecursionError):  # values are checked at their source: see channel
@@ -496,7 +511,9 @@ class Worker:
         if isinstance(message, ch.Run):
             token = CancelToken()
             self._runs[message.run] = token
-            tg.start_soon(self._run, message, token)
+            task = self._loop.create_task(self._run(message, token))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
         elif isinstance(message, ch.Cancel):
             running = self._runs.get(message.run)
             if running is not None:
@@ -539,8 +556,8 @@ class Worker:
                 cancel=token,
                 namespaces=runset.namespaces,
                 chunk_name=message.chunk_name,
-                log=log.bind(run=number),
-                span=_RemoteSpan(span_context_of(info.traceparent), note, info.sampled),
+                log=self._log.bind(run=number),
+                span=_RemoteSpan(info.traceparent, note, info.sampled),
                 log_sink=lambda level, text, fields: note("log", [level, text, fields]),
                 on_shutdown_start=lambda timeout_s: note("shutdown", [timeout_s]),
                 modules=lambda name, base: self._calls.call(number, "module", [name, base]),

@@ -486,6 +486,7 @@ class AbcNamespace:
     ``to_midi_file``; either may be None."""
 
     name = "abc"
+    lua_prelude_lazy: Final = True  # (only fills its own table: runs on first use)
     lua_prelude: Final = b"""
 local abc = ...
 local raw = abc.validate

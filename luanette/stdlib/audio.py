@@ -281,6 +281,7 @@ class AudioNamespace:
     ``temp`` (the job's TempNamespace) backs temp paths; either may be None."""
 
     name = "audio"
+    lua_prelude_lazy: Final = True  # (only fills its own table: runs on first use)
     lua_prelude: Final = b"""
 local audio = ...
 local type, error, pcall = type, error, pcall

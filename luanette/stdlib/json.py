@@ -69,6 +69,7 @@ class JsonNamespace:
 
     name = "json"
     # Values cannot cross from Python as functions do: the Lua half publishes them.
+    lua_prelude_lazy = True  # (only fills its own table: runs on first use)
     lua_prelude = b"local json, marks = ...\njson.null = marks.NULL\njson.array = marks.array\n"
 
     def functions(self, run: RunContext) -> Mapping[str, Callable[..., Any]]:

@@ -903,6 +903,7 @@ class MidiNamespace:
     source or destination is a Lua error)."""
 
     name = "midi"
+    lua_prelude_lazy = True  # (only fills its own table: runs on first use)
     lua_prelude = _LUA_PRELUDE
 
     def __init__(

@@ -488,6 +488,7 @@ class PipelineNamespace:
     :class:`Models`.  It holds no per-run state: one serves every run."""
 
     name = "pipeline"
+    lua_prelude_lazy: Final = True  # (only fills its own table: runs on first use)
     lua_prelude: Final = _PRELUDE
 
     def __init__(self, models: Models) -> None:

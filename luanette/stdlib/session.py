@@ -236,6 +236,7 @@ class Skipping:
         prelude = getattr(inner, "lua_prelude", None)
         if prelude is not None:
             self.lua_prelude = prelude
+            self.lua_prelude_lazy = getattr(inner, "lua_prelude_lazy", False)
 
     def functions(self, run: RunContext) -> Mapping[str, Callable[..., Any]]:
         """The inner namespace's functions, skipping their failures."""

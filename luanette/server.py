@@ -15,7 +15,7 @@ import os
 import time
 import uuid
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import anyio
 import msgspec
@@ -56,6 +56,7 @@ from luanette.settings import Settings, load_settings
 from luanette.store import Store
 from luanette.telemetry import SpanKind, StatusCode, Telemetry, observe_pool, parent_context
 from luanette.triggers import TriggerError, Triggers
+from luanette.zmqloop import LoopSocket
 
 log = structlog.get_logger("luanette.server")
 
@@ -238,7 +239,8 @@ class Server:
         self.engine.flows = self.dispatcher.flows = self.flows
         self._socket: zmq.asyncio.Socket | None = None
         self._in_flight: set[RequestContext] = set()
-        self._quick_replies: list[list[Any]] = []  # refusals of this receive batch
+        self._io: LoopSocket | None = None  # the socket's traffic, once serving
+        self._tg: anyio.abc.TaskGroup | None = None
         self._reply_templates: dict[tuple[int, Encoding], tuple[t.Payload, list[Any]]] = {}
         self._idle = anyio.Event()
         self._idle.set()
@@ -309,10 +311,15 @@ class Server:
         endpoint = self.bind() if self._socket is None else self.endpoint
         sock = self._socket
         assert sock is not None and endpoint is not None
+        # Served in batches through a plain socket on the same handle (luanette.zmqloop):
+        # the asyncio socket's future per call cost more than many a request.
+        self._io = LoopSocket(zmq.Socket.shadow(sock.underlying))
+        self._io.on_failed = self._send_failed
         self.jobs.recover(self.lost_front)
         trigger_error: TriggerError | None = None
         try:
             async with anyio.create_task_group() as tg:
+                self._tg = tg
                 await tg.start(self.engine.serve)
                 try:
                     await self.load_trigger_scripts()
@@ -341,6 +348,8 @@ class Server:
                     # flushing posts to the collector: a blocking call, so off the loop
                     await anyio.to_thread.run_sync(self.telemetry.shutdown, abandon_on_cancel=True)
         finally:
+            self._io.flush()  # the last replies
+            self._io.close()
             sock.close()
             self.publisher.publish(t.ShutdownNotice(reason=self.shutdown_reason or "stopped", phase="stopped"))
             self.publisher.close()
@@ -417,26 +426,16 @@ class Server:
     # --- receiving -------------------------------------------------------------------
 
     async def _receive_loop(self, tg: anyio.abc.TaskGroup) -> None:
-        assert self._socket is not None
-        sock = self._socket
+        assert self._io is not None
+        io = self._io
         # Under CURVE each message is read as frames, whose properties name its sender.
         copy = self.gate is None
         while True:
-            self._on_message(tg, await sock.recv_multipart(copy=copy))
-            # Drain what is already queued without a future per message: under load this
-            # is most of the loop's cost.
-            full = True
-            for _ in range(RECV_BATCH):
-                try:
-                    raw = await sock.recv_multipart(flags=zmq.NOBLOCK, copy=copy)
-                except zmq.Again:
-                    full = False
-                    break
+            batch = await io.receive(RECV_BATCH, copy=copy)
+            for raw in batch:
                 self._on_message(tg, raw)
-            if self._quick_replies:
-                self._flush_quick_replies(tg)
-            if full:
-                # More is waiting.  Awaiting a receive that is ready does not give the
+            if len(batch) == RECV_BATCH:
+                # More may be waiting.  A receive that finds messages does not give the
                 # loop back, so under a flood this loop would starve every other task
                 # (running requests, the workers' answers, replies): yield.
                 await asyncio.sleep(0)
@@ -470,7 +469,7 @@ class Server:
         reply = _Reply(route, msg.request_id, Encoding.COMPACT, True)
         if msg.command is Command.HEARTBEAT:
             beat = Hoot01(command=Command.HEARTBEAT, request_id=msg.request_id, service=self.config.worker_name)
-            tg.start_soon(self._send, route + beat.to_frames())
+            self._queue(route + beat.to_frames())
         elif msg.command is Command.REQUEST:
             try:
                 reply.encoding = msg.body_encoding()
@@ -551,10 +550,9 @@ class Server:
     # --- replying --------------------------------------------------------------------
 
     def _reply_now(self, tg: anyio.abc.TaskGroup, reply: _Reply, payload: t.Payload) -> None:
-        """Reply from the loop without a task, at the end of the receive batch: sent one
-        after another, only the first of a batch wakes libzmq's I/O thread.  A refusal
-        is the same reply every time but for its request id: its frames are made once
-        (under a flood refusing is most of what the loop does)."""
+        """Reply from the loop without a task, with the rest of this turn's replies.  A
+        refusal is the same reply every time but for its request id: its frames are made
+        once (under a flood refusing is most of what the loop does)."""
         if reply.hoot01:
             key = (id(payload), reply.encoding)
             template = self._reply_templates.get(key)
@@ -564,22 +562,28 @@ class Server:
                 template = self._reply_templates[key] = (payload, self._encode(reply, payload))
             frames = template[1].copy()
             frames[3] = reply.request_id.bytes
-            self._quick_replies.append(reply.route + frames)
+            self._queue(reply.route + frames)
             return
-        self._quick_replies.append(reply.route + self._encode(reply, payload))
+        self._queue(reply.route + self._encode(reply, payload))
 
-    def _flush_quick_replies(self, tg: anyio.abc.TaskGroup) -> None:
-        """Send the batch's quick replies; a peer that is not reading gets its reply
-        through the patient path of :meth:`_send`."""
-        assert self._socket is not None
-        replies, self._quick_replies = self._quick_replies, []
-        for message in replies:
-            sent = cast("asyncio.Future[Any]", self._socket.send_multipart(message, flags=zmq.DONTWAIT))
-            problem = sent.exception() if sent.done() else None
-            if problem is None:
-                self.stats.replies_sent += 1
-            else:
-                tg.start_soon(self._send, message)
+    def _queue(self, message: list[Any]) -> None:
+        """Send ``message`` with the rest of this turn's replies (see _send_failed)."""
+        assert self._io is not None
+        self.stats.replies_sent += 1
+        self._io.send_soon(message)
+
+    def _send_failed(self, message: list[Any], error: zmq.ZMQError) -> None:
+        # A queued reply the socket refused: a peer that is not reading gets it through
+        # the patient path of _send; one that is gone is counted.
+        self.stats.replies_sent -= 1
+        if isinstance(error, zmq.Again) and self._tg is not None:
+            self._tg.start_soon(self._send, message)
+        elif error.errno == errno.EHOSTUNREACH:
+            self.stats.replies_unroutable += 1
+            log.warning("reply.unroutable", reason="peer went away", peer=message[0].hex())
+        else:
+            self.stats.replies_dropped += 1
+            log.warning("reply.dropped", reason=str(error), peer=message[0].hex())
 
     def _encode(self, reply: _Reply, payload: t.Payload) -> list[Any]:
         if reply.hoot01:
@@ -593,25 +597,17 @@ class Server:
         return [envelope_codec.encode(envelope, reply.encoding)]
 
     async def _reply(self, reply: _Reply, payload: t.Payload) -> None:
-        if reply.hoot01:
-            message = Hoot01(
-                command=Command.REPLY,
-                content_type=frames.content_type_for(reply.encoding),
-                request_id=reply.request_id,
-                body=payload_codec.encode(payload, reply.encoding),
-            ).to_frames()
-        else:
-            envelope = t.Envelope(id=reply.request_id, payload=payload)
-            message = [envelope_codec.encode(envelope, reply.encoding)]
-        await self._send(reply.route + message)
+        self._queue(reply.route + self._encode(reply, payload))
 
     async def _send(self, message: list[Any]) -> bool:
-        assert self._socket is not None
+        """The patient path: retry a reply whose peer is not reading, for up to
+        ``send_timeout``."""
+        assert self._io is not None
         deadline = time.monotonic() + self.config.send_timeout
         delay = 0.001
         while True:
             try:
-                await self._socket.send_multipart(message, flags=zmq.DONTWAIT)
+                self._io.send_now(message)
                 self.stats.replies_sent += 1
                 return True
             except zmq.Again:

@@ -31,7 +31,7 @@ import tempfile
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Final, cast
+from typing import Any, Final
 
 import anyio
 import msgspec
@@ -59,6 +59,7 @@ from luanette.settings import Settings
 from luanette.stdlib.otel import MAX_METRICS
 from luanette.stdlib.temp import DIR_PREFIX as TEMP_DIR_PREFIX
 from luanette.telemetry import record_error
+from luanette.zmqloop import LoopSocket
 
 log = structlog.get_logger("luanette.engine")
 
@@ -75,6 +76,11 @@ WORKER_WAIT_S: Final = 30.0
 MAX_RESTART_BACKOFF_S: Final = 5.0
 # Seconds a stopping worker may take to finish before it is killed.
 STOP_TIMEOUT_S: Final = 5.0
+# Runs queued for one worker go at the end of the loop's turn, or as soon as this many
+# are: a turn may start dozens, and holding them all back left the worker idle while
+# the front finished the turn (measured: +10-15% LuaEvals at 64 in flight).
+FLUSH_AT: Final = 8
+RECEIVE_BATCH: Final = 256  # messages taken from the pool socket before other tasks may run
 # Seconds between heartbeats, both ways; a remote worker silent for LOST_AFTER_BEATS of
 # them is lost (Paranoid Pirate).
 BEAT_S: Final = 1.0
@@ -347,6 +353,7 @@ class Engine:
         self._owns_ctx = context is None
         self._ctx = context or zmq.asyncio.Context()
         self._sock: zmq.asyncio.Socket | None = None
+        self._io: LoopSocket | None = None  # the pool socket's traffic, once serving
         self._dir: str | None = None
         self.endpoint: str | None = None
         self._workers: dict[bytes, _Worker] = {}
@@ -412,6 +419,8 @@ class Engine:
         if self._sock is None:
             self.bind()
         self._loop = asyncio.get_running_loop()
+        assert self._sock is not None
+        self._io = LoopSocket(zmq.Socket.shadow(self._sock.underlying))
         try:
             async with anyio.create_task_group() as tg:
                 self._tg = tg
@@ -448,6 +457,8 @@ class Engine:
             await self._all_exited()
         for worker in list(self._workers.values()):
             self._forget(worker)
+        if self._io is not None:
+            self._io.close()
         if self._sock is not None:
             self._sock.close(0)
         if self._owns_ctx:
@@ -822,36 +833,29 @@ class Engine:
             assert self._loop is not None
             self._loop.call_soon(self._flush, worker)
         worker.outbox.append(frame)
+        if len(worker.outbox) >= FLUSH_AT:
+            self._flush(worker)
 
     def _flush(self, worker: _Worker) -> None:
-        assert self._sock is not None
+        assert self._io is not None
         if not worker.outbox:  # sent already
             return
         frames, worker.outbox = worker.outbox, []
-        # With NOBLOCK the future is done at once; reading its exception marks it seen.
-        sent = cast("asyncio.Future[Any]", self._sock.send_multipart([worker.identity, *frames], flags=zmq.NOBLOCK))
-        problem = sent.exception() if sent.done() else None
-        if problem is not None:  # not connected yet, or gone: its exit is handled apart
+        try:
+            self._io.send_now([worker.identity, *frames])
+        except zmq.ZMQError as problem:  # not connected yet, or gone: its exit is handled apart
             log.debug("engine.send_failed", worker=worker.name, error=str(problem))
 
     async def _receive_loop(self) -> None:
-        assert self._sock is not None
-        sock = self._sock
+        assert self._io is not None
+        io = self._io
         while True:
-            identity, *frames = await sock.recv_multipart()
-            for frame in frames:
-                self._on_message(identity, frame)
-            for _ in range(256):
-                try:
-                    identity, *frames = cast(
-                        "asyncio.Future[list[bytes]]", sock.recv_multipart(flags=zmq.NOBLOCK)
-                    ).result()
-                except zmq.Again:
-                    break
+            batch = await io.receive(RECEIVE_BATCH)
+            for identity, *frames in batch:
                 for frame in frames:
                     self._on_message(identity, frame)
-            else:
-                await asyncio.sleep(0)  # a full batch: let the other tasks run (see Server)
+            if len(batch) == RECEIVE_BATCH:
+                await asyncio.sleep(0)  # more may wait: let the other tasks run (see Server)
 
     def _on_message(self, identity: bytes, frame: bytes) -> None:
         try:
@@ -947,11 +951,9 @@ class Engine:
         if len(self._unknown_told) > 1000:
             self._unknown_told.clear()
         self._unknown_told[identity] = now
-        assert self._sock is not None
-        sent = cast("asyncio.Future[Any]", self._sock.send_multipart(
-            [identity, ch.encoder.encode(ch.Unknown())], flags=zmq.NOBLOCK))
-        if sent.done():
-            sent.exception()  # (marks it seen) it went away again: nothing to tell
+        assert self._io is not None
+        with contextlib.suppress(zmq.ZMQError):  # it went away again: nothing to tell
+            self._io.send_now([identity, ch.encoder.encode(ch.Unknown())])
 
     async def _pulse_loop(self) -> None:
         # Beats go out once a beat; silence is looked for four times as often, so a

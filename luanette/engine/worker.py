@@ -27,7 +27,7 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import anyio
 import msgspec
@@ -57,6 +57,7 @@ from luanette.settings import BackendSettings, GardenSettings, Settings
 from luanette.stdlib.garden import GardenNamespace
 from luanette.stdlib.models import model_namespaces
 from luanette.stdlib.registry import Toolbox, namespaces_for
+from luanette.zmqloop import LoopSocket
 
 log = structlog.get_logger("luanette.worker")
 
@@ -73,6 +74,10 @@ MEMORY_CHECK_S = 0.05
 # ~350 KiB with a job's layout; together they may take a sixteenth of the memory share.
 IDLE_STATE_BYTES = 512 * 2**10
 MAX_BURST_STATES = 1024
+# Answers queued go at the end of the loop's turn, or as soon as this many are (see
+# luanette.engine.pool.FLUSH_AT: the front should not wait for a whole batch of runs).
+FLUSH_AT = 8
+RECEIVE_BATCH = 256  # messages taken from the socket before the runs they start may run
 
 
 def burst_states(memory_share: int) -> int:
@@ -398,14 +403,17 @@ class Worker:
         if not self._outbox:
             self._loop.call_soon(self._flush)
         self._outbox.append(ch.encoder.encode(message))
+        if len(self._outbox) >= FLUSH_AT:
+            self._flush()
 
     def _flush(self) -> None:
         if not self._outbox:  # sent already (see _run)
             return
         frames, self._outbox = self._outbox, []
-        sent = cast("asyncio.Future[Any]", self._sock.send_multipart(frames, flags=zmq.NOBLOCK))
-        if sent.done() and sent.exception() is not None:  # (marks it seen) the front is gone
-            log.debug("worker.send_failed", error=str(sent.exception()))
+        try:
+            self._io.send_now(frames)
+        except zmq.ZMQError as e:  # the front is gone
+            log.debug("worker.send_failed", error=str(e))
 
     async def serve(self) -> None:
         """Serve runs until stopped, then wait for the ones running and return."""
@@ -417,6 +425,7 @@ class Worker:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 self._loop.add_signal_handler(sig, self._stop_by_signal)
         self._sock.connect(self.config.endpoint)
+        self._io = LoopSocket(zmq.Socket.shadow(self._sock.underlying), self._loop)
         self._baseline = rss_bytes()
         set_idle_states(burst_states(self.config.memory_share))
         self._register()
@@ -425,20 +434,12 @@ class Worker:
             while not (self._stopping or self._retiring):
                 try:
                     with anyio.fail_after(BEAT_S):
-                        frames = await self._sock.recv_multipart()
+                        batch = await self._io.receive(RECEIVE_BATCH)
                 except TimeoutError:
                     continue
-                self._receive(frames)
-                # drain what is queued without a future per message
-                for _ in range(256):
-                    try:
-                        frames = cast(
-                            "asyncio.Future[list[bytes]]", self._sock.recv_multipart(flags=zmq.NOBLOCK)
-                        ).result()
-                    except zmq.Again:
-                        break
+                for frames in batch:
                     self._receive(frames)
-                # let the runs just received start (a ready receive does not yield)
+                # let the runs just received start (a receive that finds messages does not yield)
                 await asyncio.sleep(0)
             await self._drain()
             for task in self._tasks:  # (none, unless a run outlived its answer)
@@ -446,6 +447,7 @@ class Worker:
             tg.cancel_scope.cancel()
         if self._outbox:  # the last answers
             self._flush()
+        self._io.close()
         self._sock.close()
         self._ctx.term()
 
@@ -487,10 +489,11 @@ class Worker:
             with anyio.move_on_after(BEAT_S):
                 while self._runs:
                     try:
-                        frames = await self._sock.recv_multipart()
+                        batch = await self._io.receive(RECEIVE_BATCH)
                     except zmq.ZMQError:
                         return
-                    self._receive(frames)
+                    for frames in batch:
+                        self._receive(frames)
 
     def _receive(self, frames: list[bytes]) -> None:
         for frame in frames:

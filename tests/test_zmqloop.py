@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import select
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -90,3 +92,22 @@ async def test_no_message_is_missed_while_sends_take_the_signal(pair: Any) -> No
             got += len(await asyncio.wait_for(io.receive(64), 30))
         total += got
     assert total == 400
+
+
+async def test_a_send_that_takes_the_signal_of_a_waiting_message_wakes_the_receiver(pair: Any) -> None:
+    # The exact case: a receive waits; a message arrives and signals the descriptor;
+    # before the loop looks, a send processes the socket's commands, which clears the
+    # signal.  Only the send's own look at the socket's events can wake the receive.
+    io, dealer = pair
+    dealer.send(b"start")
+    (route, _), = await asyncio.wait_for(io.receive(1), 30)
+    waiting = asyncio.ensure_future(io.receive(1))
+    await asyncio.sleep(0)  # (the receive runs until it waits)
+    assert not waiting.done()
+    dealer.send(b"x")
+    fd = io.sock.getsockopt(zmq.FD)
+    assert select.select([fd], [], [], 30)[0]  # signalled, and the loop has not looked
+    # libzmq processes commands on a send at most once a millisecond or so: let one pass
+    time.sleep(0.005)
+    io.send_now([route, b"y"])
+    assert await asyncio.wait_for(waiting, 30) == [[b"peer", b"x"]]

@@ -241,6 +241,7 @@ class Server:
         self._in_flight: set[RequestContext] = set()
         self._io: LoopSocket | None = None  # the socket's traffic, once serving
         self._tg: anyio.abc.TaskGroup | None = None
+        self._requests: set[asyncio.Task[None]] = set()  # the requests being handled
         self._reply_templates: dict[tuple[int, Encoding], tuple[t.Payload, list[Any]]] = {}
         self._idle = anyio.Event()
         self._idle.set()
@@ -339,6 +340,7 @@ class Server:
                     with anyio.move_on_after(self.config.drain_timeout, shield=True):
                         await self.plugins.close()  # their cleanup(ctx), while the workers still run
                 tg.cancel_scope.cancel()
+                await self._stop_requests()
             if trigger_error is not None:
                 raise trigger_error
             await self.backends.aclose()
@@ -348,6 +350,8 @@ class Server:
                     # flushing posts to the collector: a blocking call, so off the loop
                     await anyio.to_thread.run_sync(self.telemetry.shutdown, abandon_on_cancel=True)
         finally:
+            for task in self._requests:  # (serve itself was cancelled)
+                task.cancel()
             self._io.flush()  # the last replies
             self._io.close()
             sock.close()
@@ -410,6 +414,14 @@ class Server:
                     ctx.cancel.cancel("the daemon is shutting down")
                 self.jobs.cancel_all("the daemon is shutting down")
                 await self._quiet_within(2.0)
+
+    async def _stop_requests(self) -> None:
+        # What the drain left running (the task group does not own these tasks).
+        for task in self._requests:
+            task.cancel()
+        if self._requests:
+            with anyio.CancelScope(shield=True):
+                await asyncio.gather(*self._requests, return_exceptions=True)
 
     async def _quiet_within(self, seconds: float) -> bool:
         """Wait up to ``seconds`` until no request or job is in flight; whether none is."""
@@ -497,7 +509,7 @@ class Server:
         self.stats.malformed += 1
         log.warning("request.malformed", code=code, reason=str(e), path=e.path, request_id=str(reply.request_id))
         details = {"reason": str(e)} | ({"path": e.path} if e.path else {})
-        tg.start_soon(self._reply, reply, error(code, f"malformed message: {e}", details))
+        self._answer(reply, error(code, f"malformed message: {e}", details))
 
     # --- handling --------------------------------------------------------------------
 
@@ -507,13 +519,11 @@ class Server:
         refusal = _forbidden(payload, caller)
         if refusal is not None:
             self.stats.forbidden += 1
-            tg.start_soon(self._reply, reply, refusal)
+            self._answer(reply, refusal)
             return
         assert caller is not None  # (a revoked key was refused above)
         if self.draining and not isinstance(payload, t.Ping):
-            tg.start_soon(
-                self._reply, reply, error("shutting_down", "the daemon is shutting down; no new work is taken")
-            )
+            self._answer(reply, error("shutting_down", "the daemon is shutting down; no new work is taken"))
             return
         counted = False
         if isinstance(payload, t.LuaEval):
@@ -529,7 +539,11 @@ class Server:
         self._in_flight.add(ctx)
         self._idle = anyio.Event() if len(self._in_flight) == 1 else self._idle
         self.stats.in_flight = len(self._in_flight)
-        tg.start_soon(self._handle, reply, payload, ctx)
+        # A plain asyncio task (kept in _requests): an anyio task group's start_soon
+        # cost a tenth of the front's time per request.  _handle never raises.
+        task = asyncio.get_running_loop().create_task(self._handle(reply, payload, ctx))
+        self._requests.add(task)
+        task.add_done_callback(self._requests.discard)
 
     async def _handle(self, reply: _Reply, payload: t.Payload, ctx: RequestContext) -> None:
         try:
@@ -545,7 +559,11 @@ class Server:
             self.stats.in_flight = len(self._in_flight)
             if not self._in_flight:
                 self._idle.set()
-        await self._reply(reply, answer)
+        try:
+            self._answer(reply, answer)
+        except Exception:  # (an answer the codec cannot encode: a bug, never a hang)
+            log.exception("reply.failed", request_id=str(reply.request_id))
+            self._answer(reply, error("internal", "internal error while replying; see the daemon log"))
 
     # --- replying --------------------------------------------------------------------
 
@@ -596,7 +614,8 @@ class Server:
         envelope = t.Envelope(id=reply.request_id, payload=payload)
         return [envelope_codec.encode(envelope, reply.encoding)]
 
-    async def _reply(self, reply: _Reply, payload: t.Payload) -> None:
+    def _answer(self, reply: _Reply, payload: t.Payload) -> None:
+        """Send ``payload`` as the reply, with the rest of this turn's replies."""
         self._queue(reply.route + self._encode(reply, payload))
 
     async def _send(self, message: list[Any]) -> bool:

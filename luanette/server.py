@@ -76,7 +76,11 @@ def default_lua_memory_total() -> int:
         return 4 * 2**30
 
 
-RECV_BATCH = 64
+# Requests read from the socket before the loop lets other tasks run: how the front
+# shares its turns between new messages and the work it already admitted (the workers'
+# answers, replies).  Under a flood most new messages are refusals; at 64 the evals
+# already admitted got ~70% of the peak rate through, at 16 over 90% (Ping unchanged).
+RECV_BATCH = 16
 PRUNE_EVERY_S = 3600.0
 
 

@@ -7,6 +7,7 @@
 Each round starts the other checkout's daemon, then this one's, and measures Ping and
 LuaEval ``return 2+2`` at 64 in flight on each with bench.py's load generator;
 alternating cancels most of a shared machine's drift. Prints the medians and the ratio.
+The load comes from bench.py's compiled client (zload) unless ``--python-client``.
 """
 
 from __future__ import annotations
@@ -41,8 +42,10 @@ def main() -> int:
     parser.add_argument("other", type=Path, help="the other checkout (its daemon runs from its source)")
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--requests", type=int, default=4000)
-    parser.add_argument("--clients", type=int, default=4)
+    parser.add_argument("--clients", type=int, default=4, help="Python client processes (without zload)")
+    parser.add_argument("--python-client", action="store_true", help="drive the rows with Python processes")
     args = parser.parse_args()
+    bench.ZLOAD = None if args.python_client else bench.build_zload()
     rows: dict[str, list[tuple[float, float]]] = {"other": [], "this": []}
     for round_ in range(args.rounds):
         for label, source in (("other", args.other.resolve()), ("this", None)):

@@ -354,6 +354,7 @@ class Engine:
         self._ctx = context or zmq.asyncio.Context()
         self._sock: zmq.asyncio.Socket | None = None
         self._io: LoopSocket | None = None  # the pool socket's traffic, once serving
+        self._calls: set[asyncio.Task[None]] = set()  # service calls being served
         self._dir: str | None = None
         self.endpoint: str | None = None
         self._workers: dict[bytes, _Worker] = {}
@@ -437,6 +438,8 @@ class Engine:
 
     async def _stop_all(self) -> None:
         self._stopping = True
+        for task in self._calls:  # their runs are ending with the daemon
+            task.cancel()
         for pending in list(self._pending.values()):
             self._fail(pending, ErrorDetail("cancelled", "the daemon is shutting down"))
         for worker in list(self._workers.values()):
@@ -885,13 +888,18 @@ class Engine:
             self.stats.service_calls += 1
             pending = self._pending.get(message.run)
             context = pending.hooks.context if pending is not None else otel_context.get_current()
-            assert self._tg is not None
-            # the call runs as part of its run: the run's span is its parent
+            assert self._loop is not None
+            # the call runs as part of its run: the run's span is its parent (a task
+            # runs in a copy of the context it was made in)
             token = otel_context.attach(context)
             try:
-                self._tg.start_soon(self._serve_call, worker, message)
+                # a plain task, kept in _calls (a task group's start_soon cost more than
+                # the rest of handing a model call to aiohttp)
+                task = self._loop.create_task(self._serve_call(worker, message))
             finally:
                 otel_context.detach(token)
+            self._calls.add(task)
+            task.add_done_callback(self._calls.discard)
         elif isinstance(message, ch.Beat):
             worker.rss_bytes = message.rss_bytes
             worker.inline_steps = message.inline_steps

@@ -68,8 +68,9 @@ local qualnames    -- "ns.fn" by bridge index
 local parsed       -- the layout's functions (see run)
 local names_of     -- namespace table -> parsed.names[its namespace], until bind_all
 local gone         -- namespace table -> {name = true} of the names bound or assigned
-local waiting      -- namespace table -> its lazy Lua half, not run yet (see namespaces)
+local waiting      -- namespace table -> index in run_preludes of its lazy Lua half, not run yet
 local marks        -- what a prelude is given beside its namespace table
+local run_preludes -- the preludes of the run's layout: name, function or bytecode, lazy, ...
 local task_names   -- a spawned function -> its local name, or true (weak keys)
 local contexts     -- frames list -> context_of its error (weak keys)
 local chunk, params  -- the script's main chunk and its params
@@ -291,11 +292,12 @@ local function bind_all(t)
 end
 -- A lazy prelude runs on the first use of its table (see namespaces): read, write,
 -- pairs.  Once it has run, the table's own fields are what the prelude put there.
+local prelude_at  -- (below: it joins the prelude's _ENV to the run's)
 local function wake(t)
-  local prelude = waiting[t]
-  if prelude then
+  local i = waiting[t]
+  if i then
     waiting[t] = nil
-    prelude(t, marks)
+    prelude_at(run_preludes, i)(t, marks)
     return true
   end
 end
@@ -377,6 +379,18 @@ end
 -- run's prelude made see that run's environment.
 local prelude_env
 local function env_cell() return prelude_env end
+
+-- A layout's prelude as a function: a lazy one stays bytecode until a run first uses
+-- its table (undumping every prelude was a fifth of a new state's cost).
+function prelude_at(preludes, i)
+  local prelude = preludes[i + 1]
+  if type(prelude) == "string" then
+    prelude = lib.load(prelude, preludes[i], "b", {})
+    upvaluejoin(prelude, 1, env_cell, 1)  -- (its _ENV: the running run's environment)
+    preludes[i + 1] = prelude
+  end
+  return prelude
+end
 
 -- Error description (main thread, after the script coroutine died) -------------------
 
@@ -1167,7 +1181,7 @@ local function reset_run(run_check, run_call_sync, run_hook_interval)
   env, script_co, main_function, chunk, params, prelude_env = {}, nil, nil, nil, nil, nil
   qualnames = {[SLEEP] = "core.sleep", [MODULE] = "require"}
   parsed = nil
-  names_of, gone, waiting, marks = {}, {}, {}, nil
+  names_of, gone, waiting, marks, run_preludes = {}, {}, {}, nil, nil
   task_names = setmetatable({}, {__mode = "k"})
   contexts = setmetatable({}, {__mode = "k"})
   task_of_handle = setmetatable({}, {__mode = "k"})
@@ -1224,21 +1238,19 @@ local function namespaces(layout, spec, preludes_packed)
     preludes = {}
     local packed = decode(preludes_packed)
     for i = 1, #packed, 3 do  -- name, bytecode, lazy
-      local prelude = lib.load(packed[i + 1], packed[i], "b", {})
-      upvaluejoin(prelude, 1, env_cell, 1)  -- (its _ENV: the running run's environment)
-      preludes[i], preludes[i + 1], preludes[i + 2] = packed[i], prelude, packed[i + 2]
+      preludes[i], preludes[i + 1], preludes[i + 2] = packed[i], packed[i + 1], packed[i + 2]
     end
     loaded_preludes[layout] = preludes
   end
   if preludes then
     marks = {NULL = NULL, hidden = mark_hidden, callable = mark_callable, array = mark_array}
-    prelude_env = env
+    prelude_env, run_preludes = env, preludes
     for i = 1, #preludes, 3 do
       local t = env[preludes[i]]
       if preludes[i + 2] and getmetatable(t) == NAMESPACE_META then
-        waiting[t] = preludes[i + 1]
+        waiting[t] = i
       else
-        preludes[i + 1](t, marks)
+        prelude_at(preludes, i)(t, marks)
       end
     end
   end

@@ -335,7 +335,7 @@ class Server:
                     await self.plugins.load_directory()
                     await self.dispatcher.load_remembered_plugins()
                     tg.start_soon(self.plugins.serve)
-                    tg.start_soon(self._receive_loop, tg)
+                    tg.start_soon(self._receive_loop)
                     tg.start_soon(self.jobs.run)
                     tg.start_soon(self._prune_periodically)
                     task_status.started(endpoint)
@@ -356,6 +356,7 @@ class Server:
         finally:
             for task in self._requests:  # (serve itself was cancelled)
                 task.cancel()
+            self._tg = None  # (a reply the socket refuses now is dropped and counted)
             self._io.flush()  # the last replies
             self._io.close()
             sock.close()
@@ -441,7 +442,7 @@ class Server:
 
     # --- receiving -------------------------------------------------------------------
 
-    async def _receive_loop(self, tg: anyio.abc.TaskGroup) -> None:
+    async def _receive_loop(self) -> None:
         assert self._io is not None
         io = self._io
         # Under CURVE each message is read as frames, whose properties name its sender.
@@ -449,14 +450,14 @@ class Server:
         while True:
             batch = await io.receive(RECV_BATCH, copy=copy)
             for raw in batch:
-                self._on_message(tg, raw)
+                self._on_message(raw)
             if len(batch) == RECV_BATCH:
                 # More may be waiting.  A receive that finds messages does not give the
                 # loop back, so under a flood this loop would starve every other task
                 # (running requests, the workers' answers, replies): yield.
                 await asyncio.sleep(0)
 
-    def _on_message(self, tg: anyio.abc.TaskGroup, raw: list[Any]) -> None:
+    def _on_message(self, raw: list[Any]) -> None:
         self.stats.received += 1
         caller: Caller | None = ANYONE
         if self.gate is not None:  # zmq.Frame objects: the ZAP User-Id is the sender's key
@@ -465,22 +466,22 @@ class Server:
         route, message = frames.split_route(raw)
         try:
             if message and message[0] == frames.PROTOCOL:
-                self._on_hoot01(tg, route, message, caller)
+                self._on_hoot01(route, message, caller)
             else:
-                self._on_envelope(tg, route, message[0] if message else b"", caller)
+                self._on_envelope(route, message[0] if message else b"", caller)
         except Exception:
             # A bug in handling one message must not stop the loop for everyone.
             self.stats.internal_errors += 1
             log.exception("loop.message_failed", frames=len(raw))
 
     def _on_hoot01(
-        self, tg: anyio.abc.TaskGroup, route: list[bytes], message: list[bytes], caller: Caller | None
+        self, route: list[bytes], message: list[bytes], caller: Caller | None
     ) -> None:
         try:
             msg = frames.parse(message)
         except DecodeError as e:
             rid = frames.request_id_of(message) or NIL_ID
-            self._malformed(tg, _Reply(route, rid, Encoding.COMPACT, True), e, "bad_frame")
+            self._malformed(_Reply(route, rid, Encoding.COMPACT, True), e, "bad_frame")
             return
         reply = _Reply(route, msg.request_id, Encoding.COMPACT, True)
         if msg.command is Command.HEARTBEAT:
@@ -491,25 +492,25 @@ class Server:
                 reply.encoding = msg.body_encoding()
                 payload = payload_codec.decode(msg.body, reply.encoding)
             except DecodeError as e:
-                self._malformed(tg, reply, e, "bad_request")
+                self._malformed(reply, e, "bad_request")
                 return
-            self._start(tg, reply, payload, msg.traceparent, caller)
+            self._start(reply, payload, msg.traceparent, caller)
         else:
             # Ready/Disconnect announce a peer; a Reply is not ours to answer (answering
             # it with an Error could start an endless exchange between two daemons).
             log.info("hoot01.peer_command", command=msg.command.name.lower(), service=msg.service)
 
-    def _on_envelope(self, tg: anyio.abc.TaskGroup, route: list[bytes], body: bytes, caller: Caller | None) -> None:
+    def _on_envelope(self, route: list[bytes], body: bytes, caller: Caller | None) -> None:
         try:
             envelope = envelope_codec.decode(body)
         except DecodeError as e:
             rid, encoding = peek_envelope_id(body)
-            self._malformed(tg, _Reply(route, rid or NIL_ID, encoding or Encoding.COMPACT, False), e, "bad_request")
+            self._malformed(_Reply(route, rid or NIL_ID, encoding or Encoding.COMPACT, False), e, "bad_request")
             return
         reply = _Reply(route, envelope.id, detect(body), False)
-        self._start(tg, reply, envelope.payload, envelope.traceparent, caller)
+        self._start(reply, envelope.payload, envelope.traceparent, caller)
 
-    def _malformed(self, tg: anyio.abc.TaskGroup, reply: _Reply, e: DecodeError, code: str) -> None:
+    def _malformed(self, reply: _Reply, e: DecodeError, code: str) -> None:
         self.stats.malformed += 1
         log.warning("request.malformed", code=code, reason=str(e), path=e.path, request_id=str(reply.request_id))
         details = {"reason": str(e)} | ({"path": e.path} if e.path else {})
@@ -518,7 +519,7 @@ class Server:
     # --- handling --------------------------------------------------------------------
 
     def _start(
-        self, tg: anyio.abc.TaskGroup, reply: _Reply, payload: t.Payload, traceparent: str | None, caller: Caller | None
+        self, reply: _Reply, payload: t.Payload, traceparent: str | None, caller: Caller | None
     ) -> None:
         refusal = _forbidden(payload, caller)
         if refusal is not None:
@@ -534,7 +535,7 @@ class Server:
             refusal = self.dispatcher.let_in()
             if refusal is not None:  # overload: refused here, without a task or a span
                 self.stats.refused += 1
-                self._reply_now(tg, reply, refusal)
+                self._reply_now(reply, refusal)
                 return
             counted = True
         ctx = RequestContext(reply.request_id, t.tag_of(type(payload)), traceparent)
@@ -571,7 +572,7 @@ class Server:
 
     # --- replying --------------------------------------------------------------------
 
-    def _reply_now(self, tg: anyio.abc.TaskGroup, reply: _Reply, payload: t.Payload) -> None:
+    def _reply_now(self, reply: _Reply, payload: t.Payload) -> None:
         """Reply from the loop without a task, with the rest of this turn's replies.  A
         refusal is the same reply every time but for its request id: its frames are made
         once (under a flood refusing is most of what the loop does)."""

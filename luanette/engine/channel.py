@@ -35,11 +35,17 @@ as a bad message and dropped.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Final
 
 import msgspec
 
 from luanette.engine.api import ErrorDetail, Limits
+
+FLUSH_AT: Final = 8
+"""Messages one side queues for the other go as one multipart message at the end of
+its loop's turn, or as soon as this many are queued: a turn may start dozens of runs
+(or end them), and holding them all back left the other side idle while this one
+finished its turn (measured: +10-15% LuaEvals at 64 in flight)."""
 
 
 class Message(msgspec.Struct, tag_field="t", array_like=True, omit_defaults=True):

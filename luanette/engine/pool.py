@@ -76,10 +76,6 @@ WORKER_WAIT_S: Final = 30.0
 MAX_RESTART_BACKOFF_S: Final = 5.0
 # Seconds a stopping worker may take to finish before it is killed.
 STOP_TIMEOUT_S: Final = 5.0
-# Runs queued for one worker go at the end of the loop's turn, or as soon as this many
-# are: a turn may start dozens, and holding them all back left the worker idle while
-# the front finished the turn (measured: +10-15% LuaEvals at 64 in flight).
-FLUSH_AT: Final = 8
 RECEIVE_BATCH: Final = 256  # messages taken from the pool socket before other tasks may run
 # Seconds between heartbeats, both ways; a remote worker silent for LOST_AFTER_BEATS of
 # them is lost (Paranoid Pirate).
@@ -836,7 +832,7 @@ class Engine:
             assert self._loop is not None
             self._loop.call_soon(self._flush, worker)
         worker.outbox.append(frame)
-        if len(worker.outbox) >= FLUSH_AT:
+        if len(worker.outbox) >= ch.FLUSH_AT:
             self._flush(worker)
 
     def _flush(self, worker: _Worker) -> None:

@@ -74,9 +74,6 @@ MEMORY_CHECK_S = 0.05
 # ~350 KiB with a job's layout; together they may take a sixteenth of the memory share.
 IDLE_STATE_BYTES = 512 * 2**10
 MAX_BURST_STATES = 1024
-# Answers queued go at the end of the loop's turn, or as soon as this many are (see
-# luanette.engine.pool.FLUSH_AT: the front should not wait for a whole batch of runs).
-FLUSH_AT = 8
 RECEIVE_BATCH = 256  # messages taken from the socket before the runs they start may run
 
 
@@ -403,7 +400,7 @@ class Worker:
         if not self._outbox:
             self._loop.call_soon(self._flush)
         self._outbox.append(ch.encoder.encode(message))
-        if len(self._outbox) >= FLUSH_AT:
+        if len(self._outbox) >= ch.FLUSH_AT:
             self._flush()
 
     def _flush(self) -> None:

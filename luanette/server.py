@@ -569,6 +569,10 @@ class Server:
         except Exception:  # (an answer the codec cannot encode: a bug, never a hang)
             log.exception("reply.failed", request_id=str(reply.request_id))
             self._answer(reply, error("internal", "internal error while replying; see the daemon log"))
+        if not self._in_flight and self._io is not None:
+            # No other request to share a send with: the reply goes now, not at the end
+            # of the loop's next turn (~0.1 ms of a lone eval's latency, measured).
+            self._io.flush()
 
     # --- replying --------------------------------------------------------------------
 

@@ -157,6 +157,21 @@ async def test_unsupported_variant(client):
 # --- Lua -----------------------------------------------------------------------------
 
 
+async def test_a_lone_reply_goes_when_its_request_ends(server, client, monkeypatch):
+    # With nothing else in flight a reply is sent at once, not queued for the end of the
+    # loop's next turn (the flush that batches the replies of a busy turn).
+    daemon = server.server
+    handle, queued_after = daemon._handle, []
+
+    async def spy(*args):
+        await handle(*args)
+        queued_after.append(list(daemon._io._outbox))
+
+    monkeypatch.setattr(daemon, "_handle", spy)
+    assert isinstance(await client.request(t.Ping()), t.Pong)
+    assert queued_after == [[]]
+
+
 async def test_lua_eval_success_shape(client):
     reply = await client.request(t.LuaEval(code="return params.x * 2", params={"x": 21}))
     assert isinstance(reply, t.Success)

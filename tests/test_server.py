@@ -154,9 +154,6 @@ async def test_unsupported_variant(client):
     assert "cas_get" in reply.message
 
 
-# --- Lua -----------------------------------------------------------------------------
-
-
 async def test_a_lone_reply_goes_when_its_request_ends(server, client, monkeypatch):
     # With nothing else in flight a reply is sent at once, not queued for the end of the
     # loop's next turn (the flush that batches the replies of a busy turn).
@@ -170,6 +167,9 @@ async def test_a_lone_reply_goes_when_its_request_ends(server, client, monkeypat
     monkeypatch.setattr(daemon, "_handle", spy)
     assert isinstance(await client.request(t.Ping()), t.Pong)
     assert queued_after == [[]]
+
+
+# --- Lua -----------------------------------------------------------------------------
 
 
 async def test_lua_eval_success_shape(client):

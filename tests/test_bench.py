@@ -110,3 +110,19 @@ def test_bench_falls_back_to_python_clients_without_zload(echo: str, monkeypatch
     monkeypatch.setattr(bench, "ZLOAD", None)
     row = bench.measure("echo", echo, t.Ping(), 40, 2, 2)
     assert row.client == "2 procs" and row.rate > 0 and row.errors == 0
+
+
+@pytest.mark.parametrize("use_zload", [False, True])
+def test_floor_fronts_relay_every_request_back_to_its_sender(
+    use_zload: bool, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest
+) -> None:
+    # both floor fronts, their workers in their own processes: every request comes back
+    # whole to the client that sent it (a lost or misrouted one fails the row)
+    monkeypatch.setattr(bench, "ZLOAD", request.getfixturevalue("zload") if use_zload else None)
+    results = bench.Results()
+    bench.measure_floor(results, 300, 2, warm=50)
+    assert [(row.name, row.in_flight) for row in results.floor] == [
+        (name, k) for name, _ in bench.FLOOR_FRONTS for k in (1, 64)
+    ]
+    for row in results.floor:
+        assert row.rate > 0 and (row.busy, row.errors) == (0, 0), row

@@ -15,6 +15,7 @@ readable flag itself when messages are waiting.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any, cast
 
 import zmq
@@ -121,3 +122,36 @@ class LoopSocket:
             self.closed = True
             self._loop.remove_reader(self._fd)
             self._readable.set()
+
+
+class Outbox:
+    """Messages for one peer, coalesced: the frames queued during one turn of the loop
+    go to ``send`` as one list (one multipart message) at the end of the turn, or as soon
+    as ``flush_at`` are queued.  A send that finds the peer's pipe empty wakes libzmq's
+    I/O thread, which on a small machine costs more than the rest of handing over a
+    message; holding a whole turn back, though, left the peer idle while this side
+    finished it (the front's pool and a worker each keep one per peer)."""
+
+    __slots__ = ("_frames", "_send", "flush_at")
+
+    def __init__(self, send: Callable[[list[bytes]], object], flush_at: int) -> None:
+        self._send = send
+        self._frames: list[bytes] = []
+        self.flush_at = flush_at
+
+    def put(self, frame: bytes) -> None:
+        """Queue ``frame``; on the loop's thread only."""
+        if not self._frames:
+            asyncio.get_running_loop().call_soon(self.flush)
+        self._frames.append(frame)
+        if len(self._frames) >= self.flush_at:
+            self.flush()
+
+    def flush(self) -> None:
+        """Send what is queued now (nothing when it went already)."""
+        if self._frames:
+            frames, self._frames = self._frames, []
+            self._send(frames)
+
+    def __len__(self) -> int:
+        return len(self._frames)

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import zmq
 
-from luanette.zmqloop import LoopSocket
+from luanette.zmqloop import LoopSocket, Outbox
 
 
 
@@ -111,3 +111,22 @@ async def test_a_send_that_takes_the_signal_of_a_waiting_message_wakes_the_recei
     time.sleep(0.005)
     io.send_now([route, b"y"])
     assert await asyncio.wait_for(waiting, 30) == [[b"peer", b"x"]]
+
+
+async def test_an_outbox_sends_a_turns_frames_as_one_message_or_at_its_limit(pair: Any) -> None:
+    io, dealer = pair
+    dealer.send(b"hello")
+    (route, _), = await asyncio.wait_for(io.receive(1), 30)
+    outbox = Outbox(lambda frames: io.send_now([route, *frames]), flush_at=3)
+    outbox.put(b"a")
+    outbox.put(b"b")
+    assert len(outbox) == 2 and dealer.poll(0) == 0  # held to the end of the turn
+    await asyncio.sleep(0)
+    assert dealer.recv_multipart() == [b"a", b"b"]
+    for frame in (b"c", b"d", b"e"):  # the limit: sent at once, within the turn
+        outbox.put(frame)
+    assert len(outbox) == 0
+    assert dealer.poll(10_000) and dealer.recv_multipart() == [b"c", b"d", b"e"]
+    await asyncio.sleep(0)  # the flush scheduled for c finds nothing left to send
+    outbox.flush()
+    assert dealer.poll(0) == 0

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
 import itertools
 import os
 import shutil
@@ -59,7 +60,7 @@ from luanette.settings import Settings
 from luanette.stdlib.otel import MAX_METRICS
 from luanette.stdlib.temp import DIR_PREFIX as TEMP_DIR_PREFIX
 from luanette.telemetry import record_error
-from luanette.zmqloop import LoopSocket
+from luanette.zmqloop import LoopSocket, Outbox
 
 log = structlog.get_logger("luanette.engine")
 
@@ -178,7 +179,7 @@ class _Worker:
         self.quarantined = False  # a run of it did not come back: killed, not stopped
         self.last_heard = time.monotonic()  # its last message (it beats every second)
         self.inline_steps = 0  # as of its last beat
-        self.outbox: list[bytes] = []  # frames to send at the end of this loop turn
+        self.outbox: Outbox | None = None  # what it is sent this loop turn (made at its first message)
         self.exited = False
 
 
@@ -446,8 +447,7 @@ class Engine:
             else:  # not connected yet: a Stop would not reach it, and it holds nothing
                 self._kill(worker)
         for worker in list(self._workers.values()):
-            if worker.outbox:
-                self._flush(worker)
+            self._flush(worker)
         with anyio.move_on_after(STOP_TIMEOUT_S):
             await self._all_exited()
         for worker in list(self._workers.values()):
@@ -825,21 +825,17 @@ class Engine:
         self._send_frame(worker, ch.encoder.encode(message))
 
     def _send_frame(self, worker: _Worker, frame: bytes) -> None:
-        # What a worker is sent in one turn of the loop goes as one multipart message:
-        # a send that finds the pipe empty wakes libzmq's I/O thread, which on a small
-        # machine costs more than the rest of handing over a run.
-        if not worker.outbox:
-            assert self._loop is not None
-            self._loop.call_soon(self._flush, worker)
-        worker.outbox.append(frame)
-        if len(worker.outbox) >= ch.FLUSH_AT:
-            self._flush(worker)
+        # What a worker is sent in one turn of the loop goes as one multipart message.
+        if worker.outbox is None:
+            worker.outbox = Outbox(functools.partial(self._send_frames, worker), ch.FLUSH_AT)
+        worker.outbox.put(frame)
 
     def _flush(self, worker: _Worker) -> None:
+        if worker.outbox is not None:
+            worker.outbox.flush()
+
+    def _send_frames(self, worker: _Worker, frames: list[bytes]) -> None:
         assert self._io is not None
-        if not worker.outbox:  # sent already
-            return
-        frames, worker.outbox = worker.outbox, []
         try:
             self._io.send_now([worker.identity, *frames])
         except zmq.ZMQError as problem:  # not connected yet, or gone: its exit is handled apart

@@ -57,7 +57,7 @@ from luanette.settings import BackendSettings, GardenSettings, Settings
 from luanette.stdlib.garden import GardenNamespace
 from luanette.stdlib.models import model_namespaces
 from luanette.stdlib.registry import Toolbox, namespaces_for
-from luanette.zmqloop import LoopSocket
+from luanette.zmqloop import LoopSocket, Outbox
 
 log = structlog.get_logger("luanette.worker")
 
@@ -361,7 +361,7 @@ class Worker:
         self._stopping = False
         self._baseline = 0  # RSS when it started serving
         self._memory_checked = 0.0  # (monotonic) reading /proc costs as much as a small run
-        self._outbox: list[bytes] = []  # frames to send at the end of this loop turn
+        self._outbox = Outbox(self._send_frames, ch.FLUSH_AT)
         self._idle = anyio.Event()
         # The runs' tasks: plain asyncio tasks, kept here (the loop holds tasks weakly).
         # An anyio task group's start_soon cost a tenth of a small run.
@@ -395,18 +395,10 @@ class Worker:
             self._send_now(message)
 
     def _send_now(self, message: ch.Message) -> None:
-        # Everything sent in one turn of the loop goes as one multipart message (see
-        # Engine._send_frame).
-        if not self._outbox:
-            self._loop.call_soon(self._flush)
-        self._outbox.append(ch.encoder.encode(message))
-        if len(self._outbox) >= ch.FLUSH_AT:
-            self._flush()
+        # Everything sent in one turn of the loop goes as one multipart message.
+        self._outbox.put(ch.encoder.encode(message))
 
-    def _flush(self) -> None:
-        if not self._outbox:  # sent already (see _run)
-            return
-        frames, self._outbox = self._outbox, []
+    def _send_frames(self, frames: list[bytes]) -> None:
         try:
             self._io.send_now(frames)
         except zmq.ZMQError as e:  # the front is gone
@@ -442,8 +434,7 @@ class Worker:
             for task in self._tasks:  # (none, unless a run outlived its answer)
                 task.cancel()
             tg.cancel_scope.cancel()
-        if self._outbox:  # the last answers
-            self._flush()
+        self._outbox.flush()  # the last answers
         self._io.close()
         self._sock.close()
         self._ctx.term()
@@ -454,7 +445,7 @@ class Worker:
             log.info("worker.stopping", runs=len(self._runs))
             self._stopping = True
             self.send(ch.Retiring(rss_bytes=rss_bytes()))
-            self._flush()
+            self._outbox.flush()
 
     def _register(self) -> None:
         config = self.config
@@ -595,7 +586,7 @@ class Worker:
         if not self._runs:
             # Nothing else is running to share a send with: the answer goes now, not
             # after the rest of this loop turn (most of a lone eval's latency).
-            self._flush()
+            self._outbox.flush()
             self._idle.set()
             if time.monotonic() - self._memory_checked >= MEMORY_CHECK_S:
                 self._check_memory()

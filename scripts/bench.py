@@ -68,7 +68,7 @@ import traceback
 import uuid
 from array import array
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from queue import Empty
@@ -654,10 +654,24 @@ def libzmq_echo_server(endpoint: str) -> None:
 FLOOR_WORKERS = 2  # the daemon's default on the 2-core VM (one per core)
 
 
+def floor_packed(request: list[bytes]) -> list[bytes]:
+    """A request as the floor's channel carries it: its frame count, then its frames
+    (the client's route first); a message carries one or more."""
+    return [bytes([len(request)]), *request]
+
+
+def floor_requests(frames: list[bytes], start: int = 0) -> Iterator[list[bytes]]:
+    """The requests packed in ``frames`` from ``start`` on (see floor_packed)."""
+    i = start
+    while i < len(frames):
+        count = frames[i][0]
+        yield frames[i + 1:i + 1 + count]
+        i += 1 + count
+
+
 def floor_worker(endpoint: str) -> None:
-    """Run EVAL_CODE for each relayed request; a message carries one or more requests,
-    each as [frame count, client id, frames...]; the answers go back the same way, in
-    one message per batch received."""
+    """Run EVAL_CODE for each relayed request and send the request back as its answer,
+    the answers to what one receive drained in one message."""
     import lupa.lua54 as lupa
 
     run = lupa.LuaRuntime().execute(f"return function() {EVAL_CODE} end")
@@ -667,21 +681,14 @@ def floor_worker(endpoint: str) -> None:
     while True:
         frames, out = sock.recv_multipart(), []
         while True:
-            i = 0
-            while i < len(frames):
-                count = frames[i][0]
+            for request in floor_requests(frames):
                 run()
-                out += frames[i:i + 1 + count]
-                i += 1 + count
+                out += floor_packed(request)
             try:
                 frames = sock.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 break
         sock.send_multipart(out)
-
-
-def _floor_workers(pool: zmq.Socket, workers: int) -> list[bytes]:
-    return [pool.recv_multipart()[0] for _ in range(workers)]
 
 
 def floor_front_asyncio(endpoint: str, pool_endpoint: str, workers: int) -> None:
@@ -702,16 +709,12 @@ def floor_front_asyncio(endpoint: str, pool_endpoint: str, workers: int) -> None
         async def up() -> None:
             while True:
                 frames = await clients.recv_multipart()
-                await pool.send_multipart([next(turn), bytes([len(frames)]), *frames])
+                await pool.send_multipart([next(turn), *floor_packed(frames)])
 
         async def down() -> None:
             while True:
-                frames = await pool.recv_multipart()
-                i = 1
-                while i < len(frames):
-                    count = frames[i][0]
-                    await clients.send_multipart(frames[i + 1:i + 1 + count])
-                    i += 1 + count
+                for answer in floor_requests(await pool.recv_multipart(), 1):
+                    await clients.send_multipart(answer)
 
         await asyncio.gather(up(), down())
 
@@ -725,7 +728,7 @@ def floor_front_batched(endpoint: str, pool_endpoint: str, workers: int) -> None
     clients, pool = ctx.socket(zmq.ROUTER), ctx.socket(zmq.ROUTER)
     clients.bind(endpoint)
     pool.bind(pool_endpoint)
-    ids = _floor_workers(pool, workers)
+    ids = [pool.recv_multipart()[0] for _ in range(workers)]
     poller = zmq.Poller()
     poller.register(clients, zmq.POLLIN)
     poller.register(pool, zmq.POLLIN)
@@ -738,19 +741,15 @@ def floor_front_batched(endpoint: str, pool_endpoint: str, workers: int) -> None
                 for _ in range(256):
                     frames = clients.recv_multipart(zmq.NOBLOCK)
                     turn = (turn + 1) % len(ids)
-                    shares[turn] += [bytes([len(frames)]), *frames]
+                    shares[turn] += floor_packed(frames)
             for worker, share in zip(ids, shares, strict=True):
                 if share:
                     pool.send_multipart([worker, *share])
         if pool in ready:
             with contextlib.suppress(zmq.Again):
                 for _ in range(64):
-                    frames = pool.recv_multipart(zmq.NOBLOCK)
-                    i = 1
-                    while i < len(frames):
-                        count = frames[i][0]
-                        clients.send_multipart(frames[i + 1:i + 1 + count])
-                        i += 1 + count
+                    for answer in floor_requests(pool.recv_multipart(zmq.NOBLOCK), 1):
+                        clients.send_multipart(answer)
 
 
 FLOOR_FRONTS = (

@@ -591,7 +591,7 @@ class Server:
             frames[3] = reply.request_id.bytes
             self._queue(reply.route + frames)
             return
-        self._queue(reply.route + self._encode(reply, payload))
+        self._answer(reply, payload)
 
     def _queue(self, message: list[Any]) -> None:
         """Send ``message`` with the rest of this turn's replies (see _send_failed)."""

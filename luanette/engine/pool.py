@@ -157,7 +157,7 @@ class EngineStats(msgspec.Struct):
 class _Worker:
     """The front's view of one worker process."""
 
-    def __init__(self, name: str, *, remote: bool = False) -> None:
+    def __init__(self, name: str, send: Callable[[_Worker, list[bytes]], object], *, remote: bool = False) -> None:
         self.name = name
         self.identity = name.encode()
         self.pid = 0
@@ -179,7 +179,8 @@ class _Worker:
         self.quarantined = False  # a run of it did not come back: killed, not stopped
         self.last_heard = time.monotonic()  # its last message (it beats every second)
         self.inline_steps = 0  # as of its last beat
-        self.outbox: Outbox | None = None  # what it is sent this loop turn (made at its first message)
+        # what it is sent in one turn of the loop goes as one multipart message
+        self.outbox = Outbox(functools.partial(send, self), ch.FLUSH_AT)
         self.exited = False
 
 
@@ -447,7 +448,7 @@ class Engine:
             else:  # not connected yet: a Stop would not reach it, and it holds nothing
                 self._kill(worker)
         for worker in list(self._workers.values()):
-            self._flush(worker)
+            worker.outbox.flush()
         with anyio.move_on_after(STOP_TIMEOUT_S):
             await self._all_exited()
         for worker in list(self._workers.values()):
@@ -529,9 +530,9 @@ class Engine:
             raise ScriptError(ErrorDetail("invalid_params", f"params cannot be passed to Lua: {exc}")) from None
         self._pending[number] = pending
         worker.runs.add(number)
-        self._send_frame(worker, frame)
+        worker.outbox.put(frame)
         if len(self._pending) == 1:  # nothing to batch it with: send it now
-            self._flush(worker)
+            worker.outbox.flush()
         pending.timer = loop.call_at(
             loop.time() + (deadline - time.monotonic()) + self.config.grace_s, self._overdue, pending
         )
@@ -717,7 +718,7 @@ class Engine:
             settings=self.config.settings,
             log_json=self.config.log_json,
         )
-        handle = _Worker(name)
+        handle = _Worker(name, self._send_frames)
         self._workers[handle.identity] = handle  # before it starts: its Register may come first
         try:
             handle.pid = await _launcher().spawn(config, lambda code: self._on_exit(handle, code))
@@ -765,7 +766,7 @@ class Engine:
     def _leave_now(self, worker: _Worker) -> None:
         if worker.remote:
             self._send(worker, ch.Stop())
-            self._flush(worker)
+            worker.outbox.flush()
             self._workers.pop(worker.identity, None)
             self._exits.set()
             return
@@ -822,17 +823,7 @@ class Engine:
     # --- the socket ------------------------------------------------------------------
 
     def _send(self, worker: _Worker, message: ch.Message) -> None:
-        self._send_frame(worker, ch.encoder.encode(message))
-
-    def _send_frame(self, worker: _Worker, frame: bytes) -> None:
-        # What a worker is sent in one turn of the loop goes as one multipart message.
-        if worker.outbox is None:
-            worker.outbox = Outbox(functools.partial(self._send_frames, worker), ch.FLUSH_AT)
-        worker.outbox.put(frame)
-
-    def _flush(self, worker: _Worker) -> None:
-        if worker.outbox is not None:
-            worker.outbox.flush()
+        worker.outbox.put(ch.encoder.encode(message))
 
     def _send_frames(self, worker: _Worker, frames: list[bytes]) -> None:
         assert self._io is not None
@@ -915,7 +906,7 @@ class Engine:
         if worker is None:
             if not message.remote:  # a local worker we no longer know (it was given up)
                 return
-            worker = _Worker(identity.decode("utf-8", "replace"), remote=True)
+            worker = _Worker(identity.decode("utf-8", "replace"), self._send_frames, remote=True)
             self._workers[identity] = worker
         elif worker.ready:
             # It registers again on a new socket: it dropped what it ran for us.
@@ -969,7 +960,7 @@ class Engine:
                 if worker.remote and worker.last_heard < lost_before:
                     self._lose(worker, f"sent no heartbeat for {LOST_AFTER_BEATS * beat:g} s")
                 elif tick % 4 == 0:
-                    self._send_frame(worker, pulse)
+                    worker.outbox.put(pulse)
 
     def _lose(self, worker: _Worker, why: str) -> None:
         """A remote worker is gone (no beats): its runs end ``worker_lost``."""
